@@ -1,0 +1,356 @@
+"""Every setting of a twingpt run: the model's shape (ModelSpec) and the whole run (TrainConfig).
+
+The settings and their defaults are those of the Parameter Golf reference trainers, under the same
+environment-variable names (NUM_LAYERS, TRAIN_BATCH_TOKENS, ...), plus a few of ours (NORM_EPS,
+DEVICE, COMPUTE_DTYPE, ...). Each setting can come from four places; the first that has it wins:
+
+    command-line flag (--num-layers 9)  >  environment (NUM_LAYERS=9)  >  config file  >  default
+
+A config file is JSON: {"NUM_LAYERS": 9} or {"num_layers": 9}. A bad value is a one-line
+ConfigError that names the setting and the value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from core.errors import ConfigError
+
+
+def setting(default, help: str, *, choices: Sequence[str] | None = None):
+    """A dataclass field with its help text (and allowed values) in the metadata, as mlx-lm does."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of the GPT (SPEC §2-§4). Validated on construction."""
+
+    vocab_size: int = setting(1024, "tokenizer vocabulary size V")
+    num_layers: int = setting(9, "transformer blocks L (first L//2 encoder, rest decoder)")
+    model_dim: int = setting(512, "residual width d")
+    num_heads: int = setting(8, "query heads H")
+    num_kv_heads: int = setting(4, "key/value heads K (H % K == 0; K < H is grouped-query attention)")
+    mlp_mult: int = setting(2, "MLP hidden width as a multiple of d")
+    tie_embeddings: bool = setting(True, "use the token embedding as the output head")
+    tied_embed_init_std: float = setting(0.005, "std of the tied embedding's normal init")
+    logit_softcap: float = setting(30.0, "logits = c*tanh(raw/c)")
+    rope_base: float = setting(10000.0, "RoPE base frequency")
+    qk_gain_init: float = setting(1.5, "initial per-head gain applied to normed, rotated queries")
+    norm_eps: float = setting(1e-6, "RMSNorm epsilon (both backends and the reference)")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}={value!r}: must be a positive integer")
+        for name in ("tied_embed_init_std", "logit_softcap", "rope_base", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name}={value!r}: must be a positive number")
+        if not isinstance(self.qk_gain_init, (int, float)) or not math.isfinite(self.qk_gain_init):
+            raise ConfigError(f"qk_gain_init={self.qk_gain_init!r}: must be a finite number")
+        if self.model_dim % self.num_heads:
+            raise ConfigError(f"num_heads={self.num_heads}: must divide model_dim={self.model_dim}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_kv_heads={self.num_kv_heads}: must divide num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"model_dim={self.model_dim}: head_dim = model_dim/num_heads = {self.head_dim} must be even (RoPE)"
+            )
+
+    # Derived sizes (SPEC §2 notation).
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_mult * self.model_dim
+
+    @property
+    def num_encoder_layers(self) -> int:
+        return self.num_layers // 2
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return self.num_layers - self.num_encoder_layers
+
+    @property
+    def num_skip_weights(self) -> int:
+        return min(self.num_encoder_layers, self.num_decoder_layers)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model setting(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. Field `num_layers` is env NUM_LAYERS and flag --num-layers."""
+
+    # Data and bookkeeping
+    data_path: str = setting("", "dataset folder of *_train_*.bin / *_val_*.bin shards "
+                             "(empty: the FineWeb sp1024 folder if present, else the default stdlib dataset)")
+    tokenizer_path: str = setting("", "SentencePiece model (empty: the one that belongs to the dataset)")
+    run_id: str = setting("", "name of the run folder runs/<run_id> (empty: a timestamp)")
+    seed: int = setting(1337, "seed of the initial weights")
+    out_dir: str = setting("runs", "where run folders are written")
+    # Length of training
+    iterations: int = setting(20000, "optimizer steps")
+    warmup_steps: int = setting(20, "steps run to prime compilation, then undone (weights, optimizer, data restored)")
+    warmdown_iters: int = setting(1200, "final steps over which the learning rate falls linearly to 0")
+    train_batch_tokens: int = setting(524288, "tokens per optimizer step, over all ranks and accumulation steps")
+    train_seq_len: int = setting(1024, "sequence length of training and validation")
+    max_wallclock_seconds: float = setting(600.0, "stop training after this many seconds (0 = no cap)")
+    grad_accum_steps: int = setting(1, "micro-steps per optimizer step on each rank")
+    # Validation and logging
+    val_batch_size: int = setting(524288, "validation tokens per evaluation batch, over all ranks")
+    val_loss_every: int = setting(1000, "validate every N steps (0 = only at the end)")
+    train_log_every: int = setting(200, "log the training loss every N steps")
+    checkpoint_every: int = setting(0, "write a checkpoint every N steps (0 = only at the end)")
+    resume_from: str = setting("", "checkpoint to continue from (weights, optimizer, step, data position)")
+    # Model (see ModelSpec)
+    vocab_size: int = setting(1024, ModelSpec.__dataclass_fields__["vocab_size"].metadata["help"])
+    num_layers: int = setting(9, ModelSpec.__dataclass_fields__["num_layers"].metadata["help"])
+    model_dim: int = setting(512, ModelSpec.__dataclass_fields__["model_dim"].metadata["help"])
+    num_heads: int = setting(8, ModelSpec.__dataclass_fields__["num_heads"].metadata["help"])
+    num_kv_heads: int = setting(4, ModelSpec.__dataclass_fields__["num_kv_heads"].metadata["help"])
+    mlp_mult: int = setting(2, ModelSpec.__dataclass_fields__["mlp_mult"].metadata["help"])
+    tie_embeddings: bool = setting(True, ModelSpec.__dataclass_fields__["tie_embeddings"].metadata["help"])
+    tied_embed_init_std: float = setting(0.005, ModelSpec.__dataclass_fields__["tied_embed_init_std"].metadata["help"])
+    logit_softcap: float = setting(30.0, ModelSpec.__dataclass_fields__["logit_softcap"].metadata["help"])
+    rope_base: float = setting(10000.0, ModelSpec.__dataclass_fields__["rope_base"].metadata["help"])
+    qk_gain_init: float = setting(1.5, ModelSpec.__dataclass_fields__["qk_gain_init"].metadata["help"])
+    norm_eps: float = setting(1e-6, ModelSpec.__dataclass_fields__["norm_eps"].metadata["help"])
+    # Optimizers
+    embed_lr: float = setting(0.6, "Adam learning rate of the embedding when untied")
+    head_lr: float = setting(0.008, "Adam learning rate of the untied output head")
+    tied_embed_lr: float = setting(0.05, "Adam learning rate of the tied embedding")
+    matrix_lr: float = setting(0.04, "Muon learning rate of the block matrices")
+    scalar_lr: float = setting(0.04, "Adam learning rate of the control parameters and skip weights")
+    muon_momentum: float = setting(0.95, "Muon momentum after warmup")
+    muon_backend_steps: int = setting(5, "Newton-Schulz iterations of Muon")
+    muon_momentum_warmup_start: float = setting(0.85, "Muon momentum at step 0")
+    muon_momentum_warmup_steps: int = setting(500, "steps over which Muon momentum rises to MUON_MOMENTUM")
+    beta1: float = setting(0.9, "Adam beta1")
+    beta2: float = setting(0.95, "Adam beta2")
+    adam_eps: float = setting(1e-8, "Adam epsilon")
+    grad_clip_norm: float = setting(0.0, "clip the global gradient norm to this (0 = off)")
+    # Hardware
+    device: str = setting("auto", "torch device: cuda, cpu, or auto (cuda when available)",
+                          choices=("auto", "cpu", "cuda"))
+    compute_dtype: str = setting("auto", "matrix-product dtype: float32, bfloat16, or auto (bf16 on GPU, fp32 on CPU)",
+                                 choices=("auto", "float32", "bfloat16"))
+    compile: str = setting("auto", "torch.compile / mx.compile: 1, 0, or auto (the backend's measured choice)",
+                           choices=("auto", "0", "1"))
+    mlx_max_microbatch_tokens: int = setting(8192, "MLX: split each micro-batch into chunks of at most this many tokens")
+    mlx_eager_eval: bool = setting(False, "MLX: evaluate after each chunk to bound memory (16 GB Macs)")
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"{env_name(f.name)}={value!r}: must be one of {', '.join(choices)}")
+        positive = ("iterations", "train_batch_tokens", "train_seq_len", "grad_accum_steps", "val_batch_size",
+                    "train_log_every", "muon_backend_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
+        non_negative = ("warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
+                        "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must not be negative")
+        for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be in [0, 1)")
+        if self.mlx_max_microbatch_tokens <= 0:
+            raise ConfigError(f"MLX_MAX_MICROBATCH_TOKENS={self.mlx_max_microbatch_tokens}: must be positive")
+        self.model_spec()  # validates the model settings too
+
+    def model_spec(self) -> ModelSpec:
+        names = [f.name for f in fields(ModelSpec)]
+        try:
+            return ModelSpec(**{name: getattr(self, name) for name in names})
+        except ConfigError as e:
+            # Name the setting as the user typed it: NUM_HEADS, not num_heads.
+            message = str(e)
+            for name in names:
+                if message.startswith(name + "="):
+                    message = env_name(name) + message[len(name):]
+            raise ConfigError(message) from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def check_batch_geometry(self, world_size: int) -> None:
+        """SPEC §7: each micro-step of each rank takes a whole number of sequences."""
+        per_micro = self.train_batch_tokens // max(world_size * self.grad_accum_steps, 1)
+        if self.train_batch_tokens % (world_size * self.grad_accum_steps) or per_micro % self.train_seq_len:
+            raise ConfigError(
+                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens}: must split into WORLD_SIZE={world_size} x "
+                f"GRAD_ACCUM_STEPS={self.grad_accum_steps} micro-batches of whole "
+                f"TRAIN_SEQ_LEN={self.train_seq_len} sequences"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading settings from flags, environment and file
+# ---------------------------------------------------------------------------------------------
+
+def env_name(field_name: str) -> str:
+    return field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_value(field_name: str, raw: Any, kind: str) -> Any:
+    """Convert a raw value (a string from env/flags, or a JSON value) to the field's type."""
+    label = f"{env_name(field_name)}={raw!r}"
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, int) and raw in (0, 1):
+            return bool(raw)
+        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise ConfigError(f"{label}: expected 1/0 or true/false")
+    if kind == "int":
+        if isinstance(raw, bool):
+            raise ConfigError(f"{label}: expected an integer")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        try:
+            return int(str(raw).strip().replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{label}: expected an integer") from None
+    if kind == "float":
+        if isinstance(raw, bool):
+            raise ConfigError(f"{label}: expected a number")
+        try:
+            value = float(str(raw).strip()) if not isinstance(raw, (int, float)) else float(raw)
+        except ValueError:
+            raise ConfigError(f"{label}: expected a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{label}: expected a finite number")
+        return value
+    if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+        raise ConfigError(f"{label}: expected a string")
+    return str(raw)
+
+
+def _field_kinds() -> dict[str, str]:
+    kinds = {}
+    for f in fields(TrainConfig):
+        kinds[f.name] = {"bool": "bool", "int": "int", "float": "float"}.get(str(f.type), "str")
+    return kinds
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object of settings, keyed by env name or field name."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {p}: cannot read it ({e.strerror or e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: must hold a JSON object of settings")
+    kinds = _field_kinds()
+    out = {}
+    for key, value in data.items():
+        name = str(key).lower()
+        if name not in kinds:
+            raise ConfigError(f"config file {p}: unknown setting {key!r}")
+        out[name] = value
+    return out
+
+
+def build_arg_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="JSON file of settings (env CONFIG)")
+    for f in fields(TrainConfig):
+        parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name),
+                            help=f"{f.metadata['help']} (default: {f.default!r})")
+    return parser
+
+
+class _ArgumentParserRaising(argparse.ArgumentParser):
+    def error(self, message):  # one-line error instead of usage + exit
+        raise ConfigError(message)
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+                prog: str | None = None) -> TrainConfig:
+    """TrainConfig from flags > environment > config file > defaults.
+
+    `argv` excludes the program name; `environ` defaults to os.environ. `--help` prints every
+    setting and exits.
+    """
+    environ = os.environ if environ is None else environ
+    parser = build_arg_parser(prog)
+    parser.__class__ = _ArgumentParserRaising
+    args = parser.parse_args(list(argv) if argv is not None else [])
+    kinds = _field_kinds()
+
+    raw: dict[str, Any] = {}
+    config_path = args.config or environ.get("CONFIG")
+    if config_path:
+        raw.update(read_config_file(config_path))
+    for name in kinds:
+        if env_name(name) in environ:
+            raw[name] = environ[env_name(name)]
+    for name in kinds:
+        if getattr(args, name) is not None:
+            raw[name] = getattr(args, name)
+
+    values = {name: parse_value(name, value, kinds[name]) for name, value in raw.items()}
+    return TrainConfig(**values)
+
+
+def settings_table() -> list[tuple[str, str, Any, str]]:
+    """(env name, flag, default, help) of every setting, for the README and --help."""
+    return [(env_name(f.name), flag_name(f.name), f.default, f.metadata["help"]) for f in fields(TrainConfig)]

@@ -1,0 +1,40 @@
+"""Errors a user can cause, and how a command-line tool reports them.
+
+Every mistake a user can make (a bad setting, a malformed shard, a checkpoint of another model)
+raises a subclass of `UserError`. The entry points catch it with `exit_on_user_error` and print
+one line, `error: ...`, then exit with status 2: no traceback for a typo.
+"""
+
+import functools
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid setting: the message names the setting and the value."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A missing, corrupt or mismatched checkpoint."""
+
+
+class DatasetError(UserError, ValueError):
+    """A missing or inconsistent dataset or tokenizer."""
+
+
+def exit_on_user_error(main):
+    """Decorate a `main()` so a UserError becomes `error: <message>` and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            message = " ".join(str(e).split())  # always one line
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

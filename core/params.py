@@ -1,0 +1,133 @@
+"""The parameter table: every parameter of a spec, once, with everything anyone needs to know of it.
+
+Both backends build their modules from these names and shapes, the initializer draws from these
+init rules, the optimizers group parameters by `group`, and the artifact keeps `keep_float`
+tensors in float. Nothing else in the project lists parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.config import ModelSpec
+
+# Names matching one of these are control parameters (SPEC §6): Adam, never Muon, and kept in
+# fp32 in the artifact. The plural forms are the reference trainers' spellings.
+CONTROL_PATTERNS = (
+    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
+    "q_gain", "skip_weight", "skip_weights",
+)
+
+# Optimizer groups (SPEC §6).
+EMBED, HEAD, MATRIX, SCALAR = "embed", "head", "matrix", "scalar"
+
+
+def is_control(name: str) -> bool:
+    return any(pattern in name for pattern in CONTROL_PATTERNS)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+    init: str          # "normal", "zeros", "ones", "const", "linear_uniform", "resid_mix"
+    group: str         # EMBED, HEAD, MATRIX or SCALAR
+    init_value: float = 0.0   # std for "normal", value for "const"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def keep_float(self) -> bool:
+        """Kept in fp32 in the artifact whatever its size (SPEC §9)."""
+        return is_control(self.name)
+
+
+def param_table(spec: ModelSpec) -> list[ParamInfo]:
+    """Every parameter of `spec`, in the fixed order the initializer draws them (SPEC §3)."""
+    V, d, H = spec.vocab_size, spec.model_dim, spec.num_heads
+    kv, F = spec.kv_dim, spec.hidden_dim
+    embed_std = spec.tied_embed_init_std if spec.tie_embeddings else 1.0
+    table = [ParamInfo("tok_emb.weight", (V, d), "normal", EMBED, embed_std)]
+    if not spec.tie_embeddings:
+        table.append(ParamInfo("lm_head.weight", (V, d), "zeros", HEAD))
+    table.append(ParamInfo("skip_weights", (spec.num_skip_weights, d), "ones", SCALAR))
+    for i in range(spec.num_layers):
+        p = f"blocks.{i}."
+        table += [
+            ParamInfo(p + "attn.c_q.weight", (d, d), "linear_uniform", MATRIX),
+            ParamInfo(p + "attn.c_k.weight", (kv, d), "linear_uniform", MATRIX),
+            ParamInfo(p + "attn.c_v.weight", (kv, d), "linear_uniform", MATRIX),
+            ParamInfo(p + "attn.proj.weight", (d, d), "zeros", MATRIX),
+            ParamInfo(p + "attn.q_gain", (H,), "const", SCALAR, spec.qk_gain_init),
+            ParamInfo(p + "mlp.fc.weight", (F, d), "linear_uniform", MATRIX),
+            ParamInfo(p + "mlp.proj.weight", (d, F), "zeros", MATRIX),
+            ParamInfo(p + "attn_scale", (d,), "ones", SCALAR),
+            ParamInfo(p + "mlp_scale", (d,), "ones", SCALAR),
+            ParamInfo(p + "resid_mix", (2, d), "resid_mix", SCALAR),
+        ]
+    for info in table:  # the group rule of SPEC §6, checked against the table itself
+        if info.name.startswith("blocks."):
+            expected = MATRIX if len(info.shape) == 2 and not is_control(info.name) else SCALAR
+            assert info.group == expected, info
+    return table
+
+
+def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    return {p.name: p.shape for p in param_table(spec)}
+
+
+def param_groups(spec: ModelSpec) -> dict[str, list[str]]:
+    """Optimizer group -> parameter names (groups with no parameter are absent)."""
+    groups: dict[str, list[str]] = {}
+    for p in param_table(spec):
+        groups.setdefault(p.group, []).append(p.name)
+    return groups
+
+
+def group_lr(group: str, cfg) -> float:
+    """Base learning rate of an optimizer group (SPEC §6); `cfg` is a TrainConfig."""
+    if group == EMBED:
+        return cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
+    return {HEAD: cfg.head_lr, MATRIX: cfg.matrix_lr, SCALAR: cfg.scalar_lr}[group]
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int            # every parameter as the model uses it (the tied matrix counted twice: embed + head)
+    unique: int           # distinct stored numbers (the tied matrix once)
+    embedding: int        # tok_emb (+ lm_head when untied)
+    non_embedding: int    # unique - embedding
+    saved_by_tying: int   # V*d when tied, else 0
+
+
+def count_params(spec: ModelSpec) -> ParamCount:
+    table = param_table(spec)
+    unique = sum(p.numel for p in table)
+    embedding = sum(p.numel for p in table if p.group in (EMBED, HEAD))
+    saved = spec.vocab_size * spec.model_dim if spec.tie_embeddings else 0
+    return ParamCount(total=unique + saved, unique=unique, embedding=embedding,
+                      non_embedding=unique - embedding, saved_by_tying=saved)
+
+
+def check_weights(spec: ModelSpec, weights: dict, *, source: str = "weights") -> None:
+    """Every name of the table present with its shape, and nothing else (as nanoGPT's from_pretrained asserts)."""
+    from core.errors import CheckpointError
+
+    expected = param_shapes(spec)
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing parameter(s) {', '.join(missing[:5])}"
+                              + (" ..." if len(missing) > 5 else "") + " for this model spec")
+    if extra:
+        raise CheckpointError(f"{source}: unexpected parameter(s) {', '.join(extra[:5])}"
+                              + (" ..." if len(extra) > 5 else "") + " for this model spec")
+    for name, shape in expected.items():
+        got = tuple(weights[name].shape)
+        if got != shape:
+            raise CheckpointError(f"{source}: {name} has shape {got}, this model spec needs {shape}")
