@@ -1,0 +1,103 @@
+"""The forward pass of SPEC §4 in numpy float64: the executable form of the spec.
+
+Written for clarity, not speed, in the manner of picoGPT: the weights are a dict keyed by the
+checkpoint's names, read by functions named after the modules that own them. Both backends are
+tested against this file; it is the arbiter when they disagree.
+
+Shapes: B batch, T sequence, d model_dim, H heads, K kv heads, hd head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from core.config import ModelSpec
+
+
+def rms_norm(x, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def rope(x, base):
+    """Half-split RoPE, positive rotation: x (..., T, hd) with position t along axis -2."""
+    T, hd = x.shape[-2], x.shape[-1]
+    half = hd // 2
+    inv_freq = base ** (-2.0 * np.arange(half) / hd)     # (hd/2,)
+    theta = np.arange(T)[:, None] * inv_freq[None, :]   # (T, hd/2)
+    cos, sin = np.cos(theta), np.sin(theta)
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+
+
+def softmax(x):
+    x = x - np.max(x, axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def attn(x, w, prefix, spec: ModelSpec):
+    B, T, _ = x.shape
+    H, K, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    q = (x @ w[prefix + "c_q.weight"].T).reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
+    k = (x @ w[prefix + "c_k.weight"].T).reshape(B, T, K, hd).transpose(0, 2, 1, 3)  # (B, K, T, hd)
+    v = (x @ w[prefix + "c_v.weight"].T).reshape(B, T, K, hd).transpose(0, 2, 1, 3)  # (B, K, T, hd)
+    q = rope(rms_norm(q, spec.norm_eps), spec.rope_base)
+    k = rope(rms_norm(k, spec.norm_eps), spec.rope_base)
+    q = q * w[prefix + "q_gain"][None, :, None, None]
+    # Grouped-query attention: query head h reads KV head h // (H/K).
+    k = np.repeat(k, H // K, axis=1)                                                   # (B, H, T, hd)
+    v = np.repeat(v, H // K, axis=1)
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)                                  # (B, H, T, T)
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+    scores = np.where(future, -np.inf, scores)
+    y = softmax(scores) @ v                                                            # (B, H, T, hd)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, H * hd)                                  # (B, T, d)
+    return y @ w[prefix + "proj.weight"].T
+
+
+def mlp(x, w, prefix):
+    return np.square(np.maximum(x @ w[prefix + "fc.weight"].T, 0.0)) @ w[prefix + "proj.weight"].T
+
+
+def block(x, x0, w, i, spec: ModelSpec):
+    p = f"blocks.{i}."
+    mix = w[p + "resid_mix"]
+    x = mix[0] * x + mix[1] * x0
+    x = x + w[p + "attn_scale"] * attn(rms_norm(x, spec.norm_eps), w, p + "attn.", spec)
+    x = x + w[p + "mlp_scale"] * mlp(rms_norm(x, spec.norm_eps), w, p + "mlp.")
+    return x
+
+
+def logits(spec: ModelSpec, weights, ids):
+    """float64 logits (B, T, V) from a dict of weights and integer ids (B, T)."""
+    w = {name: np.asarray(value, dtype=np.float64) for name, value in weights.items()}
+    ids = np.asarray(ids)
+    x = rms_norm(w["tok_emb.weight"][ids], spec.norm_eps)                              # (B, T, d)
+    x0 = x
+    skips = []
+    for i in range(spec.num_encoder_layers):
+        x = block(x, x0, w, i, spec)
+        skips.append(x)
+    for j in range(spec.num_decoder_layers):
+        if skips:
+            x = x + w["skip_weights"][j] * skips.pop()
+        x = block(x, x0, w, spec.num_encoder_layers + j, spec)
+    h = rms_norm(x, spec.norm_eps)
+    head = w["tok_emb.weight"] if spec.tie_embeddings else w["lm_head.weight"]
+    raw = h @ head.T                                                                   # (B, T, V)
+    c = spec.logit_softcap
+    return c * np.tanh(raw / c)
+
+
+def token_losses(spec: ModelSpec, weights, ids, targets):
+    """float64 cross-entropy of every target token, shape (B, T)."""
+    z = logits(spec, weights, ids)
+    z_max = np.max(z, axis=-1, keepdims=True)
+    log_norm = np.log(np.sum(np.exp(z - z_max), axis=-1)) + z_max[..., 0]
+    picked = np.take_along_axis(z, np.asarray(targets)[..., None], axis=-1)[..., 0]
+    return log_norm - picked
+
+
+def loss(spec: ModelSpec, weights, ids, targets) -> float:
+    """Mean token cross-entropy (nats)."""
+    return float(np.mean(token_losses(spec, weights, ids, targets)))

@@ -1,0 +1,77 @@
+"""Settings: defaults, precedence (flags > env > file > defaults), and one-line errors."""
+
+import json
+
+import pytest
+
+from core.config import ModelSpec, TrainConfig, load_config, settings_table
+from core.errors import ConfigError
+
+
+def test_defaults_are_the_reference_trainers():
+    cfg = load_config([], environ={})
+    assert (cfg.iterations, cfg.train_batch_tokens, cfg.train_seq_len, cfg.seed) == (20000, 524288, 1024, 1337)
+    assert (cfg.matrix_lr, cfg.tied_embed_lr, cfg.warmdown_iters, cfg.max_wallclock_seconds) == (0.04, 0.05, 1200, 600.0)
+    assert cfg.model_spec() == ModelSpec()
+
+
+def test_flags_over_env_over_file_over_defaults(tmp_path):
+    f = tmp_path / "run.json"
+    f.write_text(json.dumps({"NUM_LAYERS": 3, "model_dim": 64, "SEED": 5, "TIE_EMBEDDINGS": 0}))
+    env = {"CONFIG": str(f), "NUM_LAYERS": "4", "SEED": "6"}
+    cfg = load_config(["--num-layers", "5"], environ=env)
+    assert cfg.num_layers == 5          # flag
+    assert cfg.seed == 6                # env over file
+    assert cfg.model_dim == 64          # file over default
+    assert cfg.tie_embeddings is False  # file, bool from 0
+    assert cfg.num_heads == 8           # default
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    ([], {"NUM_LAYERS": "nine"}, "NUM_LAYERS='nine': expected an integer"),
+    ([], {"MATRIX_LR": "fast"}, "MATRIX_LR='fast': expected a number"),
+    ([], {"TIE_EMBEDDINGS": "maybe"}, "TIE_EMBEDDINGS='maybe': expected 1/0"),
+    ([], {"NUM_HEADS": "7"}, "NUM_HEADS=7: must divide model_dim=512"),
+    ([], {"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS=3: must divide num_heads=8"),
+    ([], {"LOGIT_SOFTCAP": "0"}, "LOGIT_SOFTCAP=0.0: must be a positive number"),
+    ([], {"MODEL_DIM": "24", "NUM_HEADS": "8", "NUM_KV_HEADS": "4"}, "head_dim = model_dim/num_heads = 3 must be even"),
+    ([], {"DEVICE": "tpu"}, "DEVICE='tpu': must be one of auto, cpu, cuda"),
+    ([], {"ITERATIONS": "0"}, "ITERATIONS=0: must be positive"),
+    (["--no-such-flag", "1"], {}, "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_values_are_one_line_errors_naming_setting_and_value(argv, env, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(argv, environ=env)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(["--config", str(tmp_path / "missing.json")], environ={})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(["--config", str(bad)], environ={})
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('{"NUM_LAYER": 3}')
+    with pytest.raises(ConfigError, match="unknown setting 'NUM_LAYER'"):
+        load_config(["--config", str(unknown)], environ={})
+
+
+def test_batch_geometry_must_split_into_whole_sequences():
+    cfg = TrainConfig(train_batch_tokens=8192, train_seq_len=256, grad_accum_steps=2)
+    cfg.check_batch_geometry(world_size=2)  # 2048 tokens = 8 sequences per micro-step
+    with pytest.raises(ConfigError, match="TRAIN_BATCH_TOKENS=8192: must split into WORLD_SIZE=3"):
+        cfg.check_batch_geometry(world_size=3)
+
+
+def test_every_setting_has_env_flag_and_help():
+    rows = settings_table()
+    names = {r[0] for r in rows}
+    for required in ("DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "WARMUP_STEPS", "VAL_BATCH_SIZE", "VAL_LOSS_EVERY",
+                     "TRAIN_LOG_EVERY", "ROPE_BASE", "QK_GAIN_INIT", "EMBED_LR", "HEAD_LR", "MUON_MOMENTUM",
+                     "MUON_BACKEND_STEPS", "MUON_MOMENTUM_WARMUP_START", "MUON_MOMENTUM_WARMUP_STEPS", "BETA1",
+                     "BETA2", "ADAM_EPS", "GRAD_CLIP_NORM", "NORM_EPS", "DEVICE", "COMPUTE_DTYPE",
+                     "GRAD_ACCUM_STEPS", "OUT_DIR"):
+        assert required in names
+    assert all(flag.startswith("--") and help for _, flag, _, help in rows)

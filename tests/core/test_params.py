@@ -1,0 +1,48 @@
+"""The parameter table: groups, control flags and accounting (SPEC §2, §6, §9)."""
+
+import dataclasses
+
+import pytest
+
+from core.config import ModelSpec
+from core.errors import CheckpointError
+from core.init import init_weights
+from core.params import EMBED, HEAD, MATRIX, SCALAR, check_weights, count_params, param_groups, param_table
+
+
+def test_default_spec_counts():
+    spec = ModelSpec()
+    c = count_params(spec)
+    V, d, L = 1024, 512, 9
+    per_block = d * d * 2 + 2 * (256 * d) + 2 * (1024 * d) + 8 + 2 * d + 2 * d
+    assert c.unique == V * d + 4 * d + L * per_block
+    assert c.embedding == V * d and c.saved_by_tying == V * d
+    assert c.total == c.unique + V * d and c.non_embedding == c.unique - V * d
+
+
+def test_untied_counts_head_once_and_saves_nothing():
+    spec = dataclasses.replace(ModelSpec(), tie_embeddings=False)
+    c = count_params(spec)
+    assert c.saved_by_tying == 0 and c.total == c.unique and c.embedding == 2 * 1024 * 512
+
+
+def test_groups():
+    spec = dataclasses.replace(ModelSpec(num_layers=2), tie_embeddings=False)
+    groups = param_groups(spec)
+    assert groups[EMBED] == ["tok_emb.weight"] and groups[HEAD] == ["lm_head.weight"]
+    assert "blocks.0.attn.c_q.weight" in groups[MATRIX] and "blocks.1.mlp.proj.weight" in groups[MATRIX]
+    assert set(groups[SCALAR]) >= {"skip_weights", "blocks.0.attn.q_gain", "blocks.0.resid_mix", "blocks.1.mlp_scale"}
+    assert all(not p.keep_float for p in param_table(spec) if p.group == MATRIX)
+    assert all(p.keep_float for p in param_table(spec) if p.group == SCALAR)
+
+
+def test_check_weights_names_missing_extra_and_misshapen():
+    spec = ModelSpec(vocab_size=32, num_layers=2, model_dim=16, num_heads=2, num_kv_heads=1)
+    w = init_weights(spec, 0)
+    check_weights(spec, w)
+    with pytest.raises(CheckpointError, match="missing parameter.*skip_weights"):
+        check_weights(spec, {k: v for k, v in w.items() if k != "skip_weights"})
+    with pytest.raises(CheckpointError, match="unexpected parameter.*lm_head"):
+        check_weights(spec, dict(w, **{"lm_head.weight": w["tok_emb.weight"]}))
+    with pytest.raises(CheckpointError, match=r"tok_emb.weight has shape \(32, 8\)"):
+        check_weights(spec, dict(w, **{"tok_emb.weight": w["tok_emb.weight"][:, :8]}))
