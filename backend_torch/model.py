@@ -1,0 +1,208 @@
+"""The GPT of SPEC §4 in PyTorch. backend_mlx/model.py mirrors this file section by section.
+
+Master weights are fp32. Matrix products run in `compute_dtype` (bf16 on CUDA, fp32 on CPU by
+default): each Linear casts its input and weight at the product, so there is no autocast region
+and the CPU tests execute exactly what a GPU run executes. RMSNorm statistics, RoPE, the softcap
+and the cross-entropy run in fp32, and the residual stream stays fp32.
+
+Shapes: B batch, T sequence, d model_dim, H heads, K kv heads, hd head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.config import ModelSpec
+from core.params import check_weights, param_table
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last axis, computed in fp32 (returns fp32)."""
+    return F.rms_norm(x.float(), (x.size(-1),), eps=eps)
+
+
+class Linear(nn.Module):
+    """y = x W^T with W stored (out, in) in fp32 and the product run in the compute dtype."""
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))
+
+
+class Rotary(nn.Module):
+    """Half-split RoPE with positive rotation: a' = a cos - b sin, b' = a sin + b cos."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self, T: int, device: torch.device, offset: int = 0):
+        n = T + offset
+        if self._cache is None or self._cache[0] < n or self._cache[1] != device:
+            # Angles in float64 so long sequences keep their precision; the tables are fp32.
+            t = torch.arange(n, device=device, dtype=torch.float64)
+            theta = torch.outer(t, self.inv_freq.to(device, torch.float64))      # (n, hd/2)
+            self._cache = (n, device, theta.cos().float(), theta.sin().float())
+        _, _, cos, sin = self._cache
+        return cos[offset:offset + T], sin[offset:offset + T]
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        # x: (B, heads, T, hd) in fp32
+        cos, sin = self.cos_sin(x.size(-2), x.device, offset)
+        half = x.size(-1) // 2
+        a, b = x[..., :half], x[..., half:]
+        return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and MLP
+# ---------------------------------------------------------------------------------------------
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, compute_dtype: torch.dtype):
+        super().__init__()
+        d, kv = spec.model_dim, spec.kv_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.eps = spec.norm_eps
+        self.compute_dtype = compute_dtype
+        self.c_q = Linear(d, d, compute_dtype)
+        self.c_k = Linear(d, kv, compute_dtype)
+        self.c_v = Linear(d, kv, compute_dtype)
+        self.proj = Linear(d, d, compute_dtype)
+        self.q_gain = nn.Parameter(torch.empty(spec.num_heads))
+        self.rotary = Rotary(spec.head_dim, spec.rope_base)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.c_q(x).view(B, T, H, hd).transpose(1, 2)                  # (B, H, T, hd)
+        k = self.c_k(x).view(B, T, K, hd).transpose(1, 2)                  # (B, K, T, hd)
+        v = self.c_v(x).view(B, T, K, hd).transpose(1, 2)                  # (B, K, T, hd)
+        offset = 0 if cache is None else cache["offset"]
+        q = self.rotary(rms_norm(q, self.eps), offset)
+        k = self.rotary(rms_norm(k, self.eps), offset)
+        q = q * self.q_gain[None, :, None, None]
+        q, k, v = q.to(self.compute_dtype), k.to(self.compute_dtype), v.to(self.compute_dtype)
+        if cache is not None:  # key/value cache for sampling: append, then attend to everything so far
+            if "k" in cache:
+                k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
+            cache["k"], cache["v"] = k, v
+        # Query head h reads KV head h // (H/K). With a cache, T queries follow the cached keys, so
+        # the causal mask aligns to the bottom-right; is_causal aligns top-left, hence the explicit mask.
+        if cache is None or offset == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=(K != H))
+        else:
+            S = k.size(2)
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=(K != H))
+        y = y.transpose(1, 2).reshape(B, T, H * hd)                         # (B, T, d)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, compute_dtype: torch.dtype):
+        super().__init__()
+        self.fc = Linear(spec.model_dim, spec.hidden_dim, compute_dtype)
+        self.proj = Linear(spec.hidden_dim, spec.model_dim, compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.relu(self.fc(x)).square())
+
+
+# ---------------------------------------------------------------------------------------------
+# Block
+# ---------------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, compute_dtype: torch.dtype):
+        super().__init__()
+        d = spec.model_dim
+        self.eps = spec.norm_eps
+        self.attn = CausalSelfAttention(spec, compute_dtype)
+        self.mlp = MLP(spec, compute_dtype)
+        self.attn_scale = nn.Parameter(torch.empty(d))
+        self.mlp_scale = nn.Parameter(torch.empty(d))
+        self.resid_mix = nn.Parameter(torch.empty(2, d))
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        mix = self.resid_mix
+        x = mix[0] * x + mix[1] * x0                                        # fp32 residual stream
+        x = x + self.attn_scale * self.attn(rms_norm(x, self.eps), cache).float()
+        x = x + self.mlp_scale * self.mlp(rms_norm(x, self.eps)).float()
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT
+# ---------------------------------------------------------------------------------------------
+
+class GPT(nn.Module):
+    def __init__(self, spec: ModelSpec, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.spec = spec
+        self.compute_dtype = compute_dtype
+        self.eps = spec.norm_eps
+        self.tok_emb = nn.Embedding(spec.vocab_size, spec.model_dim)
+        # Tied: the head is tok_emb.weight itself (one tensor); there is no lm_head at all.
+        self.lm_head = None if spec.tie_embeddings else Linear(spec.model_dim, spec.vocab_size, compute_dtype)
+        self.skip_weights = nn.Parameter(torch.empty(spec.num_skip_weights, spec.model_dim))
+        self.blocks = nn.ModuleList(Block(spec, compute_dtype) for _ in range(spec.num_layers))
+        self.num_encoder_layers = spec.num_encoder_layers
+        self.num_decoder_layers = spec.num_decoder_layers
+
+    # -- weights in and out, by the names of SPEC §2 --
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> "GPT":
+        check_weights(self.spec, weights)
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for p in param_table(self.spec):
+                params[p.name].copy_(torch.from_numpy(np.asarray(weights[p.name], dtype=np.float32)))
+        return self
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        params = dict(self.named_parameters())
+        return {p.name: params[p.name].detach().float().cpu().numpy().copy() for p in param_table(self.spec)}
+
+    # -- forward --
+
+    def logits(self, ids: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+        """(B, T) integer ids -> (B, T, V) fp32 logits."""
+        x = rms_norm(self.tok_emb(ids), self.eps)                            # (B, T, d)
+        x0 = x
+        skips = []
+        for i in range(self.num_encoder_layers):
+            x = self.blocks[i](x, x0, None if caches is None else caches[i])
+            skips.append(x)
+        for j in range(self.num_decoder_layers):
+            if skips:
+                x = x + self.skip_weights[j] * skips.pop()
+            i = self.num_encoder_layers + j
+            x = self.blocks[i](x, x0, None if caches is None else caches[i])
+        h = rms_norm(x, self.eps)
+        if self.lm_head is None:
+            raw = F.linear(h.to(self.compute_dtype), self.tok_emb.weight.to(self.compute_dtype))
+        else:
+            raw = self.lm_head(h)                                            # (B, T, V)
+        c = self.spec.logit_softcap
+        return c * torch.tanh(raw.float() / c)
+
+    def loss(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        logits = self.logits(ids)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(ids, targets)

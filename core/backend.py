@@ -1,0 +1,69 @@
+"""The small interface each backend implements for the one training loop (core/train_loop.py).
+
+Everything crosses this boundary as numpy arrays and Python floats, so the loop, the checkpoint,
+the metric and the artifact are written once. Each backend has one class implementing it:
+backend_torch.session.TorchSession and backend_mlx.session.MLXSession.
+
+Optimizer state crosses as a flat dict of float32 arrays keyed by parameter name and slot:
+    "<name>.exp_avg", "<name>.exp_avg_sq"   Adam moments (embed, head and scalar groups)
+    "<name>.momentum_buffer"                Muon momentum (matrix group)
+An empty dict means fresh (all zeros). Adam's bias correction counts optimizer steps from the
+`step` argument of train_step, so the state needs no step counter of its own and moves between
+backends unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from core.config import ModelSpec, TrainConfig
+
+Batch = tuple[np.ndarray, np.ndarray]   # (x, y) int arrays of shape (B, T)
+
+
+def optimizer_slots(group: str) -> tuple[str, ...]:
+    """State slots each optimizer group keeps per parameter (see the module docstring)."""
+    return ("momentum_buffer",) if group == "matrix" else ("exp_avg", "exp_avg_sq")
+
+
+class TrainerBackend(Protocol):
+    name: str            # "torch" or "mlx"
+    rank: int            # this process's rank (0 when not distributed)
+    world_size: int      # number of processes
+    device: str          # human-readable, e.g. "cpu", "cuda:0 (NVIDIA H100 80GB)", "mlx cpu"
+    compute_dtype: str   # "float32" or "bfloat16", resolved from the config
+    notes: list[str]     # lines the loop writes to the log at start (BLAS in use, compile, ...)
+
+    def setup(self, spec: ModelSpec, cfg: TrainConfig) -> None:
+        """Build the model and its optimizers (weights are loaded separately)."""
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+
+    def export_weights(self) -> dict[str, np.ndarray]: ...
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None: ...
+
+    def export_optimizer_state(self) -> dict[str, np.ndarray]: ...
+
+    def train_step(self, micro_batches: Sequence[Batch], lrs: dict[str, float], muon_momentum: float,
+                   step: int) -> float:
+        """One optimizer step over this rank's micro-batches; `step` = optimizer steps already done.
+
+        Gradients are the mean over all micro-batches of all ranks. Returns the mean training loss
+        over all ranks.
+        """
+
+    def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Sum (not mean) of token cross-entropies of this batch, in nats, without gradients."""
+
+    def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
+        """Sum across ranks (identity on one process)."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, so timings are honest."""
+
+    def peak_memory_bytes(self) -> int | None: ...
+
+    def close(self) -> None: ...
