@@ -1,7 +1,10 @@
 # twingpt: every target a user runs. The first target that needs Python builds .venv from nothing.
-#   make train     train the default preset with the best backend here      (issue: newcomer's path)
-#   make test      the whole test suite
-#   make data      build the default dataset (Python's stdlib) and its tokenizer
+#   make train         train the default preset on the default dataset (torch on the CPU for now)
+#   make test          the whole test suite
+#   make data          build the default dataset (Python's stdlib sources) and its tokenizer
+#   make data-fineweb  download the Parameter Golf FineWeb export (VARIANT=sp1024 TRAIN_SHARDS=1)
+#   make train-cpu     torch on the CPU        make train-cuda   torch on CUDA (NPROC=8 for 8 GPUs)
+#   make train-mlx     MLX (Metal on a Mac, its CPU backend on Linux)
 # Settings pass through as environment variables (NUM_LAYERS=4 make train-cpu) or ARGS="--num-layers 4".
 
 PYTHON ?= python3
@@ -9,13 +12,22 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+NPROC  ?= 1
 VARIANT ?= sp1024
 TRAIN_SHARDS ?= 1
+FINEWEB_DIR := data/datasets/fineweb10B_sp1024
 
-.PHONY: help venv test data data-fineweb clean-venv
+# The small preset of `make train`: a real model that trains in minutes on a laptop CPU.
+PRESET := ITERATIONS=$${ITERATIONS:-200} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS=$${NUM_LAYERS:-4} \
+  NUM_HEADS=$${NUM_HEADS:-4} NUM_KV_HEADS=$${NUM_KV_HEADS:-2} TRAIN_SEQ_LEN=$${TRAIN_SEQ_LEN:-256} \
+  TRAIN_BATCH_TOKENS=$${TRAIN_BATCH_TOKENS:-8192} VAL_LOSS_EVERY=$${VAL_LOSS_EVERY:-100} \
+  TRAIN_LOG_EVERY=$${TRAIN_LOG_EVERY:-20} WARMDOWN_ITERS=$${WARMDOWN_ITERS:-60} \
+  MAX_WALLCLOCK_SECONDS=$${MAX_WALLCLOCK_SECONDS:-0}
+
+.PHONY: help venv test data data-fineweb default-data train train-cpu train-cuda train-mlx clean-venv
 
 help:
-	@sed -n '1,6p' Makefile
+	@sed -n '1,9p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +44,26 @@ data: $(STAMP)
 
 data-fineweb: $(STAMP)
 	$(PY) -m data.fineweb --variant $(VARIANT) --train-shards $(TRAIN_SHARDS)
+
+# The trainers read FineWeb when it is there, else the default dataset, which is built if missing.
+default-data: $(STAMP)
+	@if [ -z "$$DATA_PATH" ] && [ ! -d $(FINEWEB_DIR) ]; then $(PY) -m data.build_default; fi
+
+train: default-data
+	$(PRESET) DEVICE=cpu $(PY) -m backend_torch.train $(ARGS)
+
+train-cpu: default-data
+	DEVICE=cpu $(PY) -m backend_torch.train $(ARGS)
+
+train-cuda: default-data
+	@if [ "$(NPROC)" = "1" ]; then \
+	  DEVICE=cuda $(PY) -m backend_torch.train $(ARGS); \
+	else \
+	  DEVICE=cuda $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m backend_torch.train $(ARGS); \
+	fi
+
+train-mlx: default-data
+	$(PY) -m backend_mlx.train $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

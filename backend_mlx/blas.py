@@ -1,0 +1,72 @@
+"""On Linux, run MLX's CPU backend on an optimized BLAS when one is installed.
+
+MLX's Linux wheel ships a reference BLAS that is about 30x slower than OpenBLAS for matrix
+products (measured here: 7 vs 217 GFLOP/s for a 1024x1024 fp32 product). MLX calls the standard
+BLAS symbols, so preloading Debian's OpenBLAS (`apt-get install libopenblas0-pthread`) makes it use
+that instead. The library must be preloaded before the process starts, so the trainer re-executes
+itself once with LD_PRELOAD set.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+# Debian/Ubuntu install paths of libopenblas0-pthread (any architecture), then the generic alternative.
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/*-linux-gnu/openblas-openmp/libblas.so.3",
+    "/usr/lib64/libopenblas.so.0",
+)
+REEXEC_MARK = "TWINGPT_BLAS_REEXEC"
+
+
+def find_openblas() -> str | None:
+    for pattern in OPENBLAS_CANDIDATES:
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def preloaded_blas() -> str | None:
+    """The OpenBLAS library preloaded into this process, if any."""
+    for lib in os.environ.get("LD_PRELOAD", "").split():
+        if "blas" in os.path.basename(lib) or "openblas" in lib:
+            return lib
+    return None
+
+
+def ensure_fast_blas(module: str, argv: list[str]) -> None:
+    """Re-execute `python -m module argv...` with OpenBLAS preloaded, when on Linux and it is installed.
+
+    Does nothing on macOS (MLX runs on Metal and Accelerate there), when a BLAS is already preloaded,
+    when TWINGPT_NO_BLAS_PRELOAD=1, or after one re-execution.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("TWINGPT_NO_BLAS_PRELOAD") == "1":
+        return
+    if preloaded_blas() or os.environ.get(REEXEC_MARK):
+        return
+    lib = find_openblas()
+    if lib is None:
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = " ".join(filter(None, [lib, env.get("LD_PRELOAD", "")]))
+    env[REEXEC_MARK] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+
+
+def blas_note() -> str:
+    """One log line saying which BLAS MLX's CPU backend uses here."""
+    if not sys.platform.startswith("linux"):
+        return "blas: platform default (Accelerate / Metal)"
+    lib = preloaded_blas()
+    if lib:
+        return f"blas: OpenBLAS preloaded ({lib})"
+    if os.environ.get("TWINGPT_NO_BLAS_PRELOAD") == "1":
+        return "blas: MLX's bundled reference BLAS (TWINGPT_NO_BLAS_PRELOAD=1)"
+    return ("blas: MLX's bundled reference BLAS, about 30x slower for matrix products; "
+            "install OpenBLAS for speed: sudo apt-get install libopenblas0-pthread")
