@@ -35,6 +35,7 @@ class TrainerBackend(Protocol):
     device: str          # human-readable, e.g. "cpu", "cuda:0 (NVIDIA H100 80GB)", "mlx cpu"
     compute_dtype: str   # "float32" or "bfloat16", resolved from the config
     notes: list[str]     # lines the loop writes to the log at start (BLAS in use, compile, ...)
+    compiled: bool       # whether the train step is compiled (the loop's warmup steps exist to prime it)
 
     def setup(self, spec: ModelSpec, cfg: TrainConfig) -> None:
         """Build the model and its optimizers (weights are loaded separately)."""

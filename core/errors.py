@@ -21,6 +21,10 @@ class CheckpointError(UserError, ValueError):
     """A missing, corrupt or mismatched checkpoint."""
 
 
+class ArtifactError(UserError, ValueError):
+    """A corrupt int8+zlib artifact, or weights that cannot be packed into one."""
+
+
 class DatasetError(UserError, ValueError):
     """A missing or inconsistent dataset or tokenizer."""
 

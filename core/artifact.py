@@ -1,0 +1,274 @@
+"""The int8+zlib artifact (SPEC §9): the trained model as the Parameter Golf challenge measures it.
+
+Each tensor gets one storage scheme:
+
+    int8_per_row     float, 2-D, more than 65,536 elements: int8 q, one fp16 scale per row
+    int8_per_tensor  float, other shapes, more than 65,536 elements: int8 q, one fp32 scale
+    fp32             float control tensors (core.params.is_control) of at most 65,536 elements
+    fp16             other float tensors of at most 65,536 elements
+    raw              anything not float (ints, bools), kept as is
+
+The arithmetic is the reference trainers' (train_gpt.py `quantize_float_tensor`), in float32:
+clip = the 99.99984th percentile of |w| (per row, or over the whole tensor), computed as
+torch.quantile does (q rounded to float32, rank = q*(n-1) in float64, then a float32 lerp between
+the two neighbours; checked bit-identical to torch 2.x);
+per row: scale = max(clip/127, 1/127); per tensor: scale = clip/127, or 1 when clip is 0;
+q = round-half-even(clip(w, -clip, clip) / scale) in [-127, 127], with the float32 scale; the
+per-row scale is then stored as fp16, and dequantization is q * stored_scale in float32.
+
+Bytes (no pickle): zlib level 9 of
+
+    b"twingpt-artifact" | u64 little-endian header length | header | data
+
+where the header is compact JSON with sorted keys, {"format": 1, "tensors": {name: {"scheme",
+"dtype" (original), "shape", "offset", "nbytes"}}}, and the data holds each tensor's parts
+back to back in name order, little-endian: q then scale for int8 schemes, else the values.
+Identical weights give identical payload bytes on every machine; the compressed bytes are
+identical wherever Python's zlib is the same deflate implementation (stock zlib, not zlib-ng).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import ArtifactError
+from core.params import is_control
+
+ARTIFACT_BUDGET_BYTES = 16_000_000
+KEEP_FLOAT_MAX_NUMEL = 65_536
+CLIP_Q = np.float32(99.99984 / 100.0)   # float32, as torch.quantile converts q to the input's dtype
+MAGIC = b"twingpt-artifact"
+FORMAT_VERSION = 1
+
+_I8, _F16, _F32 = np.dtype("<i1"), np.dtype("<f2"), np.dtype("<f4")
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """One tensor as stored: its scheme, original dtype and shape, and its stored arrays."""
+
+    scheme: str
+    dtype: str                    # the original dtype, e.g. "float32"
+    shape: tuple[int, ...]
+    parts: dict[str, np.ndarray]  # "q" and "scale", or "data"
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization
+# ---------------------------------------------------------------------------------------------
+
+def clip_abs(w: np.ndarray) -> np.ndarray:
+    """The CLIP_Q quantile of |w| along the last axis (linear interpolation), in float32."""
+    s = np.sort(np.abs(w), axis=-1)
+    n = s.shape[-1]
+    rank = float(CLIP_Q) * (n - 1)   # float32 q, rank in float64: bit-identical to torch.quantile
+    lo = int(rank)
+    hi = min(lo + 1, n - 1)
+    t = np.float32(rank - lo)
+    below, above = s[..., lo], s[..., hi]
+    # torch's lerp: from the nearer end, so t = 1 gives `above` exactly
+    if t < 0.5:
+        return below + t * (above - below)
+    return above - (above - below) * (np.float32(1.0) - t)
+
+
+def _quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    clip = clip_abs(w)[:, None]
+    scale = np.maximum(clip / np.float32(127.0), np.float32(1.0 / 127.0))
+    q = np.clip(np.rint(np.clip(w, -clip, clip) / scale), -127, 127).astype(_I8)
+    return q, scale[:, 0].astype(_F16)
+
+
+def _quantize_tensor(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    clip = float(clip_abs(w.reshape(-1)))
+    scale = np.float32(clip / 127.0 if clip > 0 else 1.0)
+    q = np.clip(np.rint(np.clip(w, -clip, clip) / scale), -127, 127).astype(_I8)
+    return q, np.asarray(scale, dtype=_F32)
+
+
+def quantize_tensor(name: str, w: np.ndarray) -> Quantized:
+    w = np.asarray(w)
+    shape = tuple(int(s) for s in w.shape)
+    if w.dtype.kind in "biu":
+        return Quantized("raw", w.dtype.name, shape, {"data": w.astype(w.dtype.newbyteorder("<"))})
+    if w.dtype.kind != "f":
+        raise ArtifactError(f"artifact: tensor {name} has dtype {w.dtype}, which an artifact cannot hold")
+    w32 = w.astype(np.float32)
+    if not np.isfinite(w32).all():
+        raise ArtifactError(f"artifact: tensor {name} holds NaN or inf (did training diverge?)")
+    with np.errstate(over="ignore"):  # an fp16 overflow becomes inf, refused just below
+        if w.size > KEEP_FLOAT_MAX_NUMEL:
+            scheme = "int8_per_row" if w.ndim == 2 else "int8_per_tensor"
+            q, scale = _quantize_rows(w32) if w.ndim == 2 else _quantize_tensor(w32)
+            parts = {"q": q, "scale": scale}
+        else:
+            scheme = "fp32" if is_control(name) else "fp16"
+            parts = {"data": w32.astype(_F32 if scheme == "fp32" else _F16)}
+    if not all(np.isfinite(p).all() for p in parts.values()):
+        raise ArtifactError(f"artifact: tensor {name} is too large in magnitude for its {scheme} storage")
+    return Quantized(scheme, w.dtype.name, shape, parts)
+
+
+def quantize(weights: dict[str, np.ndarray]) -> dict[str, Quantized]:
+    return {name: quantize_tensor(name, weights[name]) for name in sorted(weights)}
+
+
+def dequantize_tensor(t: Quantized) -> np.ndarray:
+    """float32 for every float tensor (q * scale for the int8 schemes); raw tensors as stored."""
+    if t.scheme == "int8_per_row":
+        return t.parts["q"].astype(np.float32) * t.parts["scale"].astype(np.float32)[:, None]
+    if t.scheme == "int8_per_tensor":
+        return t.parts["q"].astype(np.float32) * np.float32(t.parts["scale"])
+    if t.scheme in ("fp16", "fp32"):
+        return t.parts["data"].astype(np.float32)
+    return t.parts["data"].astype(t.parts["data"].dtype.newbyteorder("="))
+
+
+def dequantize(tensors: dict[str, Quantized]) -> dict[str, np.ndarray]:
+    return {name: dequantize_tensor(t) for name, t in tensors.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialization
+# ---------------------------------------------------------------------------------------------
+
+def _layout(scheme: str, dtype: str, shape: tuple[int, ...]) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """The stored parts of a tensor, in order: (part name, little-endian dtype, shape)."""
+    if scheme == "int8_per_row" and len(shape) == 2:
+        return [("q", _I8, shape), ("scale", _F16, shape[:1])]
+    if scheme == "int8_per_tensor":
+        return [("q", _I8, shape), ("scale", _F32, ())]
+    if scheme in ("fp16", "fp32"):
+        return [("data", _F16 if scheme == "fp16" else _F32, shape)]
+    if scheme == "raw" and np.dtype(dtype).kind in "biu":
+        return [("data", np.dtype(dtype).newbyteorder("<"), shape)]
+    raise ValueError(f"tensor scheme {scheme!r} with dtype {dtype!r} and shape {list(shape)}")
+
+
+def _nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    return dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+
+
+def serialize(tensors: dict[str, Quantized]) -> bytes:
+    """The uncompressed payload; deterministic: sorted names, sorted JSON keys, no timestamps."""
+    entries, chunks, offset = {}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        start = offset
+        for part, dtype, shape in _layout(t.scheme, t.dtype, t.shape):
+            arr = np.ascontiguousarray(t.parts[part], dtype=dtype).reshape(shape)
+            chunks.append(arr.tobytes())
+            offset += arr.nbytes
+        entries[name] = {"scheme": t.scheme, "dtype": t.dtype, "shape": list(t.shape),
+                         "offset": start, "nbytes": offset - start}
+    header = json.dumps({"format": FORMAT_VERSION, "tensors": entries},
+                        sort_keys=True, separators=(",", ":")).encode()
+    return MAGIC + len(header).to_bytes(8, "little") + header + b"".join(chunks)
+
+
+def deserialize(payload: bytes, source: str = "artifact") -> dict[str, Quantized]:
+    def corrupt(why: str) -> ArtifactError:
+        return ArtifactError(f"{source}: corrupt or not a twingpt artifact ({why})")
+
+    if payload[:len(MAGIC)] != MAGIC:
+        raise corrupt("bad magic bytes")
+    n = int.from_bytes(payload[len(MAGIC):len(MAGIC) + 8], "little")
+    start = len(MAGIC) + 8
+    if len(payload) < start + n:
+        raise corrupt("truncated header")
+    try:
+        header = json.loads(payload[start:start + n])
+    except ValueError:
+        raise corrupt("header is not JSON") from None
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
+        raise corrupt("header has no tensor table")
+    if header.get("format") != FORMAT_VERSION:
+        raise ArtifactError(f"{source}: artifact format {header.get('format')!r}, "
+                            f"this twingpt reads format {FORMAT_VERSION}")
+    data = memoryview(payload)[start + n:]
+    out, used = {}, 0
+    for name, e in header["tensors"].items():
+        try:
+            shape = tuple(e["shape"])
+            if not all(isinstance(s, int) and s >= 0 for s in shape):
+                raise ValueError(f"shape {list(shape)}")
+            layout = _layout(e["scheme"], e["dtype"], shape)
+            offset, parts = e["offset"], {}
+            if not isinstance(offset, int) or offset < 0:
+                raise ValueError(f"offset {offset!r}")
+            for part, dtype, part_shape in layout:
+                size = _nbytes(dtype, part_shape)
+                if offset + size > len(data):
+                    raise ValueError("data runs past the end")
+                parts[part] = np.frombuffer(data[offset:offset + size], dtype=dtype).reshape(part_shape)
+                offset += size
+            if offset - e["offset"] != e["nbytes"]:
+                raise ValueError("size does not match its shape")
+        except (KeyError, TypeError, ValueError) as err:
+            raise corrupt(f"tensor {name}: {' '.join(str(err).split())}") from None
+        used += e["nbytes"]
+        out[name] = Quantized(e["scheme"], e["dtype"], shape, parts)
+    if used != len(data):
+        raise corrupt(f"{len(data) - used} bytes of data belong to no tensor")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The public API
+# ---------------------------------------------------------------------------------------------
+
+def pack(weights: dict[str, np.ndarray]) -> bytes:
+    """Weights (name -> numpy array) -> artifact bytes: quantized, serialized, zlib level 9."""
+    return zlib.compress(serialize(quantize(weights)), 9)
+
+
+def unpack(blob: bytes, source: str = "artifact") -> dict[str, np.ndarray]:
+    """Artifact bytes -> name -> dequantized array (float32 for every float tensor)."""
+    try:
+        payload = zlib.decompress(blob)
+    except (zlib.error, TypeError) as err:
+        raise ArtifactError(f"{source}: corrupt or not a twingpt artifact (zlib: {err})") from None
+    return dequantize(deserialize(payload, source))
+
+
+def write_artifact(path: str | Path, blob: bytes) -> int:
+    """Write packed bytes to `path` atomically (temp file + rename); returns the size in bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ArtifactError(f"artifact {path}: cannot write it ({err.strerror or err})") from None
+    return len(blob)
+
+
+def save_artifact(path: str | Path, weights: dict[str, np.ndarray]) -> int:
+    """Write the artifact of `weights` to `path`; returns its size in bytes."""
+    return write_artifact(path, pack(weights))
+
+
+def load_artifact(path: str | Path) -> dict[str, np.ndarray]:
+    try:
+        blob = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact {path}: no such file") from None
+    except OSError as err:
+        raise ArtifactError(f"artifact {path}: cannot read it ({err.strerror or err})") from None
+    return unpack(blob, source=f"artifact {path}")
+
+
+def size_report(n_bytes: int) -> str:
+    """'artifact: 12,345,678 bytes (77.2% of the 16,000,000-byte budget)'."""
+    line = f"artifact: {n_bytes:,} bytes ({100.0 * n_bytes / ARTIFACT_BUDGET_BYTES:.1f}% of the " \
+           f"{ARTIFACT_BUDGET_BYTES:,}-byte budget)"
+    if n_bytes > ARTIFACT_BUDGET_BYTES:
+        line += f", {n_bytes - ARTIFACT_BUDGET_BYTES:,} bytes over"
+    return line

@@ -1,0 +1,44 @@
+"""FLOPs per token, to report throughput as model FLOPs utilization.
+
+Counted: the matrix products, 2 FLOPs per multiply-add. Not counted: norms, RoPE, softmax,
+relu², softcap, the embedding lookup (a gather) -- each is O(d) per token, not O(d²) or O(T·d).
+
+Forward, per token, with N = matmul_params(spec) and T = seq_len:
+
+    2·N                      every weight matrix multiplies the token's activations once; the
+                             output head counts V·d whether tied (tok_emb.weight) or not
+  + 2·L·d·(T+1)              attention: at position t a query reads t+1 keys, for q·kᵀ (2·d·(t+1),
+                             over all heads: H·hd = d) and for the weighted sum of values (the same);
+                             4·d·(t+1) averaged over t = 0..T-1 is 2·d·(T+1). PaLM's accounting
+                             (4·L·d·T forward, 12·L·d·T trained) counts the whole T×T square;
+                             a causal mask leaves only the (T+1)/2 keys at or before each query.
+
+Training (forward + backward, the backward costing twice the forward): 3x the forward,
+
+    flops_per_token = 6·N + 6·L·d·(T+1)
+"""
+
+from __future__ import annotations
+
+from core.config import ModelSpec
+
+
+def matmul_params(spec: ModelSpec) -> int:
+    """Weights used in a matrix product per token: the blocks' matrices plus the output head."""
+    d, kv, F = spec.model_dim, spec.kv_dim, spec.hidden_dim
+    per_layer = d * d + 2 * kv * d + d * d + 2 * F * d   # c_q, c_k + c_v, attn.proj, mlp.fc + mlp.proj
+    return spec.num_layers * per_layer + spec.vocab_size * d
+
+
+def attention_flops_per_token(spec: ModelSpec, seq_len: int) -> int:
+    """Forward q·kᵀ and attention·v, averaged over the positions of a causal window of seq_len."""
+    return 2 * spec.num_layers * spec.model_dim * (seq_len + 1)
+
+
+def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> int:
+    return 2 * matmul_params(spec) + attention_flops_per_token(spec, seq_len)
+
+
+def flops_per_token(spec: ModelSpec, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward): 3 x the forward."""
+    return 3 * forward_flops_per_token(spec, seq_len)

@@ -1,0 +1,57 @@
+"""Learning-rate and Muon-momentum schedules (SPEC §6): pure functions of the step and the clock.
+
+The formulas are the reference trainers', operation for operation, so both backends and the
+reference scripts follow the same schedule to the last bit.
+"""
+
+from __future__ import annotations
+
+from core.params import group_lr, param_groups
+
+
+def lr_mul(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int,
+           max_wallclock_ms: float | None) -> float:
+    """Multiplier of every learning rate: 1, then linear to 0 over the last `warmdown_iters` steps.
+
+    The warmdown covers the steps [iterations - warmdown_iters, iterations). With a wall-clock cap
+    it also starts when the remaining time, at the mean step time so far, covers `warmdown_iters`
+    steps; whichever comes first wins. (The reference trainers ignore ITERATIONS under a cap, so a
+    short run inside the default 600 s cap never warmed down; taking the smaller multiplier fixes that
+    and changes nothing for the runs where the cap is what ends training.)
+    """
+    if warmdown_iters <= 0:
+        return 1.0
+    by_steps = 1.0
+    if max(iterations - warmdown_iters, 0) <= step:
+        by_steps = max((iterations - step) / warmdown_iters, 0.0)
+    if max_wallclock_ms is None or max_wallclock_ms <= 0:
+        return by_steps
+    step_ms = elapsed_ms / max(step, 1)
+    warmdown_ms = warmdown_iters * step_ms
+    remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
+    by_time = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+    return min(by_steps, by_time)
+
+
+def muon_momentum(step: int, *, start: float, end: float, warmup_steps: int) -> float:
+    """Muon's momentum, linear from `start` at step 0 to `end` at `warmup_steps`, then constant."""
+    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+    return (1 - frac) * start + frac * end
+
+
+def wallclock_cap_ms(cfg) -> float | None:
+    """MAX_WALLCLOCK_SECONDS in ms, or None when there is no cap (0)."""
+    return 1000.0 * cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else None
+
+
+def learning_rates(cfg, step: int, elapsed_ms: float) -> dict[str, float]:
+    """Optimizer group -> learning rate at this step, for a TrainConfig `cfg`."""
+    mul = lr_mul(step, elapsed_ms, iterations=cfg.iterations, warmdown_iters=cfg.warmdown_iters,
+                 max_wallclock_ms=wallclock_cap_ms(cfg))
+    return {group: group_lr(group, cfg) * mul for group in param_groups(cfg.model_spec())}
+
+
+def momentum(cfg, step: int) -> float:
+    """Muon momentum at this step, for a TrainConfig `cfg`."""
+    return muon_momentum(step, start=cfg.muon_momentum_warmup_start, end=cfg.muon_momentum,
+                         warmup_steps=cfg.muon_momentum_warmup_steps)

@@ -1,0 +1,41 @@
+"""FLOP accounting against hand-computed values and an independent count from the parameter table."""
+
+from core.config import ModelSpec
+from core.flops import attention_flops_per_token, flops_per_token, forward_flops_per_token, matmul_params
+from core.params import MATRIX, param_table
+
+TINY = ModelSpec(vocab_size=8, num_layers=2, model_dim=4, num_heads=2, num_kv_heads=1, mlp_mult=2)
+
+
+def test_tiny_spec_by_hand():
+    # d=4, hd=2, kv=2, F=8. Per layer: c_q 16 + c_k 8 + c_v 8 + proj 16 + fc 32 + proj 32 = 112.
+    # Two layers 224, plus the (tied) head 8*4 = 32.
+    assert matmul_params(TINY) == 256
+    # T=3: positions 0,1,2 read 1,2,3 keys; each key costs 2d (q.k) + 2d (weights.v) = 16 FLOPs.
+    # Per layer: 16 * (1+2+3) / 3 tokens = 32; two layers: 64.
+    assert attention_flops_per_token(TINY, 3) == 64
+    assert forward_flops_per_token(TINY, 3) == 2 * 256 + 64 == 576
+    assert flops_per_token(TINY, 3) == 3 * 576 == 1728
+
+
+def test_attention_matches_a_position_by_position_count():
+    spec = ModelSpec(vocab_size=16, num_layers=3, model_dim=12, num_heads=3, num_kv_heads=1)
+    for T in (1, 2, 7, 64):
+        total = sum(spec.num_layers * 4 * spec.model_dim * (t + 1) for t in range(T))  # whole window
+        assert attention_flops_per_token(spec, T) * T == total
+
+
+def test_matmul_params_agree_with_the_parameter_table():
+    for tied in (True, False):
+        spec = ModelSpec(tie_embeddings=tied)
+        table = param_table(spec)
+        blocks = sum(p.numel for p in table if p.group == MATRIX)
+        head = spec.vocab_size * spec.model_dim  # tok_emb.weight or lm_head.weight: used once as the head
+        assert matmul_params(spec) == blocks + head == 9 * 1_835_008 + 524_288
+
+
+def test_default_spec_at_1024_tokens():
+    spec = ModelSpec()
+    assert forward_flops_per_token(spec, 1024) == 2 * 17_039_360 + 2 * 9 * 512 * 1025
+    assert flops_per_token(spec, 1024) == 130_575_360
+    assert isinstance(flops_per_token(spec, 1024), int)
