@@ -57,16 +57,3 @@ def ensure_fast_blas(module: str, argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
-
-
-def blas_note() -> str:
-    """One log line saying which BLAS MLX's CPU backend uses here."""
-    if not sys.platform.startswith("linux"):
-        return "blas: platform default (Accelerate / Metal)"
-    lib = preloaded_blas()
-    if lib:
-        return f"blas: OpenBLAS preloaded ({lib})"
-    if os.environ.get("TWINGPT_NO_BLAS_PRELOAD") == "1":
-        return "blas: MLX's bundled reference BLAS (TWINGPT_NO_BLAS_PRELOAD=1)"
-    return ("blas: MLX's bundled reference BLAS, about 30x slower for matrix products; "
-            "install OpenBLAS for speed: sudo apt-get install libopenblas0-pthread")

@@ -1,0 +1,215 @@
+"""The GPT of SPEC §4 in MLX. It mirrors backend_torch/model.py section by section.
+
+Master weights are fp32. Matrix products run in `compute_dtype` (bf16 on Metal, fp32 on CPU by
+default): each Linear casts its input and weight at the product, so there is no mixed-precision
+region and the CPU tests execute exactly what a Metal run executes. RMSNorm statistics, RoPE, the
+softcap and the cross-entropy run in fp32, and the residual stream stays fp32.
+
+Shapes: B batch, T sequence, d model_dim, H heads, K kv heads, hd head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from core.config import ModelSpec
+from core.params import check_weights, param_table
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+def rms_norm(x: mx.array, eps: float) -> mx.array:
+    """x / sqrt(mean(x^2) + eps) over the last axis, computed in fp32 (returns fp32)."""
+    return mx.fast.rms_norm(x.astype(mx.float32), None, eps)
+
+
+class Linear(nn.Module):
+    """y = x W^T with W stored (out, in) in fp32 and the product run in the compute dtype."""
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: mx.Dtype):
+        super().__init__()
+        self.weight = mx.zeros((out_features, in_features))
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x.astype(self.compute_dtype) @ self.weight.astype(self.compute_dtype).T
+
+
+class Rotary(nn.Module):
+    """Half-split RoPE with positive rotation: a' = a cos - b sin, b' = a sin + b cos.
+
+    Not mx.fast.rope: it rotates the same way (positive, verified in tests/mlx) but computes the
+    angle t*inv_freq in fp32, which costs 6e-6 relative error at t ~ 1000 and 1e-5 at t ~ 2000,
+    the whole fp32 parity budget. Tables from float64 angles, as the torch side builds them.
+    """
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        # numpy, not mx.array: an mx.array attribute would become a parameter (torch: a buffer).
+        self.inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        self._cos = self._sin = np.zeros((0, head_dim // 2), np.float32)   # tables for positions 0..n-1
+
+    def cos_sin(self, T: int, offset: int = 0):
+        n = T + offset
+        if len(self._cos) < n:
+            # Angles in float64 so long sequences keep their precision; the tables are fp32.
+            theta = np.outer(np.arange(n, dtype=np.float64), self.inv_freq)     # (n, hd/2)
+            self._cos, self._sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+        return mx.array(self._cos[offset:offset + T]), mx.array(self._sin[offset:offset + T])
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        # x: (B, heads, T, hd) in fp32
+        cos, sin = self.cos_sin(x.shape[-2], offset)
+        half = x.shape[-1] // 2
+        a, b = x[..., :half], x[..., half:]
+        return mx.concatenate((a * cos - b * sin, a * sin + b * cos), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and MLP
+# ---------------------------------------------------------------------------------------------
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, compute_dtype: mx.Dtype):
+        super().__init__()
+        d, kv = spec.model_dim, spec.kv_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.eps = spec.norm_eps
+        self.compute_dtype = compute_dtype
+        self.c_q = Linear(d, d, compute_dtype)
+        self.c_k = Linear(d, kv, compute_dtype)
+        self.c_v = Linear(d, kv, compute_dtype)
+        self.proj = Linear(d, d, compute_dtype)
+        self.q_gain = mx.zeros((spec.num_heads,))
+        self.rotary = Rotary(spec.head_dim, spec.rope_base)
+
+    def __call__(self, x: mx.array, cache: dict | None = None) -> mx.array:
+        B, T, _ = x.shape
+        H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.c_q(x).reshape(B, T, H, hd).transpose(0, 2, 1, 3)          # (B, H, T, hd)
+        k = self.c_k(x).reshape(B, T, K, hd).transpose(0, 2, 1, 3)          # (B, K, T, hd)
+        v = self.c_v(x).reshape(B, T, K, hd).transpose(0, 2, 1, 3)          # (B, K, T, hd)
+        offset = 0 if cache is None else cache["offset"]
+        q = self.rotary(rms_norm(q, self.eps), offset)
+        k = self.rotary(rms_norm(k, self.eps), offset)
+        q = q * self.q_gain[None, :, None, None]
+        q, k, v = q.astype(self.compute_dtype), k.astype(self.compute_dtype), v.astype(self.compute_dtype)
+        if cache is not None:  # key/value cache for sampling: append, then attend to everything so far
+            if "k" in cache:
+                k, v = mx.concatenate((cache["k"], k), axis=2), mx.concatenate((cache["v"], v), axis=2)
+            cache["k"], cache["v"] = k, v
+        # Query head h reads KV head h // (H/K) (MLX takes K < H heads untiled). With a cache, T
+        # queries follow the cached keys; MLX's "causal" mask aligns to the bottom-right, which is
+        # exactly that, so one call serves both cases (torch needs an explicit mask).
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=hd ** -0.5, mask="causal")
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, H * hd)                   # (B, T, d)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, compute_dtype: mx.Dtype):
+        super().__init__()
+        self.fc = Linear(spec.model_dim, spec.hidden_dim, compute_dtype)
+        self.proj = Linear(spec.hidden_dim, spec.model_dim, compute_dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.proj(mx.square(nn.relu(self.fc(x))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Block
+# ---------------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, compute_dtype: mx.Dtype):
+        super().__init__()
+        d = spec.model_dim
+        self.eps = spec.norm_eps
+        self.attn = CausalSelfAttention(spec, compute_dtype)
+        self.mlp = MLP(spec, compute_dtype)
+        self.attn_scale = mx.zeros((d,))
+        self.mlp_scale = mx.zeros((d,))
+        self.resid_mix = mx.zeros((2, d))
+
+    def __call__(self, x: mx.array, x0: mx.array, cache: dict | None = None) -> mx.array:
+        mix = self.resid_mix
+        x = mix[0] * x + mix[1] * x0                                        # fp32 residual stream
+        x = x + self.attn_scale * self.attn(rms_norm(x, self.eps), cache).astype(mx.float32)
+        x = x + self.mlp_scale * self.mlp(rms_norm(x, self.eps)).astype(mx.float32)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT
+# ---------------------------------------------------------------------------------------------
+
+class GPT(nn.Module):
+    def __init__(self, spec: ModelSpec, compute_dtype: mx.Dtype = mx.float32):
+        super().__init__()
+        self.spec = spec
+        self.compute_dtype = compute_dtype
+        self.eps = spec.norm_eps
+        self.tok_emb = nn.Embedding(spec.vocab_size, spec.model_dim)
+        # Tied: the head is tok_emb.weight itself (one array); there is no lm_head at all.
+        self.lm_head = None if spec.tie_embeddings else Linear(spec.model_dim, spec.vocab_size, compute_dtype)
+        self.skip_weights = mx.zeros((spec.num_skip_weights, spec.model_dim))
+        self.blocks = [Block(spec, compute_dtype) for _ in range(spec.num_layers)]
+        self.num_encoder_layers = spec.num_encoder_layers
+        self.num_decoder_layers = spec.num_decoder_layers
+
+    # -- weights in and out, by the names of SPEC §2 --
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> "GPT":
+        """Deliberately replaces nn.Module.load_weights(file_or_list, strict): SPEC §11 gives both
+        backends the same signature, a dict of numpy arrays checked name by name and shape by shape."""
+        check_weights(self.spec, weights)
+        arrays = [(p.name, mx.array(np.asarray(weights[p.name], dtype=np.float32))) for p in param_table(self.spec)]
+        self.update(tree_unflatten(arrays))
+        mx.eval(self.parameters())
+        return self
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        params = dict(tree_flatten(self.parameters()))
+        return {p.name: np.array(params[p.name].astype(mx.float32)) for p in param_table(self.spec)}
+
+    # -- forward --
+
+    def logits(self, ids: mx.array, caches: list | None = None) -> mx.array:
+        """(B, T) integer ids -> (B, T, V) fp32 logits."""
+        x = rms_norm(self.tok_emb(ids), self.eps)                            # (B, T, d)
+        x0 = x
+        skips = []
+        for i in range(self.num_encoder_layers):
+            x = self.blocks[i](x, x0, None if caches is None else caches[i])
+            skips.append(x)
+        for j in range(self.num_decoder_layers):
+            if skips:
+                x = x + self.skip_weights[j] * skips.pop()
+            i = self.num_encoder_layers + j
+            x = self.blocks[i](x, x0, None if caches is None else caches[i])
+        h = rms_norm(x, self.eps)
+        if self.lm_head is None:
+            raw = h.astype(self.compute_dtype) @ self.tok_emb.weight.astype(self.compute_dtype).T
+        else:
+            raw = self.lm_head(h)                                            # (B, T, V)
+        c = self.spec.logit_softcap
+        return c * mx.tanh(raw.astype(mx.float32) / c)
+
+    def loss(self, ids: mx.array, targets: mx.array, reduction: str = "mean") -> mx.array:
+        logits = self.logits(ids)
+        # Token cross-entropy in fp32: log-sum-exp minus the target's logit.
+        picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        losses = mx.logsumexp(logits, axis=-1) - picked
+        if reduction == "mean":
+            return losses.mean()
+        if reduction == "sum":
+            return losses.sum()
+        raise ValueError(f"reduction={reduction!r}: must be 'mean' or 'sum'")
+
+    def __call__(self, ids: mx.array, targets: mx.array) -> mx.array:
+        return self.loss(ids, targets)

@@ -1,0 +1,175 @@
+"""The torch side of the training loop (core/backend.py): device, precision, compile, DDP, optimizers.
+
+Every device, dtype and compile choice of the torch backend is made in `resolve_runtime`, so the
+CPU tests run the very code a GPU run executes, with only these choices different.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from backend_torch.model import GPT
+from backend_torch.optim import adam_update, clip_grad_norm, muon_step
+from core.backend import optimizer_slots
+from core.config import ModelSpec, TrainConfig
+from core.errors import ConfigError
+from core.params import MATRIX, param_table
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    compute_dtype: str
+    compile: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
+    """Device, compute dtype, compile and distributed rank from the config and torchrun's variables."""
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    rank = int(environ.get("RANK", "0"))
+    local_rank = int(environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda: CUDA is not available on this machine (use DEVICE=cpu or make train-cpu)")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if use_cuda else "float32")
+    # torch.compile pays on CUDA; on this CPU its compile time outweighed the gain for short runs.
+    compile_model = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
+    return Runtime(device, compute_dtype, compile_model, rank, local_rank, world_size)
+
+
+class TorchSession:
+    name = "torch"
+
+    def __init__(self, cfg: TrainConfig, environ=os.environ):
+        rt = resolve_runtime(cfg, environ)
+        self.runtime = rt
+        self.rank, self.world_size = rt.rank, rt.world_size
+        self.compute_dtype = rt.compute_dtype
+        self.compiled = rt.compile
+        self.torch_device = rt.device
+        if rt.device.type == "cuda":
+            torch.cuda.set_device(rt.device)
+            self.device = f"cuda:{rt.local_rank} ({torch.cuda.get_device_name(rt.device)})"
+            torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: parity holds on GPUs too
+            torch.backends.cudnn.allow_tf32 = False
+        else:
+            self.device = "cpu"
+        if rt.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if rt.device.type == "cuda" else "gloo",
+                                    rank=rt.rank, world_size=rt.world_size)
+        self.notes = [f"torch {torch.__version__} device:{self.device} compute_dtype:{self.compute_dtype} "
+                      f"compile:{int(rt.compile)} world_size:{rt.world_size}"]
+
+    # -- building --
+
+    def setup(self, spec: ModelSpec, cfg: TrainConfig) -> None:
+        self.spec, self.cfg = spec, cfg
+        self.model = GPT(spec, DTYPES[self.compute_dtype]).to(self.torch_device)
+        params = dict(self.model.named_parameters())
+        self.table = param_table(spec)
+        self.params = {p.name: params[p.name] for p in self.table}
+        # Compile first, then wrap in DDP, as the reference trainer does. Evaluation uses the plain model.
+        self.train_model = torch.compile(self.model) if self.runtime.compile else self.model
+        if self.world_size > 1:
+            ids = [self.runtime.local_rank] if self.torch_device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+        self.load_optimizer_state({})
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self.model.load_weights(weights)
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        return self.model.export_weights()
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        self.state = {}
+        for p in self.table:
+            for slot in optimizer_slots(p.group):
+                key = f"{p.name}.{slot}"
+                value = state.get(key)
+                self.state[key] = (torch.zeros(p.shape, dtype=torch.float32, device=self.torch_device)
+                                   if value is None else torch.tensor(value, dtype=torch.float32, device=self.torch_device))
+
+    def export_optimizer_state(self) -> dict[str, np.ndarray]:
+        return {key: t.detach().cpu().numpy().copy() for key, t in self.state.items()}
+
+    # -- training --
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.torch_device, non_blocking=True)
+
+    def train_step(self, micro_batches: Sequence, lrs: dict[str, float], muon_momentum: float, step: int) -> float:
+        n = len(micro_batches)
+        total = torch.zeros((), device=self.torch_device)
+        for i, (x, y) in enumerate(micro_batches):
+            # DDP averages gradients across ranks on the last micro-step only.
+            sync = self.world_size == 1 or i == n - 1
+            with nullcontext() if sync else self.train_model.no_sync():
+                loss = self.train_model(self._to_device(x), self._to_device(y))
+                (loss / n).backward()
+            total += loss.detach()
+        mean_loss = total / n
+        if self.world_size > 1:
+            dist.all_reduce(mean_loss, op=dist.ReduceOp.SUM)
+            mean_loss /= self.world_size
+        if self.cfg.grad_clip_norm > 0:
+            clip_grad_norm(list(self.params.values()), self.cfg.grad_clip_norm)
+        self._optimizer_step(lrs, muon_momentum, t=step + 1)
+        return mean_loss.item()
+
+    def _optimizer_step(self, lrs: dict[str, float], muon_momentum: float, t: int) -> None:
+        cfg = self.cfg
+        matrices = [p.name for p in self.table if p.group == MATRIX]
+        muon_step([self.params[n] for n in matrices], [self.state[f"{n}.momentum_buffer"] for n in matrices],
+                  lr=lrs[MATRIX], momentum=muon_momentum, steps=cfg.muon_backend_steps,
+                  dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size)
+        for p in self.table:
+            if p.group == MATRIX:
+                continue
+            param = self.params[p.name]
+            adam_update(param, param.grad, self.state[f"{p.name}.exp_avg"], self.state[f"{p.name}.exp_avg_sq"],
+                        lr=lrs[p.group], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps, t=t)
+        for param in self.params.values():
+            param.grad = None
+
+    @torch.no_grad()
+    def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
+        losses = self.model.loss(self._to_device(x), self._to_device(y), reduction="none")
+        return float(losses.double().sum().item())
+
+    # -- distributed and housekeeping --
+
+    def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.torch_device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def synchronize(self) -> None:
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def peak_memory_bytes(self) -> int | None:
+        if self.torch_device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.torch_device))
+        return None
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing; a peer leaving early aborts gloo
+            dist.destroy_process_group()

@@ -1,0 +1,154 @@
+"""Token streams and batches (SPEC §7), as the reference trainers read them.
+
+Training reads the train shards in sorted order, sequentially, wrapping around to the first shard
+after the last. For a global batch of T tokens, world size W and A accumulation steps, each
+micro-step takes W·(T/(W·A) + 1) consecutive tokens from the stream; rank r keeps the r-th span of
+T/(W·A) + 1 tokens and trains on x = span[:-1], y = span[1:]. Every rank reads the same stream, so
+every rank's position is the same and one small `state()` dict resumes all of them exactly.
+
+Validation concatenates the val shards, cuts them to a multiple of seq_len plus one, and scores
+non-overlapping windows; rank r takes the r-th contiguous share of the sequences.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from core.errors import ConfigError, DatasetError
+from data.shards import read_header, read_shard
+
+
+class TokenStream:
+    """The train shards, one after the other, forever."""
+
+    def __init__(self, files: Sequence[str | os.PathLike]):
+        self.files = [Path(f) for f in files]
+        if not self.files:
+            raise DatasetError("token stream: no shard files given")
+        self.counts = [read_header(f) for f in self.files]  # validates every shard up front
+        if sum(self.counts) == 0:
+            raise DatasetError(f"token stream: the {len(self.files)} shard(s) starting at {self.files[0]} hold no tokens")
+        self._load(0)
+        self.offset = 0
+
+    def _load(self, file_index: int) -> None:
+        self.file_index = file_index
+        self.tokens = read_shard(self.files[file_index])
+
+    def take(self, n: int) -> np.ndarray:
+        """The next n tokens (uint16), crossing shard boundaries and wrapping around."""
+        chunks = []
+        remaining = n
+        while remaining > 0:
+            available = len(self.tokens) - self.offset
+            if available <= 0:  # end of this shard: move to the next one, wrapping around
+                self._load((self.file_index + 1) % len(self.files))
+                self.offset = 0
+                continue
+            k = min(remaining, available)
+            chunks.append(self.tokens[self.offset:self.offset + k])
+            self.offset += k
+            remaining -= k
+        if not chunks:
+            return np.zeros(0, dtype=np.uint16)
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+    def state(self) -> dict:
+        """The read position, as a small JSON-able dict (stored in checkpoints)."""
+        return {"file_index": self.file_index, "offset": self.offset, "file": self.files[self.file_index].name}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a position returned by `state()` (of a stream over the same shards)."""
+        try:
+            file_index, offset, name = int(state["file_index"]), int(state["offset"]), str(state["file"])
+        except (KeyError, TypeError, ValueError):
+            raise DatasetError(f"data position {state!r}: expected keys file_index, offset and file") from None
+        if not 0 <= file_index < len(self.files):
+            raise DatasetError(
+                f"data position: shard index {file_index} is out of range, the dataset has {len(self.files)} train shards"
+            )
+        if self.files[file_index].name != name:
+            raise DatasetError(
+                f"data position: shard {file_index} was {name}, but it is {self.files[file_index].name} in this dataset"
+            )
+        if not 0 <= offset <= self.counts[file_index]:
+            raise DatasetError(
+                f"data position: offset {offset} is outside shard {name} of {self.counts[file_index]} tokens"
+            )
+        if file_index != self.file_index:
+            self._load(file_index)
+        self.offset = offset
+
+
+class DistributedTokenLoader:
+    """Per-rank training batches from the shared TokenStream (the reference trainers' loader)."""
+
+    def __init__(self, files: Sequence[str | os.PathLike], rank: int = 0, world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} of world size {world_size}: need 0 <= rank < world size")
+        self.rank = rank
+        self.world_size = world_size
+        self.stream = TokenStream(files)
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """One micro-step's (x, y) for this rank: int64 arrays of shape (-1, seq_len)."""
+        shares = self.world_size * grad_accum_steps
+        local_tokens = global_tokens // shares if shares > 0 else 0
+        if seq_len <= 0 or local_tokens <= 0 or global_tokens % shares or local_tokens % seq_len:
+            raise ConfigError(
+                f"TRAIN_BATCH_TOKENS={global_tokens}: must split into WORLD_SIZE={self.world_size} x "
+                f"GRAD_ACCUM_STEPS={grad_accum_steps} micro-batches of whole TRAIN_SEQ_LEN={seq_len} sequences"
+            )
+        span = local_tokens + 1  # one extra token: the last target
+        chunk = self.stream.take(span * self.world_size)
+        local = chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64)
+        return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
+
+    def state(self) -> dict:
+        return self.stream.state()
+
+    def restore(self, state: dict) -> None:
+        self.stream.restore(state)
+
+
+def load_validation_tokens(files: Sequence[str | os.PathLike], seq_len: int) -> np.ndarray:
+    """All val shards concatenated, cut to a multiple of seq_len plus one (uint16)."""
+    if not files:
+        raise DatasetError("validation: no val shard files given")
+    tokens = np.concatenate([read_shard(f) for f in files])
+    usable = ((tokens.size - 1) // seq_len) * seq_len if tokens.size else 0
+    if usable <= 0:
+        raise DatasetError(
+            f"validation shards ({Path(files[0]).parent}) hold {tokens.size} tokens, "
+            f"fewer than TRAIN_SEQ_LEN+1 = {seq_len + 1}"
+        )
+    return tokens[:usable + 1]
+
+
+def validation_batch_seqs(val_batch_size: int, seq_len: int, world_size: int = 1, grad_accum_steps: int = 1) -> int:
+    """Sequences per validation batch on each rank, as the reference trainer computes it."""
+    seqs = val_batch_size // (world_size * grad_accum_steps) // seq_len
+    if seqs < 1:
+        raise ConfigError(
+            f"VAL_BATCH_SIZE={val_batch_size}: must give each of WORLD_SIZE={world_size} x "
+            f"GRAD_ACCUM_STEPS={grad_accum_steps} shares at least one TRAIN_SEQ_LEN={seq_len} sequence"
+        )
+    return seqs
+
+
+def validation_batches(tokens: np.ndarray, seq_len: int, batch_seqs: int, rank: int = 0,
+                       world_size: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(x, y) int64 batches of at most batch_seqs non-overlapping windows of this rank's share."""
+    if batch_seqs < 1:
+        raise ConfigError(f"validation batch of {batch_seqs} sequences: must be at least 1")
+    total_seqs = (len(tokens) - 1) // seq_len
+    first = total_seqs * rank // world_size
+    end = total_seqs * (rank + 1) // world_size
+    for start in range(first, end, batch_seqs):
+        stop = min(start + batch_seqs, end)
+        local = tokens[start * seq_len:stop * seq_len + 1].astype(np.int64)
+        yield local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)

@@ -1,0 +1,84 @@
+"""Both trainers end to end on a small real dataset: learning, resuming, bad input.
+
+The same tests run against the torch and the MLX backend: the training loop is one, and so is
+what a user may expect of it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.checkpoint import load_checkpoint
+from core.errors import CheckpointError, ConfigError, DatasetError
+from trainer_helpers import REPO, tiny_env, train
+
+BACKENDS = ["torch", "mlx"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_short_run_lowers_the_loss_and_writes_its_run_folder(backend, tiny_dataset, tmp_path):
+    result = train(backend, tiny_env(tiny_dataset, tmp_path, ITERATIONS=40, WARMDOWN_ITERS=10, RUN_ID="learn",
+                            MATRIX_LR=0.05, TIED_EMBED_LR=0.1, SCALAR_LR=0.05, TRAIN_LOG_EVERY=10))
+    assert sum(result.train_losses[-5:]) / 5 < result.train_losses[0] - 1.0
+    run = tmp_path / "runs" / "learn"
+    for name in ("log.txt", "config.json", "metrics.jsonl", "summary.json", "model.int8.zlib",
+                 "checkpoints/step_000040.safetensors"):
+        assert (run / name).is_file(), name
+    log = (run / "log.txt").read_text()
+    assert "step:40/40 train_loss:" in log and "step:40/40 val_loss:" in log
+    assert "final_int8_zlib_roundtrip val_loss:" in log and "final_int8_zlib_roundtrip_exact" in log
+    assert result.val_bpb < 8.0 and abs(result.roundtrip_val_bpb - result.val_bpb) < 0.2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["artifact_bytes"] == (run / "model.int8.zlib").stat().st_size
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "val"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_reproduces_the_uninterrupted_losses_exactly(backend, tiny_dataset, tmp_path):
+    full = train(backend, tiny_env(tiny_dataset, tmp_path, RUN_ID="full", CHECKPOINT_EVERY=4))
+    ckpt = tmp_path / "runs" / "full" / "checkpoints" / "step_000004.safetensors"
+    assert load_checkpoint(ckpt).step == 4
+    resumed = train(backend, tiny_env(tiny_dataset, tmp_path, RUN_ID="resumed", RESUME_FROM=ckpt))
+    assert resumed.train_losses == full.train_losses[4:]
+    assert resumed.val_loss == full.val_loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_is_refused_before_anything_is_written(backend, tiny_dataset, tmp_path):
+    with pytest.raises(DatasetError, match="vocabulary size 512, but VOCAB_SIZE=1024"):
+        train(backend, tiny_env(tiny_dataset, tmp_path, VOCAB_SIZE=1024))
+    with pytest.raises(ConfigError, match="TRAIN_BATCH_TOKENS=512: must split into WORLD_SIZE=1 x GRAD_ACCUM_STEPS=3"):
+        train(backend, tiny_env(tiny_dataset, tmp_path, GRAD_ACCUM_STEPS=3))
+    with pytest.raises(CheckpointError, match="no such file"):
+        train(backend, tiny_env(tiny_dataset, tmp_path, RESUME_FROM=tmp_path / "missing.safetensors"))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(backend, tiny_env(tiny_dataset, tmp_path, RESUME_FROM=corrupt))
+    assert not (tmp_path / "runs").exists()  # nothing was written by any of these
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_spec_checkpoint_and_existing_run_folder_are_refused(backend, tiny_dataset, tmp_path):
+    train(backend, tiny_env(tiny_dataset, tmp_path, RUN_ID="a", ITERATIONS=1))
+    ckpt = tmp_path / "runs" / "a" / "checkpoints" / "step_000001.safetensors"
+    before = ckpt.read_bytes()
+    with pytest.raises(CheckpointError, match="num_layers=2, this run has num_layers=3"):
+        train(backend, tiny_env(tiny_dataset, tmp_path, RUN_ID="b", NUM_LAYERS=3, RESUME_FROM=ckpt))
+    with pytest.raises(ConfigError, match="run folder .* already exists"):
+        train(backend, tiny_env(tiny_dataset, tmp_path, RUN_ID="a", ITERATIONS=1))
+    assert ckpt.read_bytes() == before and not (tmp_path / "runs" / "b").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cli_reports_bad_input_in_one_line_with_exit_status_2(backend, tiny_dataset, tmp_path):
+    env = os.environ | tiny_env(tiny_dataset, tmp_path, NUM_HEADS=3)
+    proc = subprocess.run([sys.executable, "-m", f"backend_{backend}.train"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: NUM_HEADS=3: must divide model_dim=32"

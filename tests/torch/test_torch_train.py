@@ -1,0 +1,37 @@
+"""What only the torch trainer does: several processes under torchrun, and CUDA."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.errors import ConfigError
+from trainer_helpers import REPO, tiny_env, train
+
+
+def test_two_ranks_with_gloo_match_one_rank_with_two_accumulation_steps(tiny_dataset, tmp_path):
+    base = tiny_env(tiny_dataset, tmp_path, ITERATIONS=4)
+    one = subprocess.run([sys.executable, "-m", "backend_torch.train"], cwd=REPO, capture_output=True, text=True,
+                         env=os.environ | base | {"RUN_ID": "one", "GRAD_ACCUM_STEPS": "2"})
+    assert one.returncode == 0, one.stderr
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "backend_torch.train"],
+                         cwd=REPO, capture_output=True, text=True, env=os.environ | base | {"RUN_ID": "two"})
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(run_id):
+        lines = (tmp_path / "runs" / run_id / "metrics.jsonl").read_text().splitlines()
+        return [r["train_loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+    assert len(losses("two")) == 4
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-5)
+    assert "world_size:2" in (tmp_path / "runs" / "two" / "log.txt").read_text()
+
+
+def test_cuda_on_a_machine_without_cuda_is_a_one_line_error(tiny_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="DEVICE=cuda: CUDA is not available on this machine"):
+        train("torch", tiny_env(tiny_dataset, tmp_path, DEVICE="cuda"))
+    assert not (tmp_path / "runs").exists()
