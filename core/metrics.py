@@ -123,3 +123,18 @@ class EvalAccumulator:
         if self.bytes <= 0:
             raise ValueError("val_bpb: no validation bytes were scored")
         return (self.loss_sum / math.log(2)) / self.bytes
+
+
+def unigram_baseline(train_counts: np.ndarray, val_tokens: np.ndarray, tables: ByteTables) -> tuple[float, float]:
+    """(val_loss, val_bpb) of the unigram model of the training data, scored like the GPT.
+
+    The baseline a language model must beat: each target token predicted with its frequency in the
+    training tokens (add-one smoothed so no target has probability 0), ignoring all context.
+    `val_tokens` is the validation stream (x = tokens[:-1], y = tokens[1:]).
+    """
+    counts = np.asarray(train_counts, dtype=np.float64) + 1.0
+    log_p = np.log(counts / counts.sum())
+    x, y = val_tokens[:-1].astype(np.int64), val_tokens[1:].astype(np.int64)
+    acc = EvalAccumulator()
+    acc.add(float(-log_p[y].sum()), y.size, int(token_bytes(tables, x, y).sum()))
+    return acc.val_loss, acc.val_bpb

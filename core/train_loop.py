@@ -37,10 +37,14 @@ from core.config import TrainConfig
 from core.errors import ConfigError
 from core.flops import flops_per_token
 from core.init import init_weights
-from core.metrics import EvalAccumulator, build_byte_tables, token_bytes
+from core.metrics import EvalAccumulator, build_byte_tables, token_bytes, unigram_baseline
 from core.params import count_params
+from core.plot import plot_losses
+from core.progress import Progress, format_seconds
+from core.summary import format_summary
 from core.schedule import learning_rates, momentum, wallclock_cap_ms
 from data.datasets import resolve_dataset
+from data.shards import read_shard
 from data.stream import DistributedTokenLoader, load_validation_tokens, validation_batches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,12 +60,16 @@ class RunLog:
         self.run_dir = run_dir
         self.text = open(run_dir / "log.txt", "a") if enabled else None
         self.metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.progress: Progress | None = None  # while training, console lines scroll above its bar
 
     def __call__(self, line: str = "", console: bool = True) -> None:
         if not self.enabled:
             return
         if console:
-            print(line, flush=True)
+            if self.progress is not None:
+                self.progress.print(line)
+            else:
+                print(line, flush=True)
         self.text.write(line + "\n")
         self.text.flush()
 
@@ -122,6 +130,19 @@ def evaluate(backend: TrainerBackend, val_tokens: np.ndarray, tables, cfg: Train
     return acc.val_loss, acc.val_bpb
 
 
+def train_token_counts(files, vocab_size: int, max_tokens: int = 200_000_000) -> np.ndarray:
+    """How often each token id occurs in the training shards (the first `max_tokens` of them)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    seen = 0
+    for path in files:
+        tokens = read_shard(path)
+        counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
+        seen += tokens.size
+        if seen >= max_tokens:
+            break
+    return counts
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +190,9 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
         log(note)
     log(f"dataset:{dataset.name} ({dataset.source}) train_shards:{len(dataset.train_files)} "
         f"val_tokens:{val_tokens.size - 1} tokenizer:{dataset.tokenizer_path}")
+    uni_loss, uni_bpb = unigram_baseline(train_token_counts(dataset.train_files, spec.vocab_size), val_tokens, tables)
+    log(f"unigram_baseline val_loss:{uni_loss:.4f} val_bpb:{uni_bpb:.4f} (each token by its training frequency; "
+        "the model must beat this)")
     log(f"model_params:{counts.unique} (non-embedding {counts.non_embedding}, tying saves {counts.saved_by_tying}) "
         f"layers:{spec.num_layers} dim:{spec.model_dim} heads:{spec.num_heads} kv_heads:{spec.num_kv_heads}")
     log(f"train_batch_tokens:{cfg.train_batch_tokens} seq_len:{cfg.train_seq_len} world_size:{world} "
@@ -223,6 +247,17 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
         log(f"checkpoint:{path}")
         return path
 
+    def eta_s(train_ms: float) -> float:
+        step_ms = (train_ms - resumed_ms) / max(step - start_step, 1)
+        remaining = (cfg.iterations - step) * step_ms
+        if max_ms is not None:
+            remaining = min(remaining, max(max_ms - train_ms, 0.0))
+        return remaining / 1000.0
+
+    resumed_ms = elapsed_ms
+    progress = Progress(cfg.iterations, step, enabled=master)
+    log.progress = progress
+    plot_path = run_dir / "loss.png"
     backend.synchronize()
     t0 = time.perf_counter()
     while True:
@@ -231,11 +266,12 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
             backend.synchronize()
             elapsed_ms += 1000.0 * (time.perf_counter() - t0)
             val_loss, val_bpb = evaluate(backend, val_tokens, tables, cfg)
-            done = max(step - start_step, 1)
             log(f"step:{step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / max(step, 1):.2f}ms")
             log.metric(kind="val", step=step, tokens=step * tokens_per_step, val_loss=val_loss, val_bpb=val_bpb,
                        train_time_ms=elapsed_ms)
+            if master:
+                plot_losses(run_dir / "metrics.jsonl", plot_path, title=f"{run_id} ({backend.name}, {dataset.name})")
             backend.synchronize()
             t0 = time.perf_counter()
         if last_step:
@@ -248,11 +284,12 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
         train_losses.append(loss)
         step += 1
         train_ms = elapsed_ms + 1000.0 * (time.perf_counter() - t0)
+        tok_s = tokens_per_step * (step - start_step) / max((train_ms - resumed_ms) / 1000.0, 1e-9)
+        progress.update(step, loss, tok_s)
         if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
             step_avg = train_ms / step
-            tok_s = tokens_per_step / (step_avg / 1000.0)
             log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
-                f"step_avg:{step_avg:.2f}ms tok/s:{tok_s:.0f}")
+                f"step_avg:{step_avg:.2f}ms tok/s:{tok_s:.0f} eta:{format_seconds(eta_s(train_ms))}")
             log.metric(kind="train", step=step, tokens=step * tokens_per_step, train_loss=loss,
                        train_time_ms=train_ms, tokens_per_s=tok_s)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
@@ -267,6 +304,8 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
                 stop_after = step
                 log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{cfg.iterations}")
 
+    progress.close()
+    log.progress = None
     last_checkpoint = write_checkpoint(step) or last_checkpoint
 
     # The artifact, and the model evaluated again after its int8 roundtrip.
@@ -285,26 +324,28 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
     log(f"final_int8_zlib_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
 
     trained_steps = max(step - start_step, 1)
-    tok_s = tokens_per_step * (step - start_step) / max(elapsed_ms / 1000.0, 1e-9) if step > start_step else 0.0
+    run_ms = elapsed_ms - resumed_ms  # this run's training time, without a resumed run's earlier time
+    tok_s = tokens_per_step * (step - start_step) / max(run_ms / 1000.0, 1e-9) if step > start_step else 0.0
     peak = backend.peak_memory_bytes()
     if peak is None:  # the process's peak resident memory (Linux reports KiB)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     summary = {
         "run_id": run_id, "backend": backend.name, "device": backend.device, "compute_dtype": backend.compute_dtype,
-        "dataset": dataset.name, "steps": step, "tokens_seen": step * tokens_per_step,
+        "dataset": dataset.name, "run_dir": str(run_dir), "steps": step, "tokens_seen": step * tokens_per_step,
         "val_loss": val_loss, "val_bpb": val_bpb, "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb,
         "artifact_bytes": len(blob), "artifact_budget_bytes": artifact.ARTIFACT_BUDGET_BYTES,
         "params_total": counts.total, "params_unique": counts.unique, "params_non_embedding": counts.non_embedding,
         "params_saved_by_tying": counts.saved_by_tying,
-        "train_time_s": elapsed_ms / 1000.0, "step_avg_ms": elapsed_ms / trained_steps, "tokens_per_s": tok_s,
+        "unigram_val_loss": uni_loss, "unigram_val_bpb": uni_bpb,
+        "train_time_s": elapsed_ms / 1000.0, "step_avg_ms": run_ms / trained_steps, "tokens_per_s": tok_s,
         "flops_per_token": flops_token, "achieved_tflops": tok_s * flops_token / 1e12,
         "peak_memory_bytes": int(peak), "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(last_checkpoint) if last_checkpoint else None, "artifact": str(artifact_path),
     }
     if master:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log(f"summary val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} roundtrip_val_bpb:{rt_bpb:.4f} "
-            f"tokens/s:{tok_s:.0f} peak_memory:{peak / 2**20:.0f}MiB run_dir:{run_dir}")
+        for line in format_summary(summary):
+            log(line)
     log.close()
     return TrainResult(run_dir if master else None, step, train_losses, val_loss, val_bpb, rt_loss, rt_bpb,
                        len(blob), last_checkpoint, summary)

@@ -25,7 +25,7 @@ def test_short_run_lowers_the_loss_and_writes_its_run_folder(backend, tiny_datas
                             MATRIX_LR=0.05, TIED_EMBED_LR=0.1, SCALAR_LR=0.05, TRAIN_LOG_EVERY=10))
     assert sum(result.train_losses[-5:]) / 5 < result.train_losses[0] - 1.0
     run = tmp_path / "runs" / "learn"
-    for name in ("log.txt", "config.json", "metrics.jsonl", "summary.json", "model.int8.zlib",
+    for name in ("log.txt", "config.json", "metrics.jsonl", "summary.json", "model.int8.zlib", "loss.png",
                  "checkpoints/step_000040.safetensors"):
         assert (run / name).is_file(), name
     log = (run / "log.txt").read_text()

@@ -1,0 +1,28 @@
+"""The end-of-run summary a user reads: the figures of summary.json, as a few lines of text."""
+
+from __future__ import annotations
+
+from core.progress import format_seconds
+
+
+def format_summary(s: dict) -> list[str]:
+    beat = s["unigram_val_bpb"] - s["val_bpb"]
+    lines = [
+        f"==== summary of run {s['run_id']} ====",
+        f"val_loss {s['val_loss']:.4f}  val_bpb {s['val_bpb']:.4f}  after {s['steps']} steps, "
+        f"{s['tokens_seen']:,} tokens of {s['dataset']}",
+        f"unigram baseline val_bpb {s['unigram_val_bpb']:.4f}: the model is "
+        + (f"{beat:.4f} bits per byte better" if beat > 0 else f"{-beat:.4f} bits per byte WORSE (train longer)"),
+        f"int8+zlib roundtrip val_bpb {s['roundtrip_val_bpb']:.4f}; artifact {s['artifact_bytes']:,} bytes "
+        f"({100.0 * s['artifact_bytes'] / s['artifact_budget_bytes']:.1f}% of the "
+        f"{s['artifact_budget_bytes']:,}-byte budget)",
+        f"parameters {s['params_unique']:,} unique ({s['params_non_embedding']:,} non-embedding); "
+        f"{s['params_total']:,} as used, tying the head to the embedding saves {s['params_saved_by_tying']:,}",
+        f"speed {s['tokens_per_s']:,.0f} tokens/s, {s['step_avg_ms']:.0f} ms/step, "
+        f"{s['achieved_tflops'] * 1000:.1f} GFLOP/s of model FLOPs"
+        + (f", MFU {100 * s['mfu']:.1f}% of the measured fp32 matmul ceiling" if s.get("mfu") else ""),
+        f"peak memory {s['peak_memory_bytes'] / 2**20:,.0f} MiB; wall time {format_seconds(s['wall_time_s'])}; "
+        f"backend {s['backend']} on {s['device']} ({s['compute_dtype']})",
+        f"files in {s['run_dir']}: log.txt, metrics.jsonl, loss.png, checkpoints/, model.int8.zlib, summary.json",
+    ]
+    return lines

@@ -1,0 +1,52 @@
+"""What a user sees: the plain-line fallback, the summary text, the unigram baseline and the loss plot."""
+
+import io
+import json
+import math
+
+import numpy as np
+
+from core.metrics import ByteTables, unigram_baseline
+from core.plot import plot_losses
+from core.progress import Progress, format_seconds
+from core.summary import format_summary
+
+
+def test_no_bar_when_output_is_not_a_terminal():
+    out = io.StringIO()
+    p = Progress(100, 0, enabled=True, stream=out)
+    p.update(1, 5.0, 1000.0)
+    p.print("step:1/100 train_loss:5.0000")
+    p.close()
+    assert out.getvalue() == "step:1/100 train_loss:5.0000\n"
+
+
+def test_format_seconds():
+    assert format_seconds(59.6) == "1:00" and format_seconds(3725) == "1:02:05"
+
+
+def test_unigram_baseline_is_the_entropy_of_the_frequencies():
+    # Two token ids, each one byte, equally frequent in training: 1 bit per byte.
+    tables = ByteTables(np.array([1, 1], np.int16), np.array([False, False]), np.array([False, False]))
+    loss, bpb = unigram_baseline(np.array([999, 999]), np.array([0, 1, 0, 1, 1]), tables)
+    assert math.isclose(loss, math.log(2)) and math.isclose(bpb, 1.0)
+
+
+def test_summary_says_whether_the_model_beats_the_baseline():
+    s = dict(run_id="r", val_loss=2.0, val_bpb=1.5, steps=10, tokens_seen=1000, dataset="d", unigram_val_bpb=2.5,
+             roundtrip_val_bpb=1.51, artifact_bytes=8_000_000, artifact_budget_bytes=16_000_000,
+             params_unique=10, params_non_embedding=5, params_total=15, params_saved_by_tying=5,
+             tokens_per_s=1234.0, step_avg_ms=10.0, achieved_tflops=0.001, peak_memory_bytes=2**30,
+             wall_time_s=65, backend="torch", device="cpu", compute_dtype="float32", run_dir="runs/r")
+    text = "\n".join(format_summary(s))
+    assert "1.0000 bits per byte better" in text and "50.0% of the 16,000,000-byte budget" in text
+    assert "WORSE" in "\n".join(format_summary(dict(s, val_bpb=3.0)))
+
+
+def test_loss_plot_is_a_png(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    records = [{"kind": "train", "step": i, "tokens": 100 * i, "train_loss": 5.0 / i} for i in range(1, 20)]
+    records.append({"kind": "val", "step": 19, "tokens": 1900, "val_loss": 0.5, "val_bpb": 0.7})
+    metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = plot_losses(metrics, tmp_path / "loss.png", title="test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
