@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from core.errors import DatasetError, exit_on_user_error
-from data.shards import ShardError, read_header, write_bytes_atomic, write_shard
+from data.shards import ShardError, file_sha256, read_header, write_bytes_atomic, write_shard
 from data.tokenizer import encode_documents, load_tokenizer, train_tokenizer
 
 MANIFEST_FORMAT = "twingpt-dataset-1"
@@ -89,14 +89,6 @@ def collect_corpus(source: Path) -> Corpus:
     if not train or not val:
         raise DatasetError(f"corpus folder {source}: need at least 2 UTF-8 .py files, found {len(train) + len(val)}")
     return Corpus(train, val, skipped, sha.hexdigest())
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dataset_name(vocab_size: int) -> str:

@@ -12,15 +12,13 @@ stdlib_sp<V>. Every problem is found here, before training starts, as a one-line
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import DatasetError
 from core.metrics import load_sentencepiece
-from data.shards import list_shards
+from data.shards import file_sha256, list_shards, read_json_object
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FINEWEB_DEFAULT = Path("data/datasets/fineweb10B_sp1024")
@@ -49,13 +47,7 @@ def _read_manifest(folder: Path) -> dict | None:
     path = folder / "manifest.json"
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"dataset manifest {path}: cannot read it as JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise DatasetError(f"dataset manifest {path}: expected a JSON object")
-    return manifest
+    return read_json_object(path, "dataset manifest")
 
 
 def _conventional_tokenizer(folder: Path) -> Path | None:
@@ -64,14 +56,6 @@ def _conventional_tokenizer(folder: Path) -> Path | None:
         if m:
             return folder.parent.parent / "tokenizers" / name.format(m.group(1))
     return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_dataset(data_path: str = "", tokenizer_path: str = "", vocab_size: int = 1024) -> Dataset:
@@ -120,7 +104,7 @@ def resolve_dataset(data_path: str = "", tokenizer_path: str = "", vocab_size: i
         label = f"tokenizer {tokenizer}"
     if not tokenizer.is_file():
         raise DatasetError(f"{label}: file does not exist")
-    if entry.get("sha256") and _sha256(tokenizer) != entry["sha256"]:
+    if entry.get("sha256") and file_sha256(tokenizer) != entry["sha256"]:
         raise DatasetError(
             f"{label} is not the tokenizer dataset {folder.name} was encoded with "
             f"({entry.get('path', '?')}, sha256 {str(entry['sha256'])[:12]}…, per {where})"

@@ -29,7 +29,6 @@ and the tokenizer with its sha256) and keep the hub manifest next to it as sourc
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -37,7 +36,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from core.errors import DatasetError, exit_on_user_error
-from data.shards import atomic_writer, read_header, write_bytes_atomic
+from data.shards import atomic_writer, file_sha256, read_header, read_json_object, write_bytes_atomic
 from data.tokenizer import load_tokenizer
 
 REPO_ID = "willdepueoai/parameter-golf"
@@ -150,14 +149,6 @@ def plan(manifest: dict, variant: str) -> dict:
     }
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_fineweb(variant: str, train_shards: int, out_root: Path, source: str | None = None,
                      log=print) -> Path:
     """Fetch the manifest, all val shards, the first `train_shards` train shards and the tokenizer."""
@@ -175,12 +166,7 @@ def download_fineweb(variant: str, train_shards: int, out_root: Path, source: st
         if not hub_manifest.is_file():
             raise
         log(f"using the manifest downloaded before ({e})")
-    try:
-        manifest = json.loads(hub_manifest.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DatasetError(f"hub manifest {hub_manifest}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise DatasetError(f"hub manifest {hub_manifest}: expected a JSON object")
+    manifest = read_json_object(hub_manifest, "hub manifest")
     p = plan(manifest, variant)
     if p["files_train"] is not None and train_shards > p["files_train"]:
         raise DatasetError(f"--train-shards {train_shards}: {p['name']} only has {p['files_train']} train shards")

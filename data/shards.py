@@ -11,6 +11,8 @@ the target only once complete, so an interrupted run never leaves a half-written
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -54,6 +56,25 @@ def atomic_writer(path: str | os.PathLike) -> Iterator:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_writer(path) as f:
         f.write(data)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """A JSON object from a file, or a one-line DatasetError naming `what` and the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{what} {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise DatasetError(f"{what} {path}: expected a JSON object")
+    return value
 
 
 def read_header(path: str | os.PathLike) -> int:

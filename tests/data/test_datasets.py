@@ -5,6 +5,7 @@ import pytest
 
 import data.datasets as dsm
 from core.errors import DatasetError
+from data.shards import file_sha256
 from data.datasets import resolve_dataset
 from data.tokenizer import train_tokenizer
 
@@ -98,7 +99,7 @@ def test_manifest_names_the_tokenizer_and_guards_the_pairing(root, tmp_path_fact
     (root / "elsewhere").mkdir()
     moved = shutil.move(root / "data/tokenizers/stdlib_400_bpe.model", root / "elsewhere" / "tok.model")
     write_manifest(folder, name="stdlib_sp400", source="a test corpus", vocab_size=VOCAB,
-                   tokenizer={"path": "../../../elsewhere/tok.model", "sha256": dsm._sha256(moved)},
+                   tokenizer={"path": "../../../elsewhere/tok.model", "sha256": file_sha256(moved)},
                    shards={"train": ["stdlib_train_000000.bin"], "val": ["stdlib_val_000000.bin"]})
     ds = resolve_dataset(str(folder), "", VOCAB)
     assert ds.tokenizer_path == (root / "elsewhere" / "tok.model").resolve() and ds.source == "a test corpus"

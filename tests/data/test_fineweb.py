@@ -93,7 +93,7 @@ def test_manifest_problems(tmp_path, remote):
     with pytest.raises(DatasetError, match="fineweb10B_sp400 has vocab_size 1024, the variant says 400"):
         fw.download_fineweb("sp400", 1, tmp_path / "b", source=str(remote), log=lambda s: None)
     (remote / "manifest.json").write_text("{not json")
-    with pytest.raises(DatasetError, match="not valid JSON"):
+    with pytest.raises(DatasetError, match="cannot read it as JSON"):
         fw.download_fineweb("sp400", 1, tmp_path / "c", source=str(remote), log=lambda s: None)
     with pytest.raises(DatasetError, match="expected sp<vocab size>"):
         fw.plan({}, "byte260")

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import mlx_numpy_optim as ref
+import numpy_optim as ref
 from backend_mlx.optim import Adam, Muon, clip_grad_norm, zeropower_via_newtonschulz5
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import mlx_numpy_optim as ref
+import numpy_optim as ref
 from backend_mlx.model import GPT
 from backend_mlx.session import MLXSession
 from core import reference

@@ -1,6 +1,6 @@
-"""Muon and Adam of SPEC §6 in numpy float64, written from the formulas, to check backend_mlx against.
+"""Muon and Adam of SPEC §6 in numpy float64, written from the formulas, to check both backends against.
 
-Not a test module (no test_ prefix); tests/mlx/test_mlx_optim.py and test_mlx_session.py import it.
+Not a test module (no test_ prefix): the optimizer tests of both backends import it.
 """
 
 import numpy as np
