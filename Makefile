@@ -24,7 +24,7 @@ PRESET := ITERATIONS=$${ITERATIONS:-200} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS
   TRAIN_LOG_EVERY=$${TRAIN_LOG_EVERY:-20} WARMDOWN_ITERS=$${WARMDOWN_ITERS:-60} \
   MAX_WALLCLOCK_SECONDS=$${MAX_WALLCLOCK_SECONDS:-0}
 
-.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx clean-venv
+.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv
 
 help:
 	@sed -n '1,9p' Makefile
@@ -82,3 +82,12 @@ train-mlx: default-data
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Continue a prompt with a checkpoint (either backend's), in either backend:
+#   make sample CHECKPOINT=runs/<run>/checkpoints/step_NNNNNN.safetensors PROMPT="def main(" [BACKEND=mlx]
+# Greedy by default; TEMPERATURE=0.8 TOP_K=40 SEED=1 to sample; MAX_NEW_TOKENS=200; TOKENIZER_PATH=...
+# CHECKPOINT, PROMPT and the rest reach the program as environment variables, so any text can be quoted.
+BACKEND ?= torch
+sample: $(STAMP)
+	@case "$(BACKEND)" in torch|mlx) ;; *) echo "error: BACKEND=$(BACKEND): must be torch or mlx" >&2; exit 2;; esac
+	$(PY) -m backend_$(BACKEND).sample $(ARGS)

@@ -6,24 +6,19 @@ The same settings, log lines, checkpoints and artifact as python -m backend_torc
 import sys
 
 from backend_mlx.blas import ensure_fast_blas
-from core.config import load_config
-from core.errors import exit_on_user_error
-from core.train_loop import run_training
+from core import train_loop
 
 
-@exit_on_user_error
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = load_config(argv, prog="python -m backend_mlx.train")
+def make_session(cfg):
     if __name__ == "__main__":
-        ensure_fast_blas("backend_mlx.train", list(argv))  # may re-execute this process with OpenBLAS
-    from backend_mlx.session import MLXSession  # after the config, so --help and bad settings are instant
+        ensure_fast_blas("backend_mlx.train", sys.argv[1:])  # may re-execute this process with OpenBLAS
+    from backend_mlx.session import MLXSession  # imported late: --help and bad settings answer at once
 
-    session = MLXSession()
-    try:
-        return run_training(cfg, session)
-    finally:
-        session.close()
+    return MLXSession()
+
+
+def main(argv=None):
+    return train_loop.main("python -m backend_mlx.train", make_session, argv)
 
 
 if __name__ == "__main__":

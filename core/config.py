@@ -309,12 +309,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_arg_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="JSON file of settings (env CONFIG)")
     for f in fields(TrainConfig):
         parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name),
-                            help=f"{f.metadata['help']} (default: {f.default!r})")
+                            help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"))
     return parser
 
 

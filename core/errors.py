@@ -25,6 +25,10 @@ class ArtifactError(UserError, ValueError):
     """A corrupt int8+zlib artifact, or weights that cannot be packed into one."""
 
 
+class TrainingError(UserError):
+    """A run that cannot go on (a diverged loss, an interruption): said in one line, checkpoints kept."""
+
+
 class DatasetError(UserError, ValueError):
     """A missing or inconsistent dataset or tokenizer."""
 

@@ -21,8 +21,10 @@ import json
 import math
 import platform
 import resource
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,8 @@ import numpy as np
 from core import artifact
 from core.backend import TrainerBackend
 from core.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from core.config import TrainConfig
-from core.errors import ConfigError
+from core.config import TrainConfig, load_config
+from core.errors import ConfigError, TrainingError, exit_on_user_error
 from core.flops import flops_per_token
 from core.init import init_weights
 from core.metrics import EvalAccumulator, build_byte_tables, token_bytes, unigram_baseline
@@ -108,6 +110,31 @@ def make_run_dir(cfg: TrainConfig, backend_name: str, master: bool) -> tuple[str
         raise ConfigError(f"RUN_ID={run_id!r}: the run folder {run_dir} already exists and is not empty; "
                           "choose another RUN_ID (nothing was overwritten)")
     return run_id, run_dir
+
+
+class InterruptFlag:
+    """Ctrl-C and SIGTERM during training set a flag instead of killing the step half-way, so the
+    loop can finish the step, write a checkpoint and stop. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and writing a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,55 +281,71 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
         return remaining / 1000.0
 
     resumed_ms = elapsed_ms
+    interrupt = InterruptFlag()
     progress = Progress(cfg.iterations, step, enabled=master)
     log.progress = progress
     plot_path = run_dir / "loss.png"
     backend.synchronize()
     t0 = time.perf_counter()
-    while True:
-        last_step = step >= cfg.iterations or (stop_after is not None and step >= stop_after)
-        if last_step or (cfg.val_loss_every > 0 and step > start_step and step % cfg.val_loss_every == 0):
-            backend.synchronize()
-            elapsed_ms += 1000.0 * (time.perf_counter() - t0)
-            val_loss, val_bpb = evaluate(backend, val_tokens, tables, cfg)
-            log(f"step:{step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / max(step, 1):.2f}ms")
-            log.metric(kind="val", step=step, tokens=step * tokens_per_step, val_loss=val_loss, val_bpb=val_bpb,
-                       train_time_ms=elapsed_ms)
-            if master:
-                plot_losses(run_dir / "metrics.jsonl", plot_path, title=f"{run_id} ({backend.name}, {dataset.name})")
-            backend.synchronize()
-            t0 = time.perf_counter()
-        if last_step:
-            break
+    try:
+        while True:
+            last_step = step >= cfg.iterations or (stop_after is not None and step >= stop_after)
+            if last_step or (cfg.val_loss_every > 0 and step > start_step and step % cfg.val_loss_every == 0):
+                backend.synchronize()
+                elapsed_ms += 1000.0 * (time.perf_counter() - t0)
+                val_loss, val_bpb = evaluate(backend, val_tokens, tables, cfg)
+                log(f"step:{step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                    f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / max(step, 1):.2f}ms")
+                log.metric(kind="val", step=step, tokens=step * tokens_per_step, val_loss=val_loss, val_bpb=val_bpb,
+                           train_time_ms=elapsed_ms)
+                if master:
+                    plot_losses(run_dir / "metrics.jsonl", plot_path, title=f"{run_id} ({backend.name}, {dataset.name})")
+                backend.synchronize()
+                t0 = time.perf_counter()
+            if last_step:
+                break
 
-        ms_now = elapsed_ms + 1000.0 * (time.perf_counter() - t0)
-        loss = backend.train_step(next_micro_batches(), learning_rates(cfg, step, ms_now), momentum(cfg, step), step)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step + 1}: training loss is {loss}; lower the learning rates")
-        train_losses.append(loss)
-        step += 1
-        train_ms = elapsed_ms + 1000.0 * (time.perf_counter() - t0)
-        tok_s = tokens_per_step * (step - start_step) / max((train_ms - resumed_ms) / 1000.0, 1e-9)
-        progress.update(step, loss, tok_s)
-        if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
-            step_avg = train_ms / step
-            log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
-                f"step_avg:{step_avg:.2f}ms tok/s:{tok_s:.0f} eta:{format_seconds(eta_s(train_ms))}")
-            log.metric(kind="train", step=step, tokens=step * tokens_per_step, train_loss=loss,
-                       train_time_ms=train_ms, tokens_per_s=tok_s)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
-            backend.synchronize()
-            elapsed_ms += 1000.0 * (time.perf_counter() - t0)
-            last_checkpoint = write_checkpoint(step)
-            t0 = time.perf_counter()
-        # The wall-clock cap: every rank stops after the same step.
-        if max_ms is not None and stop_after is None:
-            reached = elapsed_ms + 1000.0 * (time.perf_counter() - t0) >= max_ms
-            if backend.all_reduce_sum([float(reached)])[0] > 0:
-                stop_after = step
-                log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{cfg.iterations}")
+            ms_now = elapsed_ms + 1000.0 * (time.perf_counter() - t0)
+            loss = backend.train_step(next_micro_batches(), learning_rates(cfg, step, ms_now), momentum(cfg, step), step)
+            if not math.isfinite(loss):
+                raise TrainingError(f"step {step + 1}: the training loss is {loss}; lower the learning rates"
+                                    + (f" (last checkpoint: {last_checkpoint})" if last_checkpoint else ""))
+            train_losses.append(loss)
+            step += 1
+            train_ms = elapsed_ms + 1000.0 * (time.perf_counter() - t0)
+            tok_s = tokens_per_step * (step - start_step) / max((train_ms - resumed_ms) / 1000.0, 1e-9)
+            progress.update(step, loss, tok_s)
+            if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
+                step_avg = train_ms / step
+                log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
+                    f"step_avg:{step_avg:.2f}ms tok/s:{tok_s:.0f} eta:{format_seconds(eta_s(train_ms))}")
+                log.metric(kind="train", step=step, tokens=step * tokens_per_step, train_loss=loss,
+                           train_time_ms=train_ms, tokens_per_s=tok_s)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
+                backend.synchronize()
+                elapsed_ms += 1000.0 * (time.perf_counter() - t0)
+                last_checkpoint = write_checkpoint(step)
+                t0 = time.perf_counter()
+            # The wall-clock cap: every rank stops after the same step.
+            # Ctrl-C (or SIGTERM) and the wall-clock cap: every rank stops after the same step.
+            reached = max_ms is not None and stop_after is None and \
+                elapsed_ms + 1000.0 * (time.perf_counter() - t0) >= max_ms
+            if world > 1 or reached or interrupt.requested:
+                reached_any, interrupted_any = backend.all_reduce_sum([float(reached), float(interrupt.requested)])
+                if interrupted_any > 0:
+                    progress.close()
+                    log.progress = None
+                    elapsed_ms += 1000.0 * (time.perf_counter() - t0)
+                    path = write_checkpoint(step)
+                    log(f"interrupted at step:{step}/{cfg.iterations}; continue with RESUME_FROM={path}")
+                    log.close()
+                    raise TrainingError(f"interrupted at step {step}; continue with RESUME_FROM={path}")
+                if reached_any > 0:
+                    stop_after = step
+                    log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{cfg.iterations}")
 
+    finally:
+        interrupt.restore()
     progress.close()
     log.progress = None
     last_checkpoint = write_checkpoint(step) or last_checkpoint
@@ -348,3 +391,18 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
     log.close()
     return TrainResult(run_dir if master else None, step, train_losses, val_loss, val_bpb, rt_loss, rt_bpb,
                        len(blob), last_checkpoint, summary)
+
+
+@exit_on_user_error
+def main(prog: str, make_session, argv=None) -> TrainResult:
+    """The command line of both trainers: settings, then the backend's session, then the loop.
+
+    `make_session(cfg)` is called after the settings are read, so --help and a bad setting answer
+    before torch or MLX is imported.
+    """
+    cfg = load_config(sys.argv[1:] if argv is None else argv, prog=prog)
+    session = make_session(cfg)
+    try:
+        return run_training(cfg, session)
+    finally:
+        session.close()

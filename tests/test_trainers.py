@@ -5,6 +5,7 @@ what a user may expect of it.
 """
 
 import json
+import signal
 import os
 import subprocess
 import sys
@@ -81,3 +82,28 @@ def test_cli_reports_bad_input_in_one_line_with_exit_status_2(backend, tiny_data
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: NUM_HEADS=3: must divide model_dim=32"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(backend, tiny_dataset, tmp_path):
+    # A constant learning rate (no warmdown), so a run's losses do not depend on ITERATIONS.
+    # The same BLAS as this process (MLX would re-execute with OpenBLAS, which rounds differently).
+    env = os.environ | tiny_env(tiny_dataset, tmp_path, RUN_ID="stopped", ITERATIONS=100000, WARMDOWN_ITERS=0,
+                                PYTHONUNBUFFERED=1, TWINGPT_NO_BLAS_PRELOAD=1)
+    proc = subprocess.Popen([sys.executable, "-m", f"backend_{backend}.train"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # interrupt once training is under way
+        if line.startswith("step:3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip().splitlines()[-1].startswith("error: interrupted at step ")
+    ckpts = sorted((tmp_path / "runs" / "stopped" / "checkpoints").glob("step_*.safetensors"))
+    assert len(ckpts) == 1
+    stopped_at = load_checkpoint(ckpts[0]).step
+    assert stopped_at >= 3
+    end = stopped_at + 3
+    full = train(backend, tiny_env(tiny_dataset, tmp_path, RUN_ID="full", ITERATIONS=end, WARMDOWN_ITERS=0))
+    resumed = train(backend, tiny_env(tiny_dataset, tmp_path, RUN_ID="resumed", ITERATIONS=end, WARMDOWN_ITERS=0,
+                                      RESUME_FROM=ckpts[0]))
+    assert resumed.train_losses == full.train_losses[stopped_at:]

@@ -75,3 +75,11 @@ def test_every_setting_has_env_flag_and_help():
                      "GRAD_ACCUM_STEPS", "OUT_DIR"):
         assert required in names
     assert all(flag.startswith("--") and help for _, flag, _, help in rows)
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_config(["--help"], environ={}, prog="trainer")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for _, flag, _, _ in settings_table())
