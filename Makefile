@@ -24,7 +24,7 @@ PRESET := ITERATIONS=$${ITERATIONS:-200} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS
   TRAIN_LOG_EVERY=$${TRAIN_LOG_EVERY:-20} WARMDOWN_ITERS=$${WARMDOWN_ITERS:-60} \
   MAX_WALLCLOCK_SECONDS=$${MAX_WALLCLOCK_SECONDS:-0}
 
-.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv
+.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv parity
 
 help:
 	@sed -n '1,9p' Makefile
@@ -91,3 +91,6 @@ BACKEND ?= torch
 sample: $(STAMP)
 	@case "$(BACKEND)" in torch|mlx) ;; *) echo "error: BACKEND=$(BACKEND): must be torch or mlx" >&2; exit 2;; esac
 	$(PY) -m backend_$(BACKEND).sample $(ARGS)
+
+parity: $(STAMP)
+	$(PY) -m pytest -q tests/parity

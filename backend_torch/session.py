@@ -141,7 +141,10 @@ class TorchSession:
             if p.group == MATRIX:
                 continue
             param = self.params[p.name]
-            adam_update(param, param.grad, self.state[f"{p.name}.exp_avg"], self.state[f"{p.name}.exp_avg_sq"],
+            # A parameter the forward never reads has no .grad: its gradient is zero (as in MLX). This
+            # is skip_weights of a 1-layer model, shape (0, d).
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            adam_update(param, grad, self.state[f"{p.name}.exp_avg"], self.state[f"{p.name}.exp_avg_sq"],
                         lr=lrs[p.group], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps, t=t)
         for param in self.params.values():
             param.grad = None

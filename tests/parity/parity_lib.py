@@ -1,0 +1,323 @@
+"""Shared pieces of the cross-backend parity suite (SPEC §10).
+
+The spec matrix, the error measure rel(a, b) = ||a - b||_2 / ||b||_2, both backends behind the same
+small numpy-in / numpy-out functions, a variant of the reference forward with deliberate mutations
+(for the tests that prove the suite can fail), and the collector of worst errors that
+tests/parity/conftest.py prints as the final table and writes to runs/parity/parity_report.json.
+
+torch and mlx are imported at module level on purpose: a missing backend is a collection error,
+that is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as mlx_nn
+import numpy as np
+import torch
+from mlx.utils import tree_flatten
+
+import backend_mlx.model as mlx_model
+import backend_torch.model as torch_model
+from backend_mlx.session import MLXSession
+from backend_torch.session import TorchSession
+from core.config import ModelSpec, TrainConfig
+from core.init import random_weights
+
+REPO = Path(__file__).resolve().parents[2]
+REPORT_PATH = REPO / "runs" / "parity" / "parity_report.json"
+
+
+def rel(a, b) -> float:
+    """SPEC §10: ||a - b||_2 / ||b||_2, in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# The report: every row of SPEC §10 (and the suite's own extra rows), worst error over the matrix
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    compared: str
+    tolerance: float          # errors must be <= this; for kind "exceeds", must be > this
+    tol_text: str
+    spec_row: bool            # a row of SPEC §10's table (else an extra check of this suite)
+    kind: str = "max"         # "max": the worst is the largest; "exceeds": the worst is the smallest
+
+
+ROWS = [
+    Row("logits_fp32", "logits and loss, fp32: torch vs MLX, each vs float64 reference", 1e-5, "<= 1e-5", True),
+    Row("logits_bf16", "logits and loss, bf16: torch vs MLX, each vs float64 reference", 2e-2, "<= 2e-2", True),
+    Row("grads", "gradients of every parameter, torch vs MLX (fp32)", 1e-4, "<= 1e-4", True),
+    Row("optim_step", "weights after one Muon + Adam step, torch vs MLX", 1e-5, "<= 1e-5", True),
+    Row("train_losses", "per-step training loss over 20 steps, torch vs MLX", 1e-4, "<= 1e-4", True),
+    Row("artifact", "int8+zlib artifact from the same weights (bytes differing)", 0.0, "byte-identical", True),
+    Row("val", "val_loss and val_bpb from the same weights and data", 1e-6, "<= 1e-6", True),
+    Row("grads_fd", "gradients vs central differences of the float64 reference", 1e-4, "<= 1e-4", False),
+    Row("trained_val", "final val_loss/val_bpb after the 20 trained steps", 1e-6, "<= 1e-6", False),
+    Row("checkpoint", "checkpoint across backends: logits, continued losses, val", 1e-4, "<= 1e-5|1e-4|1e-6", False),
+    Row("tied_head", "tied head is tok_emb; unique params vs count_params (abs)", 0.0, "== 0", False),
+    Row("mutants", "mutants (RoPE reversed, eps, no softcap): smallest error", 1e-5, "> 1e-5", False, "exceeds"),
+]
+ROW_BY_KEY = {row.key: row for row in ROWS}
+
+
+class ParityReport:
+    """Worst error per row, with the case where it was measured."""
+
+    def __init__(self):
+        self.worst: dict[str, tuple[float, str]] = {}
+        self.count: dict[str, int] = {}
+
+    def record(self, key: str, err: float, case: str) -> None:
+        row = ROW_BY_KEY[key]
+        err = float(err)
+        self.count[key] = self.count.get(key, 0) + 1
+        old = self.worst.get(key)
+        if old is None or (err < old[0] if row.kind == "exceeds" else err > old[0]) or math.isnan(err):
+            self.worst[key] = (err, case)
+
+    def check(self, key: str, err: float, case: str, tol: float | None = None) -> float:
+        """Record err under `key`, then assert it is within the row's tolerance (or `tol`)."""
+        self.record(key, err, case)
+        row = ROW_BY_KEY[key]
+        tol = row.tolerance if tol is None else tol
+        if row.kind == "exceeds":
+            assert err > tol, f"{key} [{case}]: mutant error {err:.3e} does not exceed {tol:g}"
+        else:
+            assert err <= tol, f"{key} [{case}]: error {err:.3e} > tolerance {tol:g}"
+        return err
+
+    def rows(self) -> list[dict]:
+        out = []
+        for row in ROWS:
+            err, case = self.worst.get(row.key, (None, ""))
+            ok = None
+            if err is not None:
+                ok = err > row.tolerance if row.kind == "exceeds" else err <= row.tolerance
+            out.append({"row": row.key, "compared": row.compared, "spec_row": row.spec_row,
+                        "worst": err, "tolerance": row.tol_text, "ok": ok, "case": case,
+                        "measurements": self.count.get(row.key, 0)})
+        return out
+
+    def table(self) -> list[str]:
+        lines = [f"{'SPEC':<5}{'compared':<66}{'worst':>10}  {'tolerance':<19}{'n':>5}  worst case"]
+        for r in self.rows():
+            worst = "-" if r["worst"] is None else f"{r['worst']:.2e}"
+            if r["row"] == "artifact" and r["worst"] is not None:
+                worst = "identical" if r["worst"] == 0 else f"{int(r['worst'])} bytes"
+            flag = "" if r["ok"] in (True, None) else "  FAIL"
+            lines.append(f"{'§10' if r['spec_row'] else '+':<5}{r['compared']:<66}{worst:>10}  "
+                         f"{r['tolerance']:<19}{r['measurements']:>5}  {r['case']}{flag}")
+        return lines
+
+
+REPORT = ParityReport()
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec matrix
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    spec: ModelSpec
+    shapes: tuple[tuple[int, int], ...]   # (B, T) batches of the forward tests
+    seed: int
+    embed_std: float | None = None        # rescale tok_emb to this std (the real tied init is 0.005)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        w = random_weights(self.spec, self.seed)
+        if self.embed_std is not None:
+            e = w["tok_emb.weight"].astype(np.float64)
+            w["tok_emb.weight"] = (e * (self.embed_std / e.std())).astype(np.float32)
+        return w
+
+    def batch(self, shape: tuple[int, int], salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, shape[0], shape[1], salt])
+        V = self.spec.vocab_size
+        return rng.integers(0, V, shape), rng.integers(0, V, shape)
+
+
+# Tied and untied; MHA (K = H), GQA (1 < K < H), MQA (K = 1); depth 1 to 5 and the default 9;
+# T from 1 up to 256; softcap 2, 5, 15 and the default 30; rope_base 500 and 1e6; qk_gain_init
+# 0.7 and 3; one case at the real tied-embedding scale (std 0.005), where RMSNorm's eps matters.
+CASES = [
+    Case("tied-gqa-L3", ModelSpec(vocab_size=128, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2),
+         ((1, 1), (2, 9), (2, 64)), seed=1),
+    Case("untied-mha-L4-cap5", ModelSpec(vocab_size=96, num_layers=4, model_dim=48, num_heads=4, num_kv_heads=4,
+                                     tie_embeddings=False, logit_softcap=5.0),
+         ((1, 1), (3, 17)), seed=2),
+    Case("tied-mqa-L1-rope500-gain0.7", ModelSpec(vocab_size=64, num_layers=1, model_dim=32, num_heads=4,
+                                              num_kv_heads=1, rope_base=500.0, qk_gain_init=0.7),
+         ((1, 1), (2, 33)), seed=3),
+    Case("untied-gqa-L5-cap2-rope1e6-gain3", ModelSpec(vocab_size=80, num_layers=5, model_dim=96, num_heads=8,
+                                                   num_kv_heads=2, tie_embeddings=False, logit_softcap=2.0,
+                                                   rope_base=1e6, qk_gain_init=3.0),
+         ((1, 2), (1, 256)), seed=4),
+    Case("tied-mha-L2-cap15-emb0.005", ModelSpec(vocab_size=128, num_layers=2, model_dim=32, num_heads=2,
+                                             num_kv_heads=2, logit_softcap=15.0),
+         ((1, 1), (2, 16)), seed=5, embed_std=0.005),
+    Case("default-spec", ModelSpec(), ((1, 1), (1, 12)), seed=6),
+]
+CASE_BY_NAME = {c.name: c for c in CASES}
+SMALL_CASES = [c for c in CASES if c.name != "default-spec"]   # for the (costly) optimizer steps
+
+
+def forward_params():
+    """(case name, (B, T)) for every forward test."""
+    return [(c.name, shape) for c in CASES for shape in c.shapes]
+
+
+# The training runs (fixture trained_runs of conftest.py) shared by the training, checkpoint and
+# artifact tests: one spec, both real trainers, fp32, 20 steps, the same seed and data. Odd depth (skip weights), GQA, two accumulation steps, MLX
+# chunks smaller than a micro-batch, a warmdown inside the run, a validation and a checkpoint at 10.
+TRAIN_SETTINGS = dict(
+    NUM_LAYERS=3, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, ITERATIONS=20, WARMDOWN_ITERS=8,
+    TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=512, GRAD_ACCUM_STEPS=2, MLX_MAX_MICROBATCH_TOKENS=128,
+    COMPUTE_DTYPE="float32", COMPILE="0", VAL_LOSS_EVERY=10, CHECKPOINT_EVERY=10, TRAIN_LOG_EVERY=10, SEED=11,
+)
+RESUME_STEP = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Both backends behind numpy in, numpy out
+# ---------------------------------------------------------------------------------------------
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+BACKENDS = ("torch", "mlx")
+
+
+def logits(backend: str, spec: ModelSpec, w, ids, dtype: str = "float32") -> np.ndarray:
+    """(B, T, V) logits as float64 numpy."""
+    if backend == "torch":
+        model = torch_model.GPT(spec, TORCH_DTYPES[dtype]).load_weights(w)
+        with torch.no_grad():
+            return model.logits(torch.from_numpy(np.asarray(ids, np.int64))).double().numpy()
+    model = mlx_model.GPT(spec, compute_dtype=MLX_DTYPES[dtype]).load_weights(w)
+    return np.array(model.logits(mx.array(np.asarray(ids, np.int32))), dtype=np.float64)
+
+
+def loss(backend: str, spec: ModelSpec, w, ids, targets, dtype: str = "float32") -> float:
+    if backend == "torch":
+        model = torch_model.GPT(spec, TORCH_DTYPES[dtype]).load_weights(w)
+        with torch.no_grad():
+            return float(model.loss(torch.from_numpy(np.asarray(ids, np.int64)),
+                                    torch.from_numpy(np.asarray(targets, np.int64))))
+    model = mlx_model.GPT(spec, compute_dtype=MLX_DTYPES[dtype]).load_weights(w)
+    return float(model.loss(mx.array(np.asarray(ids, np.int32)), mx.array(np.asarray(targets, np.int32))))
+
+
+def loss_and_grads(backend: str, spec: ModelSpec, w, ids, targets) -> tuple[float, dict[str, np.ndarray]]:
+    """fp32 mean loss and the gradient of every parameter (SPEC §2 names) as float64 numpy."""
+    if backend == "torch":
+        model = torch_model.GPT(spec).load_weights(w)
+        value = model.loss(torch.from_numpy(np.asarray(ids, np.int64)), torch.from_numpy(np.asarray(targets, np.int64)))
+        value.backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            # A zero-size parameter (skip_weights of a 1-layer model) gets no gradient at all.
+            grads[name] = np.zeros(p.shape) if p.grad is None else p.grad.double().numpy()
+        return float(value.detach()), grads
+    model = mlx_model.GPT(spec).load_weights(w)
+    value, grads = mlx_nn.value_and_grad(model, model.loss)(mx.array(np.asarray(ids, np.int32)),
+                                                           mx.array(np.asarray(targets, np.int32)))
+    return float(value), {name: np.array(g, dtype=np.float64) for name, g in tree_flatten(grads)}
+
+
+@contextlib.contextmanager
+def torch_single_thread():
+    """torch on one intra-op thread, restored after. On this machine's 2 shared cores the tiny
+    models of the suite ran ~18x slower with 2 threads (OpenMP threads spinning against the other
+    processes): 20 s instead of 1.1 s for a 20-step run. Results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_config(spec: ModelSpec, **overrides) -> TrainConfig:
+    """A CPU fp32 TrainConfig for `spec` (no compile, so both sessions run eagerly)."""
+    settings = dict(spec.to_dict(), device="cpu", compute_dtype="float32", compile="0")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def make_session(backend: str, cfg: TrainConfig):
+    """A set-up session of either backend, through the core.backend interface."""
+    session = TorchSession(cfg, environ={}) if backend == "torch" else MLXSession()
+    session.setup(cfg.model_spec(), cfg)
+    return session
+
+
+# ---------------------------------------------------------------------------------------------
+# A variant reference forward with mutations (SPEC §4, float64), for the tests that must fail
+# ---------------------------------------------------------------------------------------------
+
+def variant_logits(spec: ModelSpec, weights, ids, *, rope_sign: float = 1.0, eps: float | None = None,
+                   softcap: bool = True) -> np.ndarray:
+    """SPEC §4 written again, independently of core.reference, with three switches:
+    rope_sign=-1 rotates by -theta (the PyTorch reference script's direction), `eps` replaces
+    norm_eps in every RMSNorm, softcap=False drops c*tanh(raw/c) from the head.
+    With the defaults it is the spec's function (tests check it against core.reference)."""
+    w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
+    eps = spec.norm_eps if eps is None else eps
+    H, K, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+
+    def norm(x):
+        return x * (np.mean(x * x, axis=-1, keepdims=True) + eps) ** -0.5
+
+    def rotate(x):  # x (B, heads, T, hd)
+        T, half = x.shape[2], hd // 2
+        theta = rope_sign * np.arange(T)[:, None] * spec.rope_base ** (-np.arange(0, hd, 2) / hd)[None, :]
+        a, b = x[..., :half], x[..., half:]
+        return np.concatenate([a * np.cos(theta) - b * np.sin(theta), a * np.sin(theta) + b * np.cos(theta)], -1)
+
+    def block(x, x0, i):
+        p = f"blocks.{i}."
+        x = w[p + "resid_mix"][0] * x + w[p + "resid_mix"][1] * x0
+        h = norm(x)
+        B, T, _ = h.shape
+        q = np.einsum("btd,ed->bte", h, w[p + "attn.c_q.weight"]).reshape(B, T, H, hd).transpose(0, 2, 1, 3)
+        k = np.einsum("btd,ed->bte", h, w[p + "attn.c_k.weight"]).reshape(B, T, K, hd).transpose(0, 2, 1, 3)
+        v = np.einsum("btd,ed->bte", h, w[p + "attn.c_v.weight"]).reshape(B, T, K, hd).transpose(0, 2, 1, 3)
+        q = rotate(norm(q)) * w[p + "attn.q_gain"][None, :, None, None]
+        k = rotate(norm(k))
+        group = H // K
+        kv_of = np.arange(H) // group
+        s = np.einsum("bhtc,bhsc->bhts", q, k[:, kv_of]) / math.sqrt(hd)
+        s = s + np.where(np.tril(np.ones((T, T))) > 0, 0.0, -np.inf)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        y = np.einsum("bhts,bhsc->bhtc", s / s.sum(-1, keepdims=True), v[:, kv_of])
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, H * hd) @ w[p + "attn.proj.weight"].T
+        x = x + w[p + "attn_scale"] * y
+        m = np.maximum(norm(x) @ w[p + "mlp.fc.weight"].T, 0.0) ** 2 @ w[p + "mlp.proj.weight"].T
+        return x + w[p + "mlp_scale"] * m
+
+    x = x0 = norm(w["tok_emb.weight"][np.asarray(ids)])
+    E, D = spec.num_encoder_layers, spec.num_decoder_layers
+    stack = []
+    for i in range(E):
+        x = block(x, x0, i)
+        stack.append(x)
+    for j in range(D):
+        if stack:
+            x = x + w["skip_weights"][j] * stack.pop()
+        x = block(x, x0, E + j)
+    head = w["tok_emb.weight"] if spec.tie_embeddings else w["lm_head.weight"]
+    raw = norm(x) @ head.T
+    c = spec.logit_softcap
+    return c * np.tanh(raw / c) if softcap else raw
+

@@ -1,0 +1,65 @@
+"""SPEC §10, third row: one full optimizer step (Muon for the matrices, Adam for the rest) from the
+same weights, the same non-empty optimizer state and the same batch gives the same new weights
+(<= 1e-5) in both backends, through the sessions' train_step of the core.backend interface."""
+
+import numpy as np
+import pytest
+
+from core.backend import optimizer_slots
+from core.params import param_table
+from core.schedule import learning_rates, momentum
+from parity_lib import BACKENDS, CASE_BY_NAME, SMALL_CASES, make_session, rel, train_config
+
+STEP = 350   # > 0: Adam's bias correction and Muon's momentum warmup are mid-way, the lr is warming down
+
+
+def optimizer_state(spec, seed) -> dict[str, np.ndarray]:
+    """A non-empty state, as after some training: moments and buffers of gradient size, and, as
+    Adam's moments always are, a second moment no smaller than the square of the first."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for p in param_table(spec):
+        draw = rng.standard_normal(p.shape) * 1e-2
+        for slot in optimizer_slots(p.group):
+            value = draw ** 2 + (1e-2 * rng.standard_normal(p.shape)) ** 2 if slot == "exp_avg_sq" else draw
+            state[f"{p.name}.{slot}"] = value.astype(np.float32)
+    return state
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.3])
+@pytest.mark.parametrize("case_name", [c.name for c in SMALL_CASES])
+def test_one_optimizer_step_gives_the_same_weights(case_name, clip, parity):
+    case = CASE_BY_NAME[case_name]
+    spec = case.spec
+    # Two micro-batches of 3 sequences; MLX additionally splits each into chunks of 2 sequences.
+    T = 16
+    cfg = train_config(spec, iterations=400, warmdown_iters=100, grad_clip_norm=clip, train_seq_len=T,
+                       mlx_max_microbatch_tokens=2 * T)
+    lrs, mu = learning_rates(cfg, STEP, 0.0), momentum(cfg, STEP)
+    assert 0 < min(lrs.values()) and lrs["matrix"] < cfg.matrix_lr and 0.85 < mu < 0.95
+    w0, state0 = case.weights(), optimizer_state(spec, case.seed)
+    rng = np.random.default_rng(case.seed)
+    batches = [tuple(rng.integers(0, spec.vocab_size, (3, T)) for _ in range(2)) for _ in range(2)]
+
+    weights, states, losses = {}, {}, {}
+    for b in BACKENDS:
+        session = make_session(b, cfg)
+        session.load_weights(w0)
+        session.load_optimizer_state(state0)
+        losses[b] = session.train_step(batches, lrs, mu, STEP)
+        weights[b], states[b] = session.export_weights(), session.export_optimizer_state()
+        session.close()
+
+    where = f"{case.name} clip={clip}"
+    parity.check("logits_fp32", rel(losses["torch"], losses["mlx"]), f"{where} train_step loss")
+    assert set(weights["torch"]) == set(weights["mlx"]) == set(w0)
+    assert set(states["torch"]) == set(states["mlx"]) == set(state0)
+    for name in w0:
+        if w0[name].size == 0:
+            continue
+        moved = rel(weights["mlx"][name], w0[name])
+        assert moved > 1e-4, f"{name}: the step barely moved the weight ({moved:.1e})"
+        parity.check("optim_step", rel(weights["torch"][name], weights["mlx"][name]), f"{where} {name}")
+    for key in state0:
+        if state0[key].size:
+            parity.check("optim_step", rel(states["torch"][key], states["mlx"][key]), f"{where} state {key}")
