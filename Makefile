@@ -24,7 +24,7 @@ PRESET := ITERATIONS=$${ITERATIONS:-200} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS
   TRAIN_LOG_EVERY=$${TRAIN_LOG_EVERY:-20} WARMDOWN_ITERS=$${WARMDOWN_ITERS:-60} \
   MAX_WALLCLOCK_SECONDS=$${MAX_WALLCLOCK_SECONDS:-0}
 
-.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv parity
+.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv parity bench
 
 help:
 	@sed -n '1,9p' Makefile
@@ -94,3 +94,9 @@ sample: $(STAMP)
 
 parity: $(STAMP)
 	$(PY) -m pytest -q tests/parity
+
+# Training throughput of both backends on this machine: tokens/s, MFU and peak memory of a full
+# train step for a small config and the reference one; prints a table, writes bench/results.json.
+#   make bench ARGS="--configs base --settings torch-bf16,mlx-fp32-openblas"
+bench: $(STAMP)
+	$(PY) -m bench.run $(ARGS)

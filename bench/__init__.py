@@ -1,0 +1,1 @@
+"""Throughput benchmark of both backends (`make bench`, `python -m bench.run`)."""
