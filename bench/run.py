@@ -49,9 +49,11 @@ DEFAULT_OUT = ROOT / "bench" / "results.json"
 CONFIGS = {
     "small": dict(num_layers=4, model_dim=256, num_heads=4, num_kv_heads=2, train_seq_len=256),
     "base": dict(num_layers=9, model_dim=512, num_heads=8, num_kv_heads=4, train_seq_len=1024),
+    # The model of `make train` (bench/pick_backend.py times it; not in `make bench` by default).
+    "preset": dict(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256),
 }
 # (warmup steps, timed steps): a stable median while `make bench` stays within a few minutes.
-STEPS = {"small": (3, 8), "base": (2, 5)}
+STEPS = {"small": (3, 8), "base": (2, 5), "preset": (2, 5)}
 
 # name -> how the row runs. configs: where it runs by default; default=False: only on request
 # (--settings), because it is slow. blas (MLX): "openblas" preloads OpenBLAS as the trainer does,

@@ -3,8 +3,11 @@
     python -m data.build_default [--out-root data/] [--force]
 
 Every .py file under sysconfig's stdlib folder (site-packages and dist-packages excluded) is one
-document, read in sorted relative-path order; files that are not valid UTF-8 are skipped and
-counted. About 2% of the files go to validation, chosen by a hash of the relative path, so a file's
+document; files that are not valid UTF-8 are skipped and counted. Documents are stored in the
+order of the sha256 of their relative path: a fixed shuffle that does not depend on which other
+files exist. (Sorted by path, training read whole packages in a row: the 100-odd near-identical
+codec tables of encodings/ took the train loss of `make train` to 0.7 and its val loss from 4.3 up
+to 6.6 on the way; shuffled, the stream mixes the library.) About 2% of the files go to validation, chosen by a hash of the relative path, so a file's
 split does not depend on which other files exist. The tokenizer is trained on the train split only.
 Output, under the output root:
 
@@ -54,13 +57,16 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def path_hash(relpath: str) -> bytes:
+    return hashlib.sha256(relpath.encode("utf-8")).digest()
+
+
 def is_val(relpath: str) -> bool:
-    digest = hashlib.sha256(relpath.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") % VAL_ONE_IN == 0
+    return int.from_bytes(path_hash(relpath)[:8], "little") % VAL_ONE_IN == 0
 
 
 def collect_corpus(source: Path) -> Corpus:
-    """The .py documents under `source`, in sorted relative-path order, split train/val."""
+    """The .py documents under `source`, in the order of their path hash, split train/val."""
     if not source.is_dir():
         raise DatasetError(f"corpus folder {source} does not exist")
     relpaths = []
@@ -69,7 +75,7 @@ def collect_corpus(source: Path) -> Corpus:
         for name in files:
             if name.endswith(".py"):
                 relpaths.append(Path(folder, name).relative_to(source).as_posix())
-    relpaths.sort()
+    relpaths.sort(key=path_hash)  # a fixed shuffle (see the module docstring)
     train, val, skipped = [], [], []
     sha = hashlib.sha256()
     for rel in relpaths:
@@ -84,7 +90,7 @@ def collect_corpus(source: Path) -> Corpus:
         (val if is_val(rel) else train).append((rel, text))
     if not val and len(train) > 1:
         # A tiny corpus may have no file the hash picks: use the one whose hash is smallest.
-        pick = min(range(len(train)), key=lambda i: hashlib.sha256(train[i][0].encode("utf-8")).digest())
+        pick = min(range(len(train)), key=lambda i: path_hash(train[i][0]))
         val.append(train.pop(pick))
     if not train or not val:
         raise DatasetError(f"corpus folder {source}: need at least 2 UTF-8 .py files, found {len(train) + len(val)}")

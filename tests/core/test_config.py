@@ -83,3 +83,11 @@ def test_help_lists_every_setting(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert all(flag in out for _, flag, _, _ in settings_table())
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [env for env, flag, _, _ in settings_table() if f"`{env}`" not in readme or f"`{flag}`" not in readme]
+    assert not missing, f"README lacks {missing}"
