@@ -75,5 +75,5 @@ def test_roundtrip_val_bpb_agrees(weights_from, trained_runs, validation, parity
 def test_trainers_roundtrip_val_bpb_agree(trained_runs, parity):
     """The two 20-step runs' own roundtrip figures (weights differing by the rounding of training)."""
     t, m = trained_runs["torch"], trained_runs["mlx"]
-    parity.check("trained_val", rel(t.roundtrip_val_loss, m.roundtrip_val_loss), "roundtrip val_loss after 20 steps")
-    parity.check("trained_val", rel(t.roundtrip_val_bpb, m.roundtrip_val_bpb), "roundtrip val_bpb after 20 steps")
+    parity.check("trained_roundtrip", rel(t.roundtrip_val_loss, m.roundtrip_val_loss), "roundtrip val_loss after 20 steps")
+    parity.check("trained_roundtrip", rel(t.roundtrip_val_bpb, m.roundtrip_val_bpb), "roundtrip val_bpb after 20 steps")
