@@ -90,7 +90,10 @@ class TorchSession:
         self.train_model = torch.compile(self.model) if self.runtime.compile else self.model
         if self.world_size > 1:
             ids = [self.runtime.local_rank] if self.torch_device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+            # A 1-layer model has skip_weights of shape (0, d), which no forward reads: DDP must be
+            # told, or it waits for that gradient forever.
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids,
+                                                       find_unused_parameters=spec.num_skip_weights == 0)
         self.load_optimizer_state({})
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:

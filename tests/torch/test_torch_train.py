@@ -31,6 +31,16 @@ def test_two_ranks_with_gloo_match_one_rank_with_two_accumulation_steps(tiny_dat
     assert "world_size:2" in (tmp_path / "runs" / "two" / "log.txt").read_text()
 
 
+def test_two_ranks_train_a_one_layer_model(tiny_dataset, tmp_path):
+    # One layer has no skip connection: skip_weights is (0, d) and never gets a gradient.
+    env = os.environ | tiny_env(tiny_dataset, tmp_path, NUM_LAYERS=1, ITERATIONS=2, RUN_ID="one-layer")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "backend_torch.train"],
+                          cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step:2/2 val_loss:" in (tmp_path / "runs" / "one-layer" / "log.txt").read_text()
+
+
 def test_cuda_on_a_machine_without_cuda_is_a_one_line_error(tiny_dataset, tmp_path):
     with pytest.raises(ConfigError, match="DEVICE=cuda: CUDA is not available on this machine"):
         train("torch", tiny_env(tiny_dataset, tmp_path, DEVICE="cuda"))
