@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from core.backend import Batch, optimizer_slots
 from core.config import ModelSpec, TrainConfig
 from core.errors import CheckpointError
+from core.flops import measure_gflops
 from core.params import MATRIX, param_groups, param_shapes
 
 from backend_mlx.model import GPT
@@ -210,6 +211,13 @@ class MLXSession:
 
     def synchronize(self) -> None:
         mx.synchronize()
+
+    def matmul_gflops(self, dtype: str = "float32", n: int = 2048, seconds: float = 1.0) -> float:
+        """GFLOP/s of an n x n product on this device: the ceiling MFU is measured against."""
+        a = mx.random.normal((n, n)).astype(DTYPES[dtype])
+        b = mx.random.normal((n, n)).astype(DTYPES[dtype])
+        mx.eval(a, b)
+        return measure_gflops(lambda: mx.eval(a @ b), 2 * n ** 3, seconds)
 
     def peak_memory_bytes(self) -> int | None:
         if hasattr(mx, "get_peak_memory"):

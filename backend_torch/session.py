@@ -21,6 +21,7 @@ from backend_torch.optim import adam_update, clip_grad_norm, muon_step
 from core.backend import optimizer_slots
 from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError
+from core.flops import measure_gflops
 from core.params import MATRIX, param_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -173,6 +174,17 @@ class TorchSession:
     def synchronize(self) -> None:
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize()
+
+    def matmul_gflops(self, dtype: str = "float32", n: int = 2048, seconds: float = 1.0) -> float:
+        """GFLOP/s of an n x n product on this device: the ceiling MFU is measured against."""
+        a = torch.randn(n, n, device=self.torch_device).to(DTYPES[dtype])
+        b = torch.randn(n, n, device=self.torch_device).to(DTYPES[dtype])
+
+        def product():
+            a @ b
+            self.synchronize()
+
+        return measure_gflops(product, 2 * n ** 3, seconds)
 
     def peak_memory_bytes(self) -> int | None:
         if self.torch_device.type == "cuda":

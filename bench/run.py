@@ -88,29 +88,6 @@ def make_config(config: str, setting: dict) -> TrainConfig:
                        max_wallclock_seconds=0, warmup_steps=0)
 
 
-def matmul_gflops(backend: str, dtype: str, n: int = 2048, seconds: float = 1.0) -> float:
-    """Median GFLOP/s of an n x n product in this backend: the ceiling MFU is measured against."""
-    if backend == "torch":
-        import torch
-        dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-        product = lambda: a @ b
-    else:
-        import mlx.core as mx
-        dt = {"float32": mx.float32, "bfloat16": mx.bfloat16}[dtype]
-        a, b = mx.random.normal((n, n)).astype(dt), mx.random.normal((n, n)).astype(dt)
-        mx.eval(a, b)
-        product = lambda: mx.eval(a @ b)
-    product()   # the first call starts thread pools and allocates
-    times = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < seconds and len(times) < 50):
-        t0 = time.perf_counter()
-        product()
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
-
-
 def make_session(setting: dict, cfg: TrainConfig):
     if setting["backend"] == "torch":
         from backend_torch.session import TorchSession
@@ -142,9 +119,9 @@ def run_row(name: str, config: str, warmup: int, timed: int) -> dict:
         losses.append(loss)
     step_s, best_s = statistics.median(times[warmup:]), min(times[warmup:])
     fpt = flops_per_token(spec, cfg.train_seq_len)
-    ceiling = {"float32": matmul_gflops(setting["backend"], "float32")}
+    ceiling = {"float32": session.matmul_gflops("float32")}
     if setting["compute_dtype"] != "float32":
-        ceiling[setting["compute_dtype"]] = matmul_gflops(setting["backend"], setting["compute_dtype"])
+        ceiling[setting["compute_dtype"]] = session.matmul_gflops(setting["compute_dtype"])
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
     peak = max_rss if setting["backend"] == "torch" else session.peak_memory_bytes()
     row = dict(setting=name, config=config, backend=setting["backend"], compute_dtype=setting["compute_dtype"],

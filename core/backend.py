@@ -65,6 +65,9 @@ class TrainerBackend(Protocol):
     def synchronize(self) -> None:
         """Wait for queued device work, so timings are honest."""
 
+    def matmul_gflops(self, dtype: str = "float32", n: int = 2048, seconds: float = 1.0) -> float:
+        """GFLOP/s of an n x n product on this device: the ceiling MFU is measured against."""
+
     def peak_memory_bytes(self) -> int | None: ...
 
     def close(self) -> None: ...

@@ -20,6 +20,9 @@ Training (forward + backward, the backward costing twice the forward): 3x the fo
 
 from __future__ import annotations
 
+import statistics
+import time
+
 from core.config import ModelSpec
 
 
@@ -42,3 +45,18 @@ def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> int:
 def flops_per_token(spec: ModelSpec, seq_len: int) -> int:
     """Training FLOPs per token (forward + backward): 3 x the forward."""
     return 3 * forward_flops_per_token(spec, seq_len)
+
+
+def measure_gflops(run_once, flops: float, seconds: float = 1.0) -> float:
+    """Median GFLOP/s of `run_once()` (which must finish its work before returning) doing `flops`.
+
+    The backends time an n x n matrix product with it: the ceiling MFU is measured against.
+    """
+    run_once()  # the first call starts thread pools and allocates
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < seconds and len(times) < 50):
+        t0 = time.perf_counter()
+        run_once()
+        times.append(time.perf_counter() - t0)
+    return flops / statistics.median(times) / 1e9

@@ -244,7 +244,7 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
     # Warmup: prime compilation on real steps, then put weights, optimizer and data back.
     if cfg.warmup_steps and backend.compiled and step == 0:
         weights0, optim0, data0 = backend.export_weights(), backend.export_optimizer_state(), loader.state()
-        for w in range(cfg.warmup_steps):
+        for _ in range(cfg.warmup_steps):
             backend.train_step(next_micro_batches(), learning_rates(cfg, 0, 0.0), momentum(cfg, 0), 0)
         backend.load_weights(weights0)
         backend.load_optimizer_state(optim0)
@@ -368,6 +368,9 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
     trained_steps = max(step - start_step, 1)
     run_ms = elapsed_ms - resumed_ms  # this run's training time, without a resumed run's earlier time
     tok_s = tokens_per_step * (step - start_step) / max(run_ms / 1000.0, 1e-9) if step > start_step else 0.0
+    # MFU: model FLOPs per second per process over the fp32 matrix-product ceiling measured here now.
+    ceiling_gflops = backend.matmul_gflops("float32", n=1024, seconds=0.25) if step > start_step else None
+    mfu = tok_s * flops_token / world / (ceiling_gflops * 1e9) if ceiling_gflops else None
     peak = backend.peak_memory_bytes()
     if peak is None:  # the process's peak resident memory (Linux reports KiB)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
@@ -381,6 +384,7 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
         "unigram_val_loss": uni_loss, "unigram_val_bpb": uni_bpb,
         "train_time_s": elapsed_ms / 1000.0, "step_avg_ms": run_ms / trained_steps, "tokens_per_s": tok_s,
         "flops_per_token": flops_token, "achieved_tflops": tok_s * flops_token / 1e12,
+        "matmul_gflops_fp32": ceiling_gflops, "mfu": mfu,
         "peak_memory_bytes": int(peak), "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(last_checkpoint) if last_checkpoint else None, "artifact": str(artifact_path),
     }

@@ -41,6 +41,9 @@ def test_summary_says_whether_the_model_beats_the_baseline():
     text = "\n".join(format_summary(s))
     assert "1.0000 bits per byte better" in text and "50.0% of the 16,000,000-byte budget" in text
     assert "WORSE" in "\n".join(format_summary(dict(s, val_bpb=3.0)))
+    assert "MFU" not in text
+    assert "MFU 40.0% of the fp32 matmul ceiling measured here (250 GFLOP/s)" in "\n".join(
+        format_summary(dict(s, mfu=0.4, matmul_gflops_fp32=250.0)))
 
 
 def test_loss_plot_is_a_png(tmp_path):
