@@ -5,6 +5,9 @@
 #   make data-fineweb  download the Parameter Golf FineWeb export (VARIANT=sp1024 TRAIN_SHARDS=1)
 #   make train-cpu     torch on the CPU        make train-cuda   torch on CUDA (NPROC=8 for 8 GPUs)
 #   make train-mlx     MLX (Metal on a Mac, its CPU backend on Linux)
+#   make sample        continue PROMPT="..." with a checkpoint (CHECKPOINT=..., BACKEND=torch|mlx)
+#   make parity        the cross-backend parity suite and its table
+#   make bench         tokens/s, step time, MFU and memory of both backends on this machine
 # Settings pass through as environment variables (NUM_LAYERS=4 make train-cpu) or ARGS="--num-layers 4".
 
 PYTHON ?= python3
@@ -28,7 +31,7 @@ PRESET := ITERATIONS=$${ITERATIONS:-500} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS
 .PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv parity bench
 
 help:
-	@sed -n '1,9p' Makefile
+	@sed -n '1,12p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
