@@ -57,3 +57,18 @@ def ensure_fast_blas(module: str, argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+
+
+def blas_note() -> str | None:
+    """One log line: which BLAS this process's MLX CPU backend really has loaded (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().lower()
+    except OSError:
+        return None
+    if "openblas" in maps:
+        return "blas: OpenBLAS (preloaded)"
+    return ("blas: MLX's bundled reference BLAS (slow on the CPU; sudo apt-get install libopenblas0-pthread "
+            "and the trainer preloads it, ~30x faster)")

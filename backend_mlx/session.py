@@ -11,7 +11,6 @@ after every chunk so the lazy graph, and with it memory, stays bounded (16 GB Ma
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 import mlx.core as mx
@@ -19,12 +18,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from core.backend import Batch, optimizer_slots
+from core.backend import Batch, checked_optimizer_state
 from core.config import ModelSpec, TrainConfig
-from core.errors import CheckpointError
 from core.flops import measure_gflops
 from core.params import MATRIX, param_groups, param_shapes
 
+from backend_mlx.blas import blas_note
 from backend_mlx.model import GPT
 from backend_mlx.optim import Adam, Muon, clip_grad_norm
 
@@ -42,20 +41,6 @@ def chunks(x: np.ndarray, y: np.ndarray, max_tokens: int):
 def _ids(a: np.ndarray) -> mx.array:
     # One integer dtype for every batch (shards hold uint16): a compiled function is traced per dtype.
     return mx.array(np.asarray(a, dtype=np.int32))
-
-
-def _blas_note() -> str | None:
-    """MLX's Linux wheel ships a slow reference BLAS; say whether a faster one is loaded."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        with open("/proc/self/maps") as f:
-            maps = f.read().lower()
-    except OSError:
-        return None
-    if "openblas" in maps:
-        return "blas: OpenBLAS (preloaded)"
-    return "blas: MLX's bundled reference BLAS (slow on CPU; preloading OpenBLAS is ~30x faster)"
 
 
 class MLXSession:
@@ -118,7 +103,7 @@ class MLXSession:
             f"mx.compile {'on' if self.use_compile else 'off'} (COMPILE={cfg.compile}), "
             f"chunks of at most {cfg.mlx_max_microbatch_tokens} tokens, eager eval {'on' if cfg.mlx_eager_eval else 'off'}"
         ]
-        if not on_gpu and (note := _blas_note()):
+        if not on_gpu and (note := blas_note()):
             self.notes.append(note)
 
     def _loss_sum(self, x: mx.array, y: mx.array) -> mx.array:
@@ -134,21 +119,11 @@ class MLXSession:
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         """Flat dict "<name>.<slot>" (core/backend.py); empty means fresh zeros. All checked before any is set."""
-        slots = {f"{name}.{slot}": (s, slot) for group, opt in self.optimizers.items()
-                 for name, s in opt.state.items() for slot in optimizer_slots(group)}
-        if state:
-            missing, extra = sorted(set(slots) - set(state)), sorted(set(state) - set(slots))
-            if missing or extra:
-                raise CheckpointError(f"optimizer state: missing {', '.join(missing[:5]) or 'nothing'}, "
-                                      f"unexpected {', '.join(extra[:5]) or 'nothing'}")
-        values = {}
-        for key, (s, slot) in slots.items():
-            shape = tuple(s[slot].shape)
-            values[key] = np.asarray(state[key], dtype=np.float32) if state else np.zeros(shape, np.float32)
-            if values[key].shape != shape:
-                raise CheckpointError(f"optimizer state: {key} has shape {values[key].shape}, this model spec needs {shape}")
-        for key, (s, slot) in slots.items():
-            s[slot] = mx.array(values[key])   # in place: the compiled step holds these very dicts
+        values = checked_optimizer_state(self.spec, state)
+        for opt in self.optimizers.values():
+            for name, slots in opt.state.items():
+                for slot in slots:
+                    slots[slot] = mx.array(values[f"{name}.{slot}"])  # in place: the compiled step holds these dicts
         mx.eval([opt.state for opt in self.optimizers.values()])
 
     def export_optimizer_state(self) -> dict[str, np.ndarray]:

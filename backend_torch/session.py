@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from backend_torch.model import GPT
 from backend_torch.optim import adam_update, clip_grad_norm, muon_step
-from core.backend import optimizer_slots
+from core.backend import checked_optimizer_state
 from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError
 from core.flops import measure_gflops
@@ -104,13 +104,9 @@ class TorchSession:
         return self.model.export_weights()
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
-        self.state = {}
-        for p in self.table:
-            for slot in optimizer_slots(p.group):
-                key = f"{p.name}.{slot}"
-                value = state.get(key)
-                self.state[key] = (torch.zeros(p.shape, dtype=torch.float32, device=self.torch_device)
-                                   if value is None else torch.tensor(value, dtype=torch.float32, device=self.torch_device))
+        """Flat dict "<name>.<slot>" (core/backend.py); empty means fresh zeros. All checked before any is set."""
+        self.state = {key: torch.tensor(value, device=self.torch_device)
+                      for key, value in checked_optimizer_state(self.spec, state).items()}
 
     def export_optimizer_state(self) -> dict[str, np.ndarray]:
         return {key: t.detach().cpu().numpy().copy() for key, t in self.state.items()}

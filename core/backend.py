@@ -19,6 +19,8 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from core.config import ModelSpec, TrainConfig
+from core.errors import CheckpointError
+from core.params import param_table
 
 Batch = tuple[np.ndarray, np.ndarray]   # (x, y) int arrays of shape (B, T)
 
@@ -26,6 +28,26 @@ Batch = tuple[np.ndarray, np.ndarray]   # (x, y) int arrays of shape (B, T)
 def optimizer_slots(group: str) -> tuple[str, ...]:
     """State slots each optimizer group keeps per parameter (see the module docstring)."""
     return ("momentum_buffer",) if group == "matrix" else ("exp_avg", "exp_avg_sq")
+
+
+def checked_optimizer_state(spec: ModelSpec, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every optimizer slot of `spec` as a float32 array: `state`'s, or zeros when `state` is empty.
+
+    Both backends load through this, so a state with missing, unexpected or misshapen slots is the
+    same one-line CheckpointError in either, raised before anything is set.
+    """
+    shapes = {f"{p.name}.{slot}": p.shape for p in param_table(spec) for slot in optimizer_slots(p.group)}
+    if not state:
+        return {key: np.zeros(shape, np.float32) for key, shape in shapes.items()}
+    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise CheckpointError(f"optimizer state: missing {', '.join(missing[:5]) or 'nothing'}, "
+                              f"unexpected {', '.join(extra[:5]) or 'nothing'}")
+    values = {key: np.asarray(state[key], dtype=np.float32) for key in shapes}
+    for key, shape in shapes.items():
+        if values[key].shape != shape:
+            raise CheckpointError(f"optimizer state: {key} has shape {values[key].shape}, this model spec needs {shape}")
+    return values
 
 
 class TrainerBackend(Protocol):
