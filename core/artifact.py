@@ -30,7 +30,6 @@ identical wherever Python's zlib is the same deflate implementation (stock zlib,
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import ArtifactError
+from core.files import write_bytes_atomic
 from core.params import is_control
 
 ARTIFACT_BUDGET_BYTES = 16_000_000
@@ -239,13 +239,9 @@ def unpack(blob: bytes, source: str = "artifact") -> dict[str, np.ndarray]:
 
 def write_artifact(path: str | Path, blob: bytes) -> int:
     """Write packed bytes to `path` atomically (temp file + rename); returns the size in bytes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, blob)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise ArtifactError(f"artifact {path}: cannot write it ({err.strerror or err})") from None
     return len(blob)
 

@@ -24,7 +24,6 @@ Saving writes a temporary file next to the target, fsyncs it and renames it over
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 
 from core.config import ModelSpec
 from core.errors import CheckpointError, ConfigError
+from core.files import write_bytes_atomic
 from core.params import check_weights
 
 FORMAT_VERSION = 1
@@ -77,27 +77,6 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON-serializable")
 
 
-def _write_atomically(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        safetensors.numpy.save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())   # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
 def save_checkpoint(path, *, spec: ModelSpec, config, step: int, weights: dict[str, np.ndarray],
                     optimizer_state: dict[str, Any], data_state: dict, rng_state: dict | None = None,
                     backend: str = "", extra: dict | None = None) -> None:
@@ -126,7 +105,7 @@ def save_checkpoint(path, *, spec: ModelSpec, config, step: int, weights: dict[s
     tensors.update(optim_arrays)
     tensors.update(rng_arrays)
     try:
-        _write_atomically(path, tensors, {META_KEY: text})
+        write_bytes_atomic(path, safetensors.numpy.save(tensors, metadata={META_KEY: text}))
     except OSError as e:
         raise CheckpointError(f"{label}: cannot write it ({e.strerror or e})") from None
 

@@ -36,7 +36,8 @@ from typing import Callable
 import numpy as np
 
 from core.errors import DatasetError, exit_on_user_error
-from data.shards import ShardError, file_sha256, read_header, write_bytes_atomic, write_shard
+from core.files import write_bytes_atomic
+from data.shards import ShardError, file_sha256, read_header, write_shard
 from data.tokenizer import encode_documents, load_tokenizer, train_tokenizer
 
 MANIFEST_FORMAT = "twingpt-dataset-1"

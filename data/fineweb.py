@@ -36,7 +36,8 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from core.errors import DatasetError, exit_on_user_error
-from data.shards import atomic_writer, file_sha256, read_header, read_json_object, write_bytes_atomic
+from core.files import atomic_writer, write_bytes_atomic
+from data.shards import file_sha256, read_header, read_json_object
 from data.tokenizer import load_tokenizer
 
 REPO_ID = "willdepueoai/parameter-golf"

@@ -4,23 +4,21 @@ A shard is a header of 256 little-endian int32 — [0] = 20240520 (magic), [1] =
 [2] = n (token count), the rest 0 — followed by n little-endian uint16 tokens, so the file is
 exactly 1024 + 2n bytes. Names end in `_train_NNNNNN.bin` or `_val_NNNNNN.bin`.
 
-Every file we write goes through `atomic_writer`: a temporary file in the same folder, renamed over
+Every file we write goes through core.files.atomic_writer: a temporary file in the same folder, renamed over
 the target only once complete, so an interrupted run never leaves a half-written shard behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from core.errors import DatasetError
+from core.files import atomic_writer
 
 MAGIC = 20240520
 VERSION = 1
@@ -32,30 +30,6 @@ SPLITS = ("train", "val")
 
 class ShardError(DatasetError):
     """A malformed shard: the message names the file and the defect."""
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike) -> Iterator:
-    """Open a temporary file next to `path` for binary writing; on success it replaces `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary data files
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_writer(path) as f:
-        f.write(data)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -33,7 +33,7 @@ import numpy as np
 
 from core.errors import DatasetError
 from core.metrics import load_sentencepiece
-from data.shards import write_bytes_atomic
+from core.files import write_bytes_atomic
 
 BOS_ID = 1
 

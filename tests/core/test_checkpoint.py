@@ -98,7 +98,7 @@ def test_failed_save_leaves_old_checkpoint_intact(tmp_path, monkeypatch):
     def disk_full(fd):  # the data has been written to the temp file; flushing it fails
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(CheckpointError, match=f"checkpoint {path}: cannot write it \\(No space left on device\\)"):
         save(path, step=2)
     assert path.read_bytes() == before
@@ -111,15 +111,17 @@ def test_interrupted_save_leaves_old_checkpoint_intact(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.safetensors"
     save(path, step=1)
     before = path.read_bytes()
-    real_save_file = safetensors.numpy.save_file
+    real_save = safetensors.numpy.save
 
-    def half_then_interrupt(tensors, filename, metadata=None):
-        real_save_file(tensors, filename, metadata=metadata)
-        with open(filename, "r+b") as f:
-            f.truncate(os.path.getsize(filename) // 2)
+    def half_then_interrupt(tensors, metadata=None):  # half the bytes reach the file, then Ctrl-C
+        blob = real_save(tensors, metadata=metadata)
+        monkeypatch.setattr(os, "fsync", interrupt)
+        return blob[: len(blob) // 2]
+
+    def interrupt(fd):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint.safetensors.numpy, "save_file", half_then_interrupt)
+    monkeypatch.setattr(checkpoint.safetensors.numpy, "save", half_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         save(path, step=2)
     assert path.read_bytes() == before

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from core.errors import DatasetError, UserError
-from data.shards import MAGIC, ShardError, atomic_writer, list_shards, read_header, read_shard, write_shard
+from core.files import atomic_writer
+from data.shards import MAGIC, ShardError, list_shards, read_header, read_shard, write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 
