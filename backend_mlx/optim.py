@@ -1,7 +1,7 @@
 """Muon and Adam of SPEC §6, written out by hand on MLX arrays (mirrors backend_torch/optim.py).
 
 Each optimizer keeps its state in `.state`, a dict name -> {slot: fp32 array}, with the slot names
-of core/backend.py, so the session can export it flat and hand it to mx.compile as captured state.
+of trainer/backend.py, so the session can export it flat and hand it to mx.compile as captured state.
 `step` takes the parameters and gradients as dicts name -> array and returns the new parameters;
 learning rate, momentum and Adam's bias corrections come in as arguments (scalars or 0-d arrays),
 so a compiled step is traced once and never re-traced as the schedule moves them.

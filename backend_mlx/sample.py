@@ -1,4 +1,4 @@
-"""python -m backend_mlx.sample: continue a prompt with a checkpoint, in MLX (core/sampling.py).
+"""python -m backend_mlx.sample: continue a prompt with a checkpoint, in MLX (trainer/sampling.py).
 
 The model runs in fp32 on MLX's default device (Metal on a Mac, the CPU on Linux); tokens are
 chosen on the host.
@@ -10,11 +10,11 @@ import numpy as np
 
 from backend_mlx.blas import ensure_fast_blas
 from core.errors import exit_on_user_error
-from core.sampling import parse_sample_settings, run_sampling
+from trainer.sampling import parse_sample_settings, run_sampling
 
 
 def make_last_logits(spec, weights):
-    """The GPT of these weights, as core.sampling's LastLogits: (1, T) ids + caches -> (V,) numpy."""
+    """The GPT of these weights, as trainer.sampling's LastLogits: (1, T) ids + caches -> (V,) numpy."""
     import mlx.core as mx
 
     from backend_mlx.model import GPT

@@ -1,4 +1,4 @@
-"""MLX's side of the one training loop: core.backend.TrainerBackend on Metal or MLX's CPU backend.
+"""MLX's side of the one training loop: trainer.backend.TrainerBackend on Metal or MLX's CPU backend.
 
 Everything crosses the boundary as numpy arrays and Python floats. A training step is:
     for each micro-batch, for each chunk of at most MLX_MAX_MICROBATCH_TOKENS tokens (whole
@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from core.backend import Batch, checked_optimizer_state
+from trainer.backend import Batch, checked_optimizer_state
 from core.config import ModelSpec, TrainConfig
 from core.flops import measure_gflops
 from core.params import MATRIX, param_groups, param_shapes
@@ -118,7 +118,7 @@ class MLXSession:
         return self.model.export_weights()
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
-        """Flat dict "<name>.<slot>" (core/backend.py); empty means fresh zeros. All checked before any is set."""
+        """Flat dict "<name>.<slot>" (trainer/backend.py); empty means fresh zeros. All checked before any is set."""
         values = checked_optimizer_state(self.spec, state)
         for opt in self.optimizers.values():
             for name, slots in opt.state.items():

@@ -6,7 +6,7 @@ The same settings, log lines, checkpoints and artifact as python -m backend_torc
 import sys
 
 from backend_mlx.blas import ensure_fast_blas
-from core import train_loop
+from trainer import loop as train_loop
 
 
 def make_session(cfg):

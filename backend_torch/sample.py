@@ -1,4 +1,4 @@
-"""python -m backend_torch.sample: continue a prompt with a checkpoint, in PyTorch (core/sampling.py).
+"""python -m backend_torch.sample: continue a prompt with a checkpoint, in PyTorch (trainer/sampling.py).
 
 The model runs in fp32, on CUDA when available, else on the CPU; tokens are chosen on the host.
 """
@@ -8,11 +8,11 @@ import sys
 import numpy as np
 
 from core.errors import exit_on_user_error
-from core.sampling import parse_sample_settings, run_sampling
+from trainer.sampling import parse_sample_settings, run_sampling
 
 
 def make_last_logits(spec, weights, device=None):
-    """The GPT of these weights, as core.sampling's LastLogits: (1, T) ids + caches -> (V,) numpy."""
+    """The GPT of these weights, as trainer.sampling's LastLogits: (1, T) ids + caches -> (V,) numpy."""
     import torch
 
     from backend_torch.model import GPT

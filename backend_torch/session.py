@@ -1,4 +1,4 @@
-"""The torch side of the training loop (core/backend.py): device, precision, compile, DDP, optimizers.
+"""The torch side of the training loop (trainer/backend.py): device, precision, compile, DDP, optimizers.
 
 Every device, dtype and compile choice of the torch backend is made in `resolve_runtime`, so the
 CPU tests run the very code a GPU run executes, with only these choices different.
@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from backend_torch.model import GPT
 from backend_torch.optim import adam_update, clip_grad_norm, muon_step
-from core.backend import checked_optimizer_state
+from trainer.backend import checked_optimizer_state
 from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError
 from core.flops import measure_gflops
@@ -104,7 +104,7 @@ class TorchSession:
         return self.model.export_weights()
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
-        """Flat dict "<name>.<slot>" (core/backend.py); empty means fresh zeros. All checked before any is set."""
+        """Flat dict "<name>.<slot>" (trainer/backend.py); empty means fresh zeros. All checked before any is set."""
         self.state = {key: torch.tensor(value, device=self.torch_device)
                       for key, value in checked_optimizer_state(self.spec, state).items()}
 

@@ -3,7 +3,7 @@
 Every setting is an environment variable, a flag or a config-file entry (python -m backend_torch.train --help).
 """
 
-from core import train_loop
+from trainer import loop as train_loop
 
 
 def make_session(cfg):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.errors import DatasetError
 from core.metrics import load_sentencepiece
-from data.shards import file_sha256, list_shards, read_json_object
+from data.shards import check_shard, file_sha256, list_shards, read_json_object
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FINEWEB_DEFAULT = Path("data/datasets/fineweb10B_sp1024")
@@ -58,8 +58,13 @@ def _conventional_tokenizer(folder: Path) -> Path | None:
     return None
 
 
-def resolve_dataset(data_path: str = "", tokenizer_path: str = "", vocab_size: int = 1024) -> Dataset:
-    """The shards and tokenizer of a run, checked to exist and to belong together."""
+def resolve_dataset(data_path: str = "", tokenizer_path: str = "", vocab_size: int = 1024,
+                    check_tokens: bool = True) -> Dataset:
+    """The shards and tokenizer of a run, checked to exist and to belong together.
+
+    With `check_tokens` (a run, an evaluation) every train and val shard is read once, through a
+    memory map: its header, its size, and its largest token id, which must be < vocab_size. A
+    reader that only needs the tokenizer (the sampler) passes False."""
     if data_path:
         folder = _user_path(data_path)
     else:
@@ -112,6 +117,10 @@ def resolve_dataset(data_path: str = "", tokenizer_path: str = "", vocab_size: i
     sp_size = load_sentencepiece(tokenizer).vocab_size()
     if sp_size != vocab_size:
         raise DatasetError(f"{label} has vocabulary size {sp_size}, but VOCAB_SIZE={vocab_size}")
+
+    if check_tokens:
+        for path in train_files + val_files:
+            check_shard(path, vocab_size)
 
     return Dataset(
         data_path=folder,

@@ -78,15 +78,45 @@ def read_header(path: str | os.PathLike) -> int:
     return n
 
 
-def read_shard(path: str | os.PathLike) -> np.ndarray:
-    """The tokens of a shard as a 1-D uint16 array; a malformed file raises ShardError."""
+def check_token_range(tokens: np.ndarray, vocab_size: int, where: str, offset: int = 0) -> None:
+    """Refuse token ids the model has no embedding for (>= vocab_size), naming `where`, the first
+    such id and its position (`offset` = position of tokens[0]). An id past the embedding table
+    would crash MLX's gather (a segmentation fault) and raise an IndexError deep inside torch."""
+    if tokens.size == 0 or int(tokens.max()) < vocab_size:
+        return
+    i = int(np.argmax(tokens >= vocab_size))
+    raise ShardError(f"{where}: token id {int(tokens[i])} at position {offset + i} is outside the vocabulary "
+                     f"of VOCAB_SIZE={vocab_size}; was it tokenized with another tokenizer?")
+
+
+def read_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
+    """The tokens of a shard as a 1-D uint16 array; a malformed file, or with `vocab_size` a token
+    id >= vocab_size, raises ShardError."""
     n = read_header(path)
     with open(path, "rb") as f:
         f.seek(HEADER_BYTES)
         tokens = np.fromfile(f, dtype="<u2", count=n)
     if tokens.size != n:  # the file shrank between the size check and the read
         raise ShardError(f"shard {path}: holds {tokens.size} tokens, the header says {n}")
+    if vocab_size is not None:
+        check_token_range(tokens, vocab_size, f"shard {path}")
     return tokens.astype(np.uint16, copy=False)
+
+
+CHECK_BLOCK_TOKENS = 1 << 24  # 32 MiB of a shard at a time: checking never holds a whole shard
+
+
+def check_shard(path: str | os.PathLike, vocab_size: int) -> int:
+    """Header, size and token range of one shard, read through a memory map in blocks; the token count.
+
+    Measured here: about 0.1 s per 100M-token (200 MB) shard from the page cache (README, Data)."""
+    n = read_header(path)
+    if n:
+        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+        for start in range(0, n, CHECK_BLOCK_TOKENS):
+            check_token_range(np.asarray(tokens[start:start + CHECK_BLOCK_TOKENS]), vocab_size, f"shard {path}", start)
+        del tokens
+    return n
 
 
 def write_shard(path: str | os.PathLike, tokens) -> None:

@@ -25,8 +25,9 @@ from data.shards import read_header, read_shard
 class TokenStream:
     """The train shards, one after the other, forever."""
 
-    def __init__(self, files: Sequence[str | os.PathLike]):
+    def __init__(self, files: Sequence[str | os.PathLike], vocab_size: int | None = None):
         self.files = [Path(f) for f in files]
+        self.vocab_size = vocab_size  # when given, every shard's token range is checked as it is read
         if not self.files:
             raise DatasetError("token stream: no shard files given")
         self.counts = [read_header(f) for f in self.files]  # validates every shard up front
@@ -37,7 +38,7 @@ class TokenStream:
 
     def _load(self, file_index: int) -> None:
         self.file_index = file_index
-        self.tokens = read_shard(self.files[file_index])
+        self.tokens = read_shard(self.files[file_index], self.vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         """The next n tokens (uint16), crossing shard boundaries and wrapping around."""
@@ -87,12 +88,13 @@ class TokenStream:
 class DistributedTokenLoader:
     """Per-rank training batches from the shared TokenStream (the reference trainers' loader)."""
 
-    def __init__(self, files: Sequence[str | os.PathLike], rank: int = 0, world_size: int = 1):
+    def __init__(self, files: Sequence[str | os.PathLike], rank: int = 0, world_size: int = 1,
+                 vocab_size: int | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} of world size {world_size}: need 0 <= rank < world size")
         self.rank = rank
         self.world_size = world_size
-        self.stream = TokenStream(files)
+        self.stream = TokenStream(files, vocab_size)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """One micro-step's (x, y) for this rank: int64 arrays of shape (-1, seq_len)."""
@@ -115,11 +117,13 @@ class DistributedTokenLoader:
         self.stream.restore(state)
 
 
-def load_validation_tokens(files: Sequence[str | os.PathLike], seq_len: int) -> np.ndarray:
-    """All val shards concatenated, cut to a multiple of seq_len plus one (uint16)."""
+def load_validation_tokens(files: Sequence[str | os.PathLike], seq_len: int,
+                           vocab_size: int | None = None) -> np.ndarray:
+    """All val shards concatenated, cut to a multiple of seq_len plus one (uint16); with
+    `vocab_size`, a token id >= vocab_size is a ShardError naming its shard."""
     if not files:
         raise DatasetError("validation: no val shard files given")
-    tokens = np.concatenate([read_shard(f) for f in files])
+    tokens = np.concatenate([read_shard(f, vocab_size) for f in files])
     usable = ((tokens.size - 1) // seq_len) * seq_len if tokens.size else 0
     if usable <= 0:
         raise DatasetError(

@@ -5,15 +5,18 @@ what a user may expect of it.
 """
 
 import json
-import signal
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from core.checkpoint import load_checkpoint
 from core.errors import CheckpointError, ConfigError, DatasetError
+from data.shards import write_shard
 from trainer_helpers import REPO, tiny_env, train
 
 BACKENDS = ["torch", "mlx"]
@@ -107,3 +110,25 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(backen
     resumed = train(backend, tiny_env(tiny_dataset, tmp_path, RUN_ID="resumed", ITERATIONS=end, WARMDOWN_ITERS=0,
                                       RESUME_FROM=ckpts[0]))
     assert resumed.train_losses == full.train_losses[stopped_at:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("split, defect", [("train", "token id"), ("train", "header"), ("val", "token id")])
+def test_a_bad_shard_is_refused_before_anything_is_written(backend, split, defect, tiny_dataset, tmp_path):
+    """A shard holding an id past the vocabulary once crashed MLX (segfault) and torch (IndexError);
+    a bad header was found only after the run folder existed. Both are one line, exit 2, no folder."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset[0], data)
+    bad = data / f"stdlib_{split}_000099.bin"   # sorts after the real shard: read last, checked first
+    if defect == "token id":
+        write_shard(bad, [1, 5, 600, 7, 511])   # the tiny vocabulary is 512
+        expected = (f"error: shard {bad}: token id 600 at position 2 is outside the vocabulary of "
+                    "VOCAB_SIZE=512; was it tokenized with another tokenizer?")
+    else:
+        bad.write_bytes(np.array([20240520, 7] + [0] * 254, dtype="<i4").tobytes())
+        expected = f"error: shard {bad}: unsupported version 7 (expected 1)"
+    env = os.environ | tiny_env(tiny_dataset, tmp_path, DATA_PATH=data, RUN_ID="bad")
+    proc = subprocess.run([sys.executable, "-m", f"backend_{backend}.train"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr.strip()) == (2, expected)
+    assert not (tmp_path / "runs").exists()

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from core.config import load_config
-from core.train_loop import run_training
+from trainer.loop import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 

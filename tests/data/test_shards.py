@@ -8,7 +8,9 @@ import pytest
 
 from core.errors import DatasetError, UserError
 from core.files import atomic_writer
-from data.shards import MAGIC, ShardError, list_shards, read_header, read_shard, write_shard
+from data import shards
+from data.shards import MAGIC, ShardError, check_shard, list_shards, read_header, read_shard, write_shard
+from data.stream import TokenStream, load_validation_tokens
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,3 +115,40 @@ def test_core_and_data_import_no_tensor_framework():
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"  # sentencepiece too is only imported when a tokenizer is used
+
+
+def test_check_shard_finds_an_id_past_the_vocabulary_and_names_its_position(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "CHECK_BLOCK_TOKENS", 64)   # several blocks, as a real shard has
+    tokens = np.arange(1000, dtype=np.uint16) % 100
+    path = tmp_path / "x_train_000000.bin"
+    write_shard(path, tokens)
+    assert check_shard(path, 100) == 1000
+    tokens[777], tokens[900] = 150, 3000
+    write_shard(path, tokens)
+    with pytest.raises(ShardError, match=r"x_train_000000.bin: token id 150 at position 777 is outside the "
+                                         r"vocabulary of VOCAB_SIZE=100; was it"):
+        check_shard(path, 100)
+    with pytest.raises(ShardError, match=r"token id 3000 at position 900 is outside"):
+        check_shard(path, 151)
+    assert check_shard(path, 3001) == 1000
+
+
+def test_check_shard_refuses_a_bad_header_and_accepts_an_empty_shard(tmp_path):
+    path = tmp_path / "x_val_000000.bin"
+    write_shard(path, [])
+    assert check_shard(path, 10) == 0
+    path.write_bytes(path.read_bytes() + b"\x01")
+    with pytest.raises(ShardError, match="does not match the header's 0 tokens"):
+        check_shard(path, 10)
+
+
+def test_readers_given_a_vocabulary_refuse_ids_past_it(tmp_path):
+    path = tmp_path / "x_train_000000.bin"
+    write_shard(path, [1, 2, 3, 9, 4])
+    assert read_shard(path, 10).tolist() == [1, 2, 3, 9, 4]
+    with pytest.raises(ShardError, match="token id 9 at position 3 is outside the vocabulary of VOCAB_SIZE=9"):
+        read_shard(path, 9)
+    with pytest.raises(ShardError, match="token id 9 at position 3 is outside"):
+        TokenStream([path], vocab_size=9)
+    with pytest.raises(ShardError, match="token id 9 at position 3 is outside"):
+        load_validation_tokens([path], 2, vocab_size=5)

@@ -15,7 +15,7 @@ import numpy_optim as ref
 from backend_mlx.model import GPT
 from backend_mlx.session import MLXSession
 from core import reference
-from core.backend import optimizer_slots
+from trainer.backend import optimizer_slots
 from core.config import TrainConfig
 from core.errors import CheckpointError
 from core.init import random_weights

@@ -261,7 +261,7 @@ def train_config(spec: ModelSpec, **overrides) -> TrainConfig:
 
 
 def make_session(backend: str, cfg: TrainConfig):
-    """A set-up session of either backend, through the core.backend interface."""
+    """A set-up session of either backend, through the trainer.backend interface."""
     session = TorchSession(cfg, environ={}) if backend == "torch" else MLXSession()
     session.setup(cfg.model_spec(), cfg)
     return session

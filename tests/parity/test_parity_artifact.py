@@ -7,7 +7,7 @@ import pytest
 from core import artifact
 from core.checkpoint import load_checkpoint
 from core.init import random_weights
-from core.train_loop import evaluate
+from trainer.validation import evaluate
 from parity_lib import BACKENDS, CASE_BY_NAME, CASES, make_session, rel, train_config
 
 

@@ -1,11 +1,11 @@
 """SPEC §10, third row: one full optimizer step (Muon for the matrices, Adam for the rest) from the
 same weights, the same non-empty optimizer state and the same batch gives the same new weights
-(<= 1e-5) in both backends, through the sessions' train_step of the core.backend interface."""
+(<= 1e-5) in both backends, through the sessions' train_step of the trainer.backend interface."""
 
 import numpy as np
 import pytest
 
-from core.backend import optimizer_slots
+from trainer.backend import optimizer_slots
 from core.params import param_table
 from core.schedule import learning_rates, momentum
 from parity_lib import BACKENDS, CASE_BY_NAME, SMALL_CASES, make_session, rel, train_config

@@ -9,7 +9,7 @@ import pytest
 from core import reference
 from core.checkpoint import load_checkpoint
 from core.init import random_weights
-from core.train_loop import evaluate
+from trainer.validation import evaluate
 from parity_lib import BACKENDS, RESUME_STEP, TRAIN_SETTINGS, logits, make_session, rel
 from trainer_helpers import train
 

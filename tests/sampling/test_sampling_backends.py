@@ -16,7 +16,7 @@ from backend_torch.model import GPT as TorchGPT
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.config import ModelSpec
 from core.init import random_weights
-from core.sampling import (BOS_ID, KVCacheDecoder, SampleSettings, generate, parse_sample_settings,
+from trainer.sampling import (BOS_ID, KVCacheDecoder, SampleSettings, generate, parse_sample_settings,
                            run_sampling)
 from trainer_helpers import REPO, tiny_env, train
 

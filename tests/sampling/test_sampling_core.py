@@ -1,4 +1,4 @@
-"""core/sampling.py without a tensor framework: token choice, the loop, settings, tokenizer, prompt."""
+"""trainer/sampling.py without a tensor framework: token choice, the loop, settings, tokenizer, prompt."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from core.checkpoint import Checkpoint
 from core.config import ModelSpec
 from core.errors import ConfigError, DatasetError
-from core.sampling import (BOS_ID, EOS_ID, KVCacheDecoder, decode, encode_prompt, generate, load_tokenizer_for,
+from trainer.sampling import (BOS_ID, EOS_ID, KVCacheDecoder, decode, encode_prompt, generate, load_tokenizer_for,
                            parse_sample_settings, select_token)
 from data.tokenizer import load_tokenizer, train_tokenizer
 

@@ -1,4 +1,4 @@
-"""The small interface each backend implements for the one training loop (core/train_loop.py).
+"""The small interface each backend implements for the one training loop (trainer/loop.py).
 
 Everything crosses this boundary as numpy arrays and Python floats, so the loop, the checkpoint,
 the metric and the artifact are written once. Each backend has one class implementing it:

@@ -186,7 +186,7 @@ def load_tokenizer_for(ckpt: Checkpoint, tokenizer_path: str = ""):
             path = cfg_tokenizer  # named by the run itself: no need for its dataset to still be there
         else:
             try:
-                path = resolve_dataset(data_path, cfg_tokenizer, vocab).tokenizer_path
+                path = resolve_dataset(data_path, cfg_tokenizer, vocab, check_tokens=False).tokenizer_path
             except DatasetError as e:
                 raise DatasetError(f"finding the tokenizer of checkpoint {ckpt.path}: {e} "
                                    "(set TOKENIZER_PATH to name it)") from None

@@ -7,9 +7,9 @@ import math
 import numpy as np
 
 from core.metrics import ByteTables, unigram_baseline
-from core.plot import plot_losses
-from core.progress import Progress, format_seconds
-from core.summary import format_summary
+from trainer.plot import plot_losses
+from trainer.progress import Progress, format_seconds
+from trainer.summary import format_summary
 
 
 def test_no_bar_when_output_is_not_a_terminal():

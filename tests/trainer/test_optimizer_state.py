@@ -1,9 +1,9 @@
-"""Both sessions load optimizer state through core.backend.checked_optimizer_state: same checks, same errors."""
+"""Both sessions load optimizer state through trainer.backend.checked_optimizer_state: same checks, same errors."""
 
 import numpy as np
 import pytest
 
-from core.backend import checked_optimizer_state
+from trainer.backend import checked_optimizer_state
 from core.config import TrainConfig
 from core.errors import CheckpointError
 from trainer_helpers import make_session

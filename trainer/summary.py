@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.progress import format_seconds
+from trainer.progress import format_seconds
 
 
 def format_summary(s: dict) -> list[str]:

@@ -1,0 +1,71 @@
+"""The house's floors (docs/spec.md §1): every module imports only the layers below it.
+
+    core  <  data  <  trainer  <  backend_torch, backend_mlx  <  bench
+
+A backend never imports the other backend, and nothing below the backends imports torch or mlx.
+Imports are read from the source (every `import` and `from ... import`, including those inside
+functions), so a late import cannot hide a climb.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = {"core": 0, "data": 1, "trainer": 2, "backend_torch": 3, "backend_mlx": 3, "bench": 4}
+FRAMEWORKS = {"torch": "backend_torch", "mlx": "backend_mlx"}   # a framework and the one package that may use it
+
+
+def imported_packages(path: Path) -> set[tuple[str, int]]:
+    """(top-level package, line) of every absolute import in a Python file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {(alias.name.split(".")[0], node.lineno) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add((node.module.split(".")[0], node.lineno))
+    return found
+
+
+def violations(root: Path) -> list[str]:
+    """Every import under `root` that climbs a floor, crosses between backends, or uses a framework
+    outside its backend (and bench, which may use both)."""
+    problems = []
+    for package, level in LAYERS.items():
+        for path in sorted((root / package).rglob("*.py")):
+            where = path.relative_to(root)
+            for name, line in sorted(imported_packages(path)):
+                if name in LAYERS and name != package:
+                    if LAYERS[name] > level:
+                        problems.append(f"{where}:{line} imports {name}, a higher layer")
+                    elif LAYERS[name] == level:
+                        problems.append(f"{where}:{line} imports {name}: a backend never imports the other")
+                if name in FRAMEWORKS and package != FRAMEWORKS[name] and package != "bench":
+                    problems.append(f"{where}:{line} imports {name} outside {FRAMEWORKS[name]}")
+    return problems
+
+
+def test_every_layer_imports_only_the_layers_below_it():
+    assert violations(REPO) == []
+
+
+def test_every_package_is_a_known_layer():
+    """A new top-level package must be given its floor here (tests/ and data folders aside)."""
+    packages = {p.parent.name for p in REPO.glob("*/__init__.py")}
+    assert packages <= set(LAYERS), f"packages without a layer: {sorted(packages - set(LAYERS))}"
+
+
+@pytest.mark.parametrize("package, line, expected", [
+    ("core", "from trainer.loop import run_training", "core/bad.py:2 imports trainer, a higher layer"),
+    ("data", "import backend_torch.model", "data/bad.py:2 imports backend_torch, a higher layer"),
+    ("trainer", "def f():\n    from bench import run", "trainer/bad.py:3 imports bench, a higher layer"),
+    ("backend_mlx", "from backend_torch.optim import muon_step", "backend_mlx/bad.py:2 imports backend_torch: a backend never imports the other"),
+    ("core", "import torch", "core/bad.py:2 imports torch outside backend_torch"),
+    ("backend_torch", "import mlx.core as mx", "backend_torch/bad.py:2 imports mlx outside backend_mlx"),
+])
+def test_a_forbidden_import_is_reported(tmp_path, package, line, expected):
+    for name in LAYERS:
+        (tmp_path / name).mkdir()
+    (tmp_path / package / "bad.py").write_text('"""A module that climbs."""\n' + line + "\n")
+    assert violations(tmp_path) == [expected]

@@ -1,0 +1,398 @@
+"""The one training loop, shared by both backends (docs/spec.md §1).
+
+It owns everything that is not tensor math: the dataset, the schedule, validation and the
+bits-per-byte metric, the wall-clock cap, logging, checkpoints, resuming, and the final artifact
+with its roundtrip evaluation. It drives a backend through the small interface of
+trainer/backend.py, so `python -m backend_torch.train` and `python -m backend_mlx.train` behave
+identically. A run goes through six phases, one function (or class) each, in this order:
+
+    prepare          check every input (settings, dataset, every shard, checkpoint), then make the run folder
+    start            build the model, log what this run is (config, source, dataset, baseline)
+    build_or_resume  initial weights, or a checkpoint's weights, optimizer state and data position
+    warm_up          prime compilation on real steps, then put everything back
+    Training.run     train, validating and checkpointing on schedule, until the last step, the
+                     wall-clock cap or Ctrl-C
+    finish           artifact, roundtrip evaluation, summary
+
+What a run writes is described in trainer/run_folder.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core import artifact
+from core.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
+from core.config import ModelSpec, TrainConfig, load_config
+from core.errors import TrainingError, exit_on_user_error
+from core.flops import flops_per_token
+from core.init import init_weights
+from core.metrics import build_byte_tables, unigram_baseline
+from core.params import ParamCount, count_params
+from core.schedule import learning_rates, momentum, wallclock_cap_ms
+from data.datasets import Dataset, resolve_dataset
+from data.stream import DistributedTokenLoader, load_validation_tokens
+from trainer.backend import TrainerBackend
+from trainer.interrupt import InterruptFlag
+from trainer.plot import plot_losses
+from trainer.progress import Progress, format_seconds
+from trainer.run_folder import RunLog, create_run_dir, make_run_dir, source_snapshot
+from trainer.summary import format_summary
+from trainer.validation import evaluate, train_token_counts
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path | None
+    step: int
+    train_losses: list[float]        # the loss of every step, in order (all ranks' mean)
+    val_loss: float
+    val_bpb: float
+    roundtrip_val_loss: float
+    roundtrip_val_bpb: float
+    artifact_bytes: int
+    checkpoint: Path | None
+    summary: dict
+
+
+@dataclass
+class Run:
+    """What every phase of one run reads: its settings, inputs and folder."""
+    cfg: TrainConfig
+    spec: ModelSpec
+    backend: TrainerBackend
+    dataset: Dataset
+    tables: object                    # the byte tables of docs/spec.md §8
+    val_tokens: np.ndarray
+    checkpoint: Checkpoint | None     # the one to resume from
+    run_id: str
+    run_dir: Path
+    master: bool                      # rank 0: the only process that prints and writes
+    log: RunLog | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: every input checked before anything is written, then the run folder
+# ---------------------------------------------------------------------------------------------
+
+def prepare(cfg: TrainConfig, backend: TrainerBackend) -> Run:
+    spec = cfg.model_spec()
+    cfg.check_batch_geometry(backend.world_size)
+    master = backend.rank == 0
+    # resolve_dataset reads the header and token range of every shard (data/datasets.py).
+    dataset = resolve_dataset(cfg.data_path, cfg.tokenizer_path, spec.vocab_size)
+    tables = build_byte_tables(dataset.tokenizer_path, spec.vocab_size)
+    val_tokens = load_validation_tokens(dataset.val_files, cfg.train_seq_len, spec.vocab_size)
+    ckpt = None
+    if cfg.resume_from:
+        ckpt = load_checkpoint(cfg.resume_from)
+        check_compatible(ckpt, spec)
+    run_id, run_dir = make_run_dir(cfg, backend.name, master)
+    if master:
+        create_run_dir(run_dir, cfg.to_dict() | {"run_id": run_id})
+    run = Run(cfg, spec, backend, dataset, tables, val_tokens, ckpt, run_id, run_dir, master)
+    run.log = RunLog(run_dir, enabled=master)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 2: the model built, and the run described at the top of its log
+# ---------------------------------------------------------------------------------------------
+
+def start(run: Run) -> tuple[ParamCount, float, float]:
+    """Returns the parameter counts and the unigram baseline (val_loss, val_bpb)."""
+    cfg, spec, backend, dataset, log = run.cfg, run.spec, run.backend, run.dataset, run.log
+    counts = count_params(spec)
+    log(f"twingpt run {run.run_id} backend:{backend.name} {source_snapshot()}")
+    log(f"python {platform.python_version()} {platform.platform()} argv:{' '.join(sys.argv)}", console=False)
+    log("config " + json.dumps(cfg.to_dict(), sort_keys=True), console=False)
+    backend.setup(spec, cfg)
+    for note in backend.notes:
+        log(note)
+    log(f"dataset:{dataset.name} ({dataset.source}) train_shards:{len(dataset.train_files)} "
+        f"val_tokens:{run.val_tokens.size - 1} tokenizer:{dataset.tokenizer_path}")
+    uni_loss, uni_bpb = unigram_baseline(train_token_counts(dataset.train_files, spec.vocab_size),
+                                         run.val_tokens, run.tables)
+    log(f"unigram_baseline val_loss:{uni_loss:.4f} val_bpb:{uni_bpb:.4f} (each token by its training frequency; "
+        "the model must beat this)")
+    log(f"model_params:{counts.unique} (non-embedding {counts.non_embedding}, tying saves {counts.saved_by_tying}) "
+        f"layers:{spec.num_layers} dim:{spec.model_dim} heads:{spec.num_heads} kv_heads:{spec.num_kv_heads}")
+    log(f"train_batch_tokens:{cfg.train_batch_tokens} seq_len:{cfg.train_seq_len} world_size:{backend.world_size} "
+        f"grad_accum_steps:{cfg.grad_accum_steps} iterations:{cfg.iterations} "
+        f"max_wallclock_seconds:{cfg.max_wallclock_seconds:g}")
+    return counts, uni_loss, uni_bpb
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 3: initial weights, or everything a checkpoint holds
+# ---------------------------------------------------------------------------------------------
+
+def build_or_resume(run: Run, loader: DistributedTokenLoader) -> tuple[int, float]:
+    """Returns the step to start from and the training time already spent (ms)."""
+    ckpt, backend = run.checkpoint, run.backend
+    if ckpt is None:
+        backend.load_weights(init_weights(run.spec, run.cfg.seed))
+        return 0, 0.0
+    backend.load_weights(ckpt.weights)
+    backend.load_optimizer_state(ckpt.optimizer_state)
+    loader.restore(ckpt.data_state)
+    run.log(f"resumed from {run.cfg.resume_from} at step:{ckpt.step} (trained by {ckpt.backend or 'unknown'})")
+    return ckpt.step, float(ckpt.extra.get("train_time_ms", 0.0))
+
+
+def next_micro_batches(cfg: TrainConfig, loader: DistributedTokenLoader) -> list:
+    return [loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, cfg.grad_accum_steps)
+            for _ in range(cfg.grad_accum_steps)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 4: warmup primes compilation on real steps, then weights, optimizer and data go back
+# ---------------------------------------------------------------------------------------------
+
+def warm_up(run: Run, loader: DistributedTokenLoader, step: int) -> None:
+    cfg, backend = run.cfg, run.backend
+    if cfg.warmup_steps and backend.compiled and step == 0:
+        weights0, optim0, data0 = backend.export_weights(), backend.export_optimizer_state(), loader.state()
+        for _ in range(cfg.warmup_steps):
+            backend.train_step(next_micro_batches(cfg, loader), learning_rates(cfg, 0, 0.0), momentum(cfg, 0), 0)
+        backend.load_weights(weights0)
+        backend.load_optimizer_state(optim0)
+        loader.restore(data0)
+        run.log(f"warmup:{cfg.warmup_steps} steps primed compilation; weights, optimizer and data restored")
+    elif cfg.warmup_steps and not backend.compiled:
+        run.log("warmup: skipped (nothing is compiled, so it would only cost time)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 5: training, with validation and checkpoints on schedule
+# ---------------------------------------------------------------------------------------------
+
+class Training:
+    """The training steps of one run. Training time counts only steps: the clock is paused while
+    validating and writing checkpoints."""
+
+    def __init__(self, run: Run, loader: DistributedTokenLoader, step: int, elapsed_ms: float):
+        self.run, self.cfg, self.backend, self.log = run, run.cfg, run.backend, run.log
+        self.loader = loader
+        self.step = self.start_step = step
+        self.elapsed_ms = self.resumed_ms = elapsed_ms   # training time before this run's clock started
+        self.tokens_per_step = run.cfg.train_batch_tokens
+        self.max_ms = wallclock_cap_ms(run.cfg)
+        self.stop_after: int | None = None               # set when the wall-clock cap is reached
+        self.train_losses: list[float] = []
+        self.val_loss = self.val_bpb = float("nan")
+        self.last_checkpoint: Path | None = None
+        self.t0 = time.perf_counter()
+
+    # -- the clock --
+
+    def now_ms(self) -> float:
+        return self.elapsed_ms + 1000.0 * (time.perf_counter() - self.t0)
+
+    def pause_clock(self, synchronize: bool = True) -> None:
+        if synchronize:
+            self.backend.synchronize()
+        self.elapsed_ms += 1000.0 * (time.perf_counter() - self.t0)
+
+    def resume_clock(self) -> None:
+        self.t0 = time.perf_counter()
+
+    # -- the loop --
+
+    def run_steps(self) -> None:
+        cfg = self.cfg
+        self.interrupt = InterruptFlag()
+        self.progress = Progress(cfg.iterations, self.step, enabled=self.run.master)
+        self.log.progress = self.progress
+        self.backend.synchronize()
+        self.resume_clock()
+        try:
+            while True:
+                last_step = self.step >= cfg.iterations or (self.stop_after is not None and self.step >= self.stop_after)
+                if last_step or (cfg.val_loss_every > 0 and self.step > self.start_step
+                                 and self.step % cfg.val_loss_every == 0):
+                    self.validate()
+                if last_step:
+                    break
+                self.train_one_step()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.iterations:
+                    self.pause_clock()
+                    self.last_checkpoint = self.write_checkpoint()
+                    self.resume_clock()
+                self.check_stop()
+        finally:
+            self.interrupt.restore()
+        self.close_progress()
+        self.last_checkpoint = self.write_checkpoint() or self.last_checkpoint
+
+    def train_one_step(self) -> None:
+        cfg, step = self.cfg, self.step
+        loss = self.backend.train_step(next_micro_batches(cfg, self.loader), learning_rates(cfg, step, self.now_ms()),
+                                       momentum(cfg, step), step)
+        if not math.isfinite(loss):
+            raise TrainingError(f"step {step + 1}: the training loss is {loss}; lower the learning rates"
+                                + (f" (last checkpoint: {self.last_checkpoint})" if self.last_checkpoint else ""))
+        self.train_losses.append(loss)
+        self.step = step = step + 1
+        train_ms = self.now_ms()
+        tok_s = self.tokens_per_step * (step - self.start_step) / max((train_ms - self.resumed_ms) / 1000.0, 1e-9)
+        self.progress.update(step, loss, tok_s)
+        if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
+            self.log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
+                     f"step_avg:{train_ms / step:.2f}ms tok/s:{tok_s:.0f} eta:{format_seconds(self.eta_s(train_ms))}")
+            self.log.metric(kind="train", step=step, tokens=step * self.tokens_per_step, train_loss=loss,
+                            train_time_ms=train_ms, tokens_per_s=tok_s)
+
+    def eta_s(self, train_ms: float) -> float:
+        step_ms = (train_ms - self.resumed_ms) / max(self.step - self.start_step, 1)
+        remaining = (self.cfg.iterations - self.step) * step_ms
+        if self.max_ms is not None:
+            remaining = min(remaining, max(self.max_ms - train_ms, 0.0))
+        return remaining / 1000.0
+
+    def validate(self) -> None:
+        run, cfg, step = self.run, self.cfg, self.step
+        self.pause_clock()
+        self.val_loss, self.val_bpb = evaluate(self.backend, run.val_tokens, run.tables, cfg)
+        self.log(f"step:{step}/{cfg.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
+                 f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / max(step, 1):.2f}ms")
+        self.log.metric(kind="val", step=step, tokens=step * self.tokens_per_step, val_loss=self.val_loss,
+                        val_bpb=self.val_bpb, train_time_ms=self.elapsed_ms)
+        if run.master:
+            plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png",
+                        title=f"{run.run_id} ({self.backend.name}, {run.dataset.name})")
+        self.backend.synchronize()
+        self.resume_clock()
+
+    def check_stop(self) -> None:
+        """The wall-clock cap and Ctrl-C (or SIGTERM): every rank stops after the same step."""
+        reached = self.max_ms is not None and self.stop_after is None and self.now_ms() >= self.max_ms
+        if self.backend.world_size > 1 or reached or self.interrupt.requested:
+            reached_any, interrupted_any = self.backend.all_reduce_sum([float(reached), float(self.interrupt.requested)])
+            if interrupted_any > 0:
+                self.close_progress()
+                self.pause_clock(synchronize=False)
+                path = self.write_checkpoint()
+                self.log(f"interrupted at step:{self.step}/{self.cfg.iterations}; continue with RESUME_FROM={path}")
+                self.log.close()
+                raise TrainingError(f"interrupted at step {self.step}; continue with RESUME_FROM={path}")
+            if reached_any > 0:
+                self.stop_after = self.step
+                self.log(f"stopping_early: wallclock_cap train_time:{self.now_ms():.0f}ms "
+                         f"step:{self.step}/{self.cfg.iterations}")
+
+    def write_checkpoint(self) -> Path | None:
+        run = self.run
+        if not run.master:
+            return None
+        path = run.run_dir / "checkpoints" / f"step_{self.step:06d}.safetensors"
+        save_checkpoint(path, spec=run.spec, config=self.cfg.to_dict(), step=self.step,
+                        weights=self.backend.export_weights(), optimizer_state=self.backend.export_optimizer_state(),
+                        data_state=self.loader.state(), backend=self.backend.name,
+                        extra={"train_time_ms": self.elapsed_ms, "run_id": run.run_id})
+        self.log(f"checkpoint:{path}")
+        return path
+
+    def close_progress(self) -> None:
+        self.progress.close()
+        self.log.progress = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 6: the artifact, the model evaluated again after its int8 roundtrip, and the summary
+# ---------------------------------------------------------------------------------------------
+
+def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[float, float],
+           wall_start: float) -> TrainResult:
+    cfg, spec, backend, log = run.cfg, run.spec, run.backend, run.log
+    weights = backend.export_weights()
+    blob = artifact.pack(weights)
+    artifact_path = run.run_dir / "model.int8.zlib"
+    if run.master:
+        artifact.write_artifact(artifact_path, blob)
+        log(f"serialized_model_int8_zlib:{len(blob)} bytes {artifact.size_report(len(blob))}")
+    t_eval = time.perf_counter()
+    backend.load_weights(artifact.unpack(blob))
+    rt_loss, rt_bpb = evaluate(backend, run.val_tokens, run.tables, cfg)
+    backend.load_weights(weights)
+    log(f"final_int8_zlib_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} "
+        f"eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
+    log(f"final_int8_zlib_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
+
+    step, start_step = training.step, training.start_step
+    tokens_per_step, world = training.tokens_per_step, backend.world_size
+    flops_token = flops_per_token(spec, cfg.train_seq_len)
+    trained_steps = max(step - start_step, 1)
+    run_ms = training.elapsed_ms - training.resumed_ms  # this run's time, without a resumed run's earlier time
+    tok_s = tokens_per_step * (step - start_step) / max(run_ms / 1000.0, 1e-9) if step > start_step else 0.0
+    # MFU: model FLOPs per second per process over the fp32 matrix-product ceiling measured here now.
+    ceiling_gflops = backend.matmul_gflops("float32", n=1024, seconds=0.25) if step > start_step else None
+    mfu = tok_s * flops_token / world / (ceiling_gflops * 1e9) if ceiling_gflops else None
+    peak = backend.peak_memory_bytes()
+    if peak is None:  # the process's peak resident memory (Linux reports KiB)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    uni_loss, uni_bpb = unigram
+    summary = {
+        "run_id": run.run_id, "backend": backend.name, "device": backend.device,
+        "compute_dtype": backend.compute_dtype, "dataset": run.dataset.name, "run_dir": str(run.run_dir),
+        "steps": step, "tokens_seen": step * tokens_per_step,
+        "val_loss": training.val_loss, "val_bpb": training.val_bpb,
+        "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb,
+        "artifact_bytes": len(blob), "artifact_budget_bytes": artifact.ARTIFACT_BUDGET_BYTES,
+        "params_total": counts.total, "params_unique": counts.unique, "params_non_embedding": counts.non_embedding,
+        "params_saved_by_tying": counts.saved_by_tying,
+        "unigram_val_loss": uni_loss, "unigram_val_bpb": uni_bpb,
+        "train_time_s": training.elapsed_ms / 1000.0, "step_avg_ms": run_ms / trained_steps, "tokens_per_s": tok_s,
+        "flops_per_token": flops_token, "achieved_tflops": tok_s * flops_token / 1e12,
+        "matmul_gflops_fp32": ceiling_gflops, "mfu": mfu,
+        "peak_memory_bytes": int(peak), "wall_time_s": time.perf_counter() - wall_start,
+        "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,
+        "artifact": str(artifact_path),
+    }
+    if run.master:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for line in format_summary(summary):
+            log(line)
+    log.close()
+    return TrainResult(run.run_dir if run.master else None, step, training.train_losses, training.val_loss,
+                       training.val_bpb, rt_loss, rt_bpb, len(blob), training.last_checkpoint, summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# The phases in order, and the command line of both trainers
+# ---------------------------------------------------------------------------------------------
+
+def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
+    run = prepare(cfg, backend)
+    wall_start = time.perf_counter()
+    counts, uni_loss, uni_bpb = start(run)
+    loader = DistributedTokenLoader(run.dataset.train_files, backend.rank, backend.world_size, run.spec.vocab_size)
+    step, elapsed_ms = build_or_resume(run, loader)
+    warm_up(run, loader, step)
+    training = Training(run, loader, step, elapsed_ms)
+    training.run_steps()
+    return finish(run, training, counts, (uni_loss, uni_bpb), wall_start)
+
+
+@exit_on_user_error
+def main(prog: str, make_session, argv=None) -> TrainResult:
+    """The command line of both trainers: settings, then the backend's session, then the loop.
+
+    `make_session(cfg)` is called after the settings are read, so --help and a bad setting answer
+    before torch or MLX is imported.
+    """
+    cfg = load_config(sys.argv[1:] if argv is None else argv, prog=prog)
+    session = make_session(cfg)
+    try:
+        return run_training(cfg, session)
+    finally:
+        session.close()

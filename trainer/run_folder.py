@@ -1,0 +1,90 @@
+"""The run folder, OUT_DIR/RUN_ID, and the log written into it (rank 0 only).
+
+    log.txt            the console log, preceded by the config and the source of this run
+    config.json        every setting
+    metrics.jsonl      one JSON object per logged step and per validation
+    checkpoints/       step_NNNNNN.safetensors (CHECKPOINT_EVERY and the last step)
+    loss.png           train and val loss against tokens, redrawn at each validation
+    model.int8.zlib    the artifact (docs/spec.md §9)
+    summary.json       the final figures
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from core.config import TrainConfig
+from core.errors import ConfigError
+from trainer.progress import Progress
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_FOLDERS = ("core", "data", "trainer", "backend_torch", "backend_mlx")
+
+
+def make_run_dir(cfg: TrainConfig, backend_name: str, master: bool) -> tuple[str, Path]:
+    """The run's id and folder; only rank 0 writes, so only rank 0 checks the folder is free."""
+    run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{backend_name}"
+    run_dir = Path(cfg.out_dir) / run_id
+    if master and run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"RUN_ID={run_id!r}: the run folder {run_dir} already exists and is not empty; "
+                          "choose another RUN_ID (nothing was overwritten)")
+    return run_id, run_dir
+
+
+def create_run_dir(run_dir: Path, config: dict) -> None:
+    """The folder, its checkpoints/ and config.json: the first things a run writes."""
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def source_snapshot() -> str:
+    """The code of this run, for the log: git commit (and whether dirty) and a hash of the sources."""
+    h = hashlib.sha256()
+    for folder in SOURCE_FOLDERS:
+        for path in sorted((REPO_ROOT / folder).glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "unknown", ""
+    return f"git:{commit}{'+dirty' if dirty else ''} sources_sha256:{h.hexdigest()[:16]}"
+
+
+class RunLog:
+    """Console and log.txt (rank 0 only), metrics as JSON lines."""
+
+    def __init__(self, run_dir: Path | None, enabled: bool):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.text = open(run_dir / "log.txt", "a") if enabled else None
+        self.metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.progress: Progress | None = None  # while training, console lines scroll above its bar
+
+    def __call__(self, line: str = "", console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if console:
+            if self.progress is not None:
+                self.progress.print(line)
+            else:
+                print(line, flush=True)
+        self.text.write(line + "\n")
+        self.text.flush()
+
+    def metric(self, **record) -> None:
+        if self.enabled:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def close(self) -> None:
+        for f in (self.text, self.metrics):
+            if f is not None:
+                f.close()

@@ -1,0 +1,40 @@
+"""Validation (docs/spec.md §7, §8): val_loss and val_bpb over the whole validation set, and the
+unigram baseline's token counts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from core.config import TrainConfig
+from core.metrics import EvalAccumulator, token_bytes
+from data.shards import read_shard
+from data.stream import validation_batches
+from trainer.backend import TrainerBackend
+
+
+def evaluate(backend: TrainerBackend, val_tokens: np.ndarray, tables, cfg: TrainConfig) -> tuple[float, float]:
+    """(val_loss, val_bpb) over the whole validation set, summed across ranks."""
+    local_tokens = max(cfg.val_batch_size // backend.world_size, cfg.train_seq_len)
+    batch_seqs = local_tokens // cfg.train_seq_len
+    loss_sum = tokens = n_bytes = 0.0
+    for x, y in validation_batches(val_tokens, cfg.train_seq_len, batch_seqs, backend.rank, backend.world_size):
+        loss_sum += backend.eval_loss_sum(x, y)
+        tokens += y.size
+        n_bytes += float(token_bytes(tables, x, y).sum())
+    loss_sum, tokens, n_bytes = backend.all_reduce_sum([loss_sum, tokens, n_bytes])
+    acc = EvalAccumulator()
+    acc.add(loss_sum, int(tokens), int(n_bytes))
+    return acc.val_loss, acc.val_bpb
+
+
+def train_token_counts(files, vocab_size: int, max_tokens: int = 200_000_000) -> np.ndarray:
+    """How often each token id occurs in the training shards (the first `max_tokens` of them)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    seen = 0
+    for path in files:
+        tokens = read_shard(path)
+        counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
+        seen += tokens.size
+        if seen >= max_tokens:
+            break
+    return counts
