@@ -77,7 +77,10 @@ train: default-data
 train-cpu: default-data
 	DEVICE=cpu $(PY) -m backend_torch.train $(ARGS)
 
-train-cuda: default-data
+# CUDA is checked first: a machine without it hears so before any dataset is built.
+train-cuda: $(STAMP)
+	@$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('error: make train-cuda: CUDA is not available on this machine (torch ' + torch.__version__ + '); use make train-cpu, or make train-mlx on a Mac')"
+	@$(MAKE) --no-print-directory default-data
 	@if [ "$(NPROC)" = "1" ]; then \
 	  DEVICE=cuda $(PY) -m backend_torch.train $(ARGS); \
 	else \

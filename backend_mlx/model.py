@@ -1,4 +1,4 @@
-"""The GPT of SPEC §4 in MLX. It mirrors backend_torch/model.py section by section.
+"""The GPT of docs/spec.md §4 in MLX. It mirrors backend_torch/model.py section by section.
 
 Master weights are fp32. Matrix products run in `compute_dtype` (bf16 on Metal, fp32 on CPU by
 default): each Linear casts its input and weight at the product, so there is no mixed-precision
@@ -226,10 +226,10 @@ class GPT(nn.Module):
         self.num_encoder_layers = spec.num_encoder_layers
         self.num_decoder_layers = spec.num_decoder_layers
 
-    # -- weights in and out, by the names of SPEC §2 --
+    # -- weights in and out, by the names of docs/spec.md §2 --
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> "GPT":
-        """Deliberately replaces nn.Module.load_weights(file_or_list, strict): SPEC §11 gives both
+        """Deliberately replaces nn.Module.load_weights(file_or_list, strict): docs/spec.md §11 gives both
         backends the same signature, a dict of numpy arrays checked name by name and shape by shape."""
         check_weights(self.spec, weights)
         arrays = [(p.name, mx.array(np.asarray(weights[p.name], dtype=np.float32))) for p in param_table(self.spec)]

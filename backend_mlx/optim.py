@@ -1,4 +1,4 @@
-"""Muon and Adam of SPEC §6, written out by hand on MLX arrays (mirrors backend_torch/optim.py).
+"""Muon and Adam of docs/spec.md §6, written out by hand on MLX arrays (mirrors backend_torch/optim.py).
 
 Each optimizer keeps its state in `.state`, a dict name -> {slot: fp32 array}, with the slot names
 of trainer/backend.py, so the session can export it flat and hand it to mx.compile as captured state.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-# Coefficients (a, b, c) of the quintic Newton-Schulz iteration (SPEC §6).
+# Coefficients (a, b, c) of the quintic Newton-Schulz iteration (docs/spec.md §6).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 

@@ -1,4 +1,4 @@
-"""The GPT of SPEC §4 in PyTorch. backend_mlx/model.py mirrors this file section by section.
+"""The GPT of docs/spec.md §4 in PyTorch. backend_mlx/model.py mirrors this file section by section.
 
 Master weights are fp32. Matrix products run in `compute_dtype` (bf16 on CUDA, fp32 on CPU by
 default): each Linear casts its input and weight at the product, so there is no autocast region
@@ -206,7 +206,7 @@ class GPT(nn.Module):
         self.num_encoder_layers = spec.num_encoder_layers
         self.num_decoder_layers = spec.num_decoder_layers
 
-    # -- weights in and out, by the names of SPEC §2 --
+    # -- weights in and out, by the names of docs/spec.md §2 --
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> "GPT":
         check_weights(self.spec, weights)

@@ -1,4 +1,4 @@
-"""Muon and Adam (SPEC §6) in PyTorch. backend_mlx/optim.py mirrors this file.
+"""Muon and Adam (docs/spec.md §6) in PyTorch. backend_mlx/optim.py mirrors this file.
 
 Written by hand rather than with torch.optim so the two backends run the same formulas, the state
 is the flat dict of trainer/backend.py, and the step count comes from the training loop.

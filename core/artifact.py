@@ -1,4 +1,4 @@
-"""The int8+zlib artifact (SPEC §9): the trained model as the Parameter Golf challenge measures it.
+"""The int8+zlib artifact (docs/spec.md §9): the trained model as the Parameter Golf challenge measures it.
 
 Each tensor gets one storage scheme:
 

@@ -1,7 +1,7 @@
 """Checkpoints: one .safetensors file holds everything needed to continue a run.
 
 Tensors (no pickle):
-    <parameter name>   the model weights under their SPEC names; the tied matrix once (tok_emb.weight,
+    <parameter name>   the model weights under their docs/spec.md §2 names; the tied matrix once (tok_emb.weight,
                        and no lm_head.weight at all when embeddings are tied)
     optim/<key>        every array of the optimizer state (Adam moments, Muon buffers, ...)
     rng/<key>          every array of the RNG state, if any

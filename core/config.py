@@ -35,7 +35,7 @@ def setting(default, help: str, *, choices: Sequence[str] | None = None):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The shape of the GPT (SPEC §2-§4). Validated on construction."""
+    """The shape of the GPT (docs/spec.md §2-§4). Validated on construction."""
 
     vocab_size: int = setting(1024, "tokenizer vocabulary size V")
     num_layers: int = setting(9, "transformer blocks L (first L//2 encoder, rest decoder)")
@@ -70,7 +70,7 @@ class ModelSpec:
                 f"model_dim={self.model_dim}: head_dim = model_dim/num_heads = {self.head_dim} must be even (RoPE)"
             )
 
-    # Derived sizes (SPEC §2 notation).
+    # Derived sizes (docs/spec.md §2 notation).
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
@@ -215,7 +215,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def check_batch_geometry(self, world_size: int) -> None:
-        """SPEC §7: each micro-step of each rank takes a whole number of sequences."""
+        """docs/spec.md §7: each micro-step of each rank takes a whole number of sequences."""
         per_micro = self.train_batch_tokens // max(world_size * self.grad_accum_steps, 1)
         if self.train_batch_tokens % (world_size * self.grad_accum_steps) or per_micro % self.train_seq_len:
             raise ConfigError(

@@ -1,4 +1,4 @@
-"""The initial weights, shared by both backends (SPEC §3).
+"""The initial weights, shared by both backends (docs/spec.md §3).
 
 One function draws every initial weight from numpy's PCG64 generator, in the order of the
 parameter table (core.params.param_table), so the same (spec, seed) gives bit-identical float32
@@ -46,7 +46,7 @@ def init_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
 
 
 def random_weights(spec: ModelSpec, seed: int, scale: float = 0.5) -> dict[str, np.ndarray]:
-    """Random, non-trivial weights: every parameter perturbed, no zero projections (SPEC §10).
+    """Random, non-trivial weights: every parameter perturbed, no zero projections (docs/spec.md §10).
 
     For tests and parity: with init_weights the projections start at zero and the residual
     mixes at (1, 0), which would leave whole paths of the network unexercised.

@@ -1,4 +1,4 @@
-"""Bits per byte (SPEC §8): validation loss measured per byte of text, so tokenizers compare fairly.
+"""Bits per byte (docs/spec.md §8): validation loss measured per byte of text, so tokenizers compare fairly.
 
 From the SentencePiece model, per token id:
   - control, unknown and unused ids are boundary tokens worth 0 bytes;

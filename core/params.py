@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 from core.config import ModelSpec
 
-# Names matching one of these are control parameters (SPEC §6): Adam, never Muon, and kept in
+# Names matching one of these are control parameters (docs/spec.md §6): Adam, never Muon, and kept in
 # fp32 in the artifact. The plural forms are the reference trainers' spellings.
 CONTROL_PATTERNS = (
     "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
     "q_gain", "skip_weight", "skip_weights",
 )
 
-# Optimizer groups (SPEC §6).
+# Optimizer groups (docs/spec.md §6).
 EMBED, HEAD, MATRIX, SCALAR = "embed", "head", "matrix", "scalar"
 
 
@@ -43,12 +43,12 @@ class ParamInfo:
 
     @property
     def keep_float(self) -> bool:
-        """Kept in fp32 in the artifact whatever its size (SPEC §9)."""
+        """Kept in fp32 in the artifact whatever its size (docs/spec.md §9)."""
         return is_control(self.name)
 
 
 def param_table(spec: ModelSpec) -> list[ParamInfo]:
-    """Every parameter of `spec`, in the fixed order the initializer draws them (SPEC §3)."""
+    """Every parameter of `spec`, in the fixed order the initializer draws them (docs/spec.md §3)."""
     V, d, H = spec.vocab_size, spec.model_dim, spec.num_heads
     kv, F = spec.kv_dim, spec.hidden_dim
     embed_std = spec.tied_embed_init_std if spec.tie_embeddings else 1.0
@@ -70,7 +70,7 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
             ParamInfo(p + "mlp_scale", (d,), "ones", SCALAR),
             ParamInfo(p + "resid_mix", (2, d), "resid_mix", SCALAR),
         ]
-    for info in table:  # the group rule of SPEC §6, checked against the table itself
+    for info in table:  # the group rule of docs/spec.md §6, checked against the table itself
         if info.name.startswith("blocks."):
             expected = MATRIX if len(info.shape) == 2 and not is_control(info.name) else SCALAR
             assert info.group == expected, info
@@ -90,7 +90,7 @@ def param_groups(spec: ModelSpec) -> dict[str, list[str]]:
 
 
 def group_lr(group: str, cfg) -> float:
-    """Base learning rate of an optimizer group (SPEC §6); `cfg` is a TrainConfig."""
+    """Base learning rate of an optimizer group (docs/spec.md §6); `cfg` is a TrainConfig."""
     if group == EMBED:
         return cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
     return {HEAD: cfg.head_lr, MATRIX: cfg.matrix_lr, SCALAR: cfg.scalar_lr}[group]

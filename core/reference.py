@@ -1,4 +1,4 @@
-"""The forward pass of SPEC §4 in numpy float64: the executable form of the spec.
+"""The forward pass of docs/spec.md §4 in numpy float64: the executable form of the spec.
 
 Written for clarity, not speed, in the manner of picoGPT: the weights are a dict keyed by the
 checkpoint's names, read by functions named after the modules that own them. Both backends are

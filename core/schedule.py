@@ -1,4 +1,4 @@
-"""Learning-rate and Muon-momentum schedules (SPEC §6): pure functions of the step and the clock.
+"""Learning-rate and Muon-momentum schedules (docs/spec.md §6): pure functions of the step and the clock.
 
 The formulas are the reference trainers', operation for operation, so both backends and the
 reference scripts follow the same schedule to the last bit.

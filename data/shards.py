@@ -1,4 +1,4 @@
-"""Token shards on disk (SPEC §7): the binary files of the Parameter Golf FineWeb exports.
+"""Token shards on disk (docs/spec.md §7): the binary files of the Parameter Golf FineWeb exports.
 
 A shard is a header of 256 little-endian int32 — [0] = 20240520 (magic), [1] = 1 (version),
 [2] = n (token count), the rest 0 — followed by n little-endian uint16 tokens, so the file is

@@ -1,4 +1,4 @@
-"""Token streams and batches (SPEC §7), as the reference trainers read them.
+"""Token streams and batches (docs/spec.md §7), as the reference trainers read them.
 
 Training reads the train shards in sorted order, sequentially, wrapping around to the first shard
 after the last. For a global batch of T tokens, world size W and A accumulation steps, each

@@ -1,4 +1,4 @@
-"""Muon and Adam of SPEC §6 in numpy float64, written from the formulas, to check both backends against.
+"""Muon and Adam of docs/spec.md §6 in numpy float64, written from the formulas, to check both backends against.
 
 Not a test module (no test_ prefix): the optimizer tests of both backends import it.
 """

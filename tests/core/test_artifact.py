@@ -1,4 +1,4 @@
-"""The int8+zlib artifact (SPEC §9): schemes, round-trip error, determinism, corrupt input, size."""
+"""The int8+zlib artifact (docs/spec.md §9): schemes, round-trip error, determinism, corrupt input, size."""
 
 import zlib
 

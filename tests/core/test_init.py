@@ -1,4 +1,4 @@
-"""Initial weights: shapes, rules and determinism (SPEC §3)."""
+"""Initial weights: shapes, rules and determinism (docs/spec.md §3)."""
 
 import dataclasses
 import hashlib

@@ -1,4 +1,4 @@
-"""The parameter table: groups, control flags and accounting (SPEC §2, §6, §9)."""
+"""The parameter table: groups, control flags and accounting (docs/spec.md §2, §6, §9)."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""The numpy reference forward against cases computable by hand (SPEC §4)."""
+"""The numpy reference forward against cases computable by hand (docs/spec.md §4)."""
 
 import dataclasses
 

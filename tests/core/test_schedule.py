@@ -1,4 +1,4 @@
-"""LR multiplier and Muon momentum schedules (SPEC §6) at hand-computed points."""
+"""LR multiplier and Muon momentum schedules (docs/spec.md §6) at hand-computed points."""
 
 import pytest
 

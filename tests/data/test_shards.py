@@ -26,7 +26,7 @@ def test_write_then_read_round_trips_and_matches_the_format(tmp_path):
     tokens = np.array([0, 1, 2, 1023, 40000, 65535], dtype=np.int64)
     path = tmp_path / "x_train_000000.bin"
     write_shard(path, tokens)
-    assert path.read_bytes() == raw_shard(tokens.tolist())  # exactly SPEC §7's bytes
+    assert path.read_bytes() == raw_shard(tokens.tolist())  # exactly docs/spec.md §7's bytes
     assert path.stat().st_size == 1024 + 2 * len(tokens)
     got = read_shard(path)
     assert got.dtype == np.uint16 and got.tolist() == tokens.tolist()

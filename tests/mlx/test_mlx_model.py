@@ -1,4 +1,4 @@
-"""The MLX GPT computes the reference function (SPEC §4, §10), ties its head, and decodes with a cache."""
+"""The MLX GPT computes the reference function (docs/spec.md §4, §10), ties its head, and decodes with a cache."""
 
 import dataclasses
 
@@ -73,7 +73,7 @@ def test_rotary_is_positive_half_split_and_precise_at_long_positions():
     for base in (10000.0, 500.0):
         ref = reference.rope(x.astype(np.float64), base)
         assert rel(Rotary(16, base)(mx.array(x)), ref) <= 1e-6
-        # mx.fast.rope(traditional=False) rotates the same way (why SPEC §4 names it); checked on
+        # mx.fast.rope(traditional=False) rotates the same way (why docs/spec.md §4 names it); checked on
         # short sequences, where its fp32 angles are still accurate.
         fast = mx.fast.rope(mx.array(x[:, :, :64]), 16, traditional=False, base=base, scale=1.0, offset=0)
         assert rel(fast, ref[:, :, :64]) <= 1e-6

@@ -1,4 +1,4 @@
-"""Adam, Muon and gradient clipping of backend_mlx.optim against numpy written from SPEC §6."""
+"""Adam, Muon and gradient clipping of backend_mlx.optim against numpy written from docs/spec.md §6."""
 
 import mlx.core as mx
 import numpy as np

@@ -1,4 +1,4 @@
-"""MLXSession: one training step is SPEC §6 applied to the mean gradient; chunking, compile and
+"""MLXSession: one training step is docs/spec.md §6 applied to the mean gradient; chunking, compile and
 optimizer-state roundtrips change nothing but rounding."""
 
 import subprocess

@@ -1,7 +1,7 @@
-"""The parity suite's fixtures and its final report (SPEC §10).
+"""The parity suite's fixtures and its final report (docs/spec.md §10).
 
 Every check of the suite records its error into parity_lib.REPORT; at the end of the session the
-table of the worst error per row of SPEC §10 is printed (by `make parity`, and by plain pytest
+table of the worst error per row of docs/spec.md §10 is printed (by `make parity`, and by plain pytest
 whenever a parity test ran) and written to runs/parity/parity_report.json (git-ignored).
 """
 
@@ -72,8 +72,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not report.worst:
         return
     tr = terminalreporter
-    tr.write_sep("=", "twingpt parity report: worst error over the spec matrix (SPEC §10)")
-    tr.write_line("rel(a, b) = ||a - b||_2 / ||b||_2;  §10 = a row of SPEC §10, + = an extra check of this suite;"
+    tr.write_sep("=", "twingpt parity report: worst error over the spec matrix (docs/spec.md §10)")
+    tr.write_line("rel(a, b) = ||a - b||_2 / ||b||_2;  §10 = a row of docs/spec.md §10, + = an extra check of this suite;"
                   "  n = measurements")
     for line in report.table():
         tr.write_line(line)

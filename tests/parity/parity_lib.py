@@ -1,4 +1,4 @@
-"""Shared pieces of the cross-backend parity suite (SPEC §10).
+"""Shared pieces of the cross-backend parity suite (docs/spec.md §10).
 
 The spec matrix, the error measure rel(a, b) = ||a - b||_2 / ||b||_2, both backends behind the same
 small numpy-in / numpy-out functions, a variant of the reference forward with deliberate mutations
@@ -34,13 +34,13 @@ REPORT_PATH = REPO / "runs" / "parity" / "parity_report.json"
 
 
 def rel(a, b) -> float:
-    """SPEC §10: ||a - b||_2 / ||b||_2, in float64."""
+    """docs/spec.md §10: ||a - b||_2 / ||b||_2, in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ---------------------------------------------------------------------------------------------
-# The report: every row of SPEC §10 (and the suite's own extra rows), worst error over the matrix
+# The report: every row of docs/spec.md §10 (and the suite's own extra rows), worst error over the matrix
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Row:
     compared: str
     tolerance: float          # errors must be <= this; for kind "exceeds", must be > this
     tol_text: str
-    spec_row: bool            # a row of SPEC §10's table (else an extra check of this suite)
+    spec_row: bool            # a row of docs/spec.md §10's table (else an extra check of this suite)
     kind: str = "max"         # "max": the worst is the largest; "exceeds": the worst is the smallest
 
 
@@ -114,7 +114,7 @@ class ParityReport:
         return out
 
     def table(self) -> list[str]:
-        lines = [f"{'SPEC':<5}{'compared':<66}{'worst':>10}  {'tolerance':<19}{'n':>5}  worst case"]
+        lines = [f"{'spec':<5}{'compared':<66}{'worst':>10}  {'tolerance':<19}{'n':>5}  worst case"]
         for r in self.rows():
             worst = "-" if r["worst"] is None else f"{r['worst']:.2e}"
             if r["row"] == "artifact" and r["worst"] is not None:
@@ -224,7 +224,7 @@ def loss(backend: str, spec: ModelSpec, w, ids, targets, dtype: str = "float32")
 
 
 def loss_and_grads(backend: str, spec: ModelSpec, w, ids, targets) -> tuple[float, dict[str, np.ndarray]]:
-    """fp32 mean loss and the gradient of every parameter (SPEC §2 names) as float64 numpy."""
+    """fp32 mean loss and the gradient of every parameter (docs/spec.md §2 names) as float64 numpy."""
     if backend == "torch":
         model = torch_model.GPT(spec).load_weights(w)
         value = model.loss(torch.from_numpy(np.asarray(ids, np.int64)), torch.from_numpy(np.asarray(targets, np.int64)))
@@ -268,12 +268,12 @@ def make_session(backend: str, cfg: TrainConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# A variant reference forward with mutations (SPEC §4, float64), for the tests that must fail
+# A variant reference forward with mutations (docs/spec.md §4, float64), for the tests that must fail
 # ---------------------------------------------------------------------------------------------
 
 def variant_logits(spec: ModelSpec, weights, ids, *, rope_sign: float = 1.0, eps: float | None = None,
                    softcap: bool = True) -> np.ndarray:
-    """SPEC §4 written again, independently of core.reference, with three switches:
+    """docs/spec.md §4 written again, independently of core.reference, with three switches:
     rope_sign=-1 rotates by -theta (the PyTorch reference script's direction), `eps` replaces
     norm_eps in every RMSNorm, softcap=False drops c*tanh(raw/c) from the head.
     With the defaults it is the spec's function (tests check it against core.reference)."""

@@ -1,4 +1,4 @@
-"""SPEC §10, artifact row: core.artifact.pack of the weights exported by either backend (fp32 or
+"""docs/spec.md §10, artifact row: core.artifact.pack of the weights exported by either backend (fp32 or
 bf16 compute) is byte-identical given the same weights, and the roundtrip val_bpb agrees."""
 
 import numpy as np
@@ -24,7 +24,7 @@ def test_artifact_of_either_backend_is_byte_identical(case_name, dtype, parity):
     w = case.weights()
     expected = artifact.pack(w)
     schemes = {t.scheme for t in artifact.quantize(w).values()}
-    # Every storage path of SPEC §9 is exercised: int8 rows in the default spec, fp16 in the small ones.
+    # Every storage path of docs/spec.md §9 is exercised: int8 rows in the default spec, fp16 in the small ones.
     assert schemes == ({"int8_per_row", "fp32"} if case.name == "default-spec" else {"fp16", "fp32"})
     cfg = train_config(case.spec, compute_dtype=dtype)
     for b in BACKENDS:

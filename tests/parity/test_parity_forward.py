@@ -1,4 +1,4 @@
-"""SPEC §10, first row: logits and loss of torch, MLX and the numpy float64 reference agree,
+"""docs/spec.md §10, first row: logits and loss of torch, MLX and the numpy float64 reference agree,
 in fp32 (<= 1e-5) and with bf16 matrix products (<= 2e-2), over the whole spec matrix."""
 
 import itertools

@@ -1,4 +1,4 @@
-"""SPEC §10, second row: the gradient of every parameter agrees between torch and MLX (<= 1e-4),
+"""docs/spec.md §10, second row: the gradient of every parameter agrees between torch and MLX (<= 1e-4),
 and both agree with central finite differences of the float64 reference loss on tiny specs."""
 
 import numpy as np

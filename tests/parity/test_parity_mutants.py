@@ -1,5 +1,5 @@
 """The suite can fail: the three bugs that split the Parameter Golf reference trainers, and a head
-without its softcap, each push the logits comparison of SPEC §10 past its fp32 tolerance (1e-5),
+without its softcap, each push the logits comparison of docs/spec.md §10 past its fp32 tolerance (1e-5),
 while the true backends pass it on the very same weights and batch.
 
 Two independent ways to mutate, neither touching backend code:
@@ -26,7 +26,7 @@ import backend_torch.model as torch_model
 from core import reference
 from parity_lib import BACKENDS, CASE_BY_NAME, CASES, logits, rel, variant_logits
 
-TOL = 1e-5   # SPEC §10, logits and loss, fp32
+TOL = 1e-5   # docs/spec.md §10, logits and loss, fp32
 EPS32 = float(np.finfo(np.float32).eps)
 SMALL_EMBEDDING = "tied-mha-L2-cap15-emb0.005"
 

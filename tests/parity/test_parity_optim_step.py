@@ -1,4 +1,4 @@
-"""SPEC §10, third row: one full optimizer step (Muon for the matrices, Adam for the rest) from the
+"""docs/spec.md §10, third row: one full optimizer step (Muon for the matrices, Adam for the rest) from the
 same weights, the same non-empty optimizer state and the same batch gives the same new weights
 (<= 1e-5) in both backends, through the sessions' train_step of the trainer.backend interface."""
 

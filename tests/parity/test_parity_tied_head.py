@@ -1,4 +1,4 @@
-"""The tied head (SPEC §2, §4): in both backends the output head of a tied model is the embedding
+"""The tied head (docs/spec.md §2, §4): in both backends the output head of a tied model is the embedding
 matrix itself, one array, and the model holds exactly core.params.count_params(spec).unique numbers."""
 
 import mlx.core as mx

@@ -1,4 +1,4 @@
-"""SPEC §10, training rows: both real trainers, same settings, seed and data, fp32, 20 steps on a
+"""docs/spec.md §10, training rows: both real trainers, same settings, seed and data, fp32, 20 steps on a
 real dataset (the stdlib-subset `tiny_dataset`): per-step losses agree (<= 1e-4) and validation
 from the same weights agrees (<= 1e-6); a checkpoint written by either trainer loads in the other
 (RESUME_FROM), gives the same logits, and continues there as it does in its own backend."""

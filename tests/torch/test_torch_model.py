@@ -1,4 +1,4 @@
-"""The torch GPT computes the reference function (SPEC §4, §10) and ties its head to the embedding."""
+"""The torch GPT computes the reference function (docs/spec.md §4, §10) and ties its head to the embedding."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""Muon and Adam in torch follow the formulas of SPEC §6 (tests/numpy_optim.py writes them in numpy)."""
+"""Muon and Adam in torch follow the formulas of docs/spec.md §6 (tests/numpy_optim.py writes them in numpy)."""
 
 import numpy as np
 import pytest
