@@ -44,8 +44,20 @@ def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
     local_rank = int(environ.get("LOCAL_RANK", "0"))
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("DEVICE=cuda: CUDA is not available on this machine (use DEVICE=cpu or make train-cpu)")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("DEVICE=mps: torch's Apple GPU backend is not available on this machine (use DEVICE=cpu)")
+    if cfg.device == "mps" and world_size > 1:
+        raise ConfigError(f"DEVICE=mps: one process only (WORLD_SIZE={world_size}); torch has no collective backend for mps")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+    elif cfg.device == "mps":
+        # mps is opt-in (auto never picks it): on a Mac, MLX is the trainer; torch on mps is there to
+        # cross-check the torch model on the user's own GPU (make parity, make doctor).
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    # bf16 by default on CUDA only: mps's bf16 support depends on the macOS version, fp32 is safe.
     compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if use_cuda else "float32")
     # torch.compile pays on CUDA. On the CPU it stays off unless asked for (COMPILE=1): measured on
     # 2 cores at 2,048 tokens a step, BASE in bf16 ran 0.79 s a step compiled against 1.08 s eager
@@ -72,7 +84,7 @@ class TorchSession:
             torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: parity holds on GPUs too
             torch.backends.cudnn.allow_tf32 = False
         else:
-            self.device = "cpu"
+            self.device = str(rt.device)
         if rt.world_size > 1 and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if rt.device.type == "cuda" else "gloo",
                                     rank=rt.rank, world_size=rt.world_size)
@@ -170,6 +182,8 @@ class TorchSession:
     def synchronize(self) -> None:
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize()
+        elif self.torch_device.type == "mps":
+            torch.mps.synchronize()
 
     def matmul_gflops(self, dtype: str = "float32", n: int = 2048, seconds: float = 1.0) -> float:
         """GFLOP/s of an n x n product on this device: the ceiling MFU is measured against."""
@@ -185,6 +199,8 @@ class TorchSession:
     def peak_memory_bytes(self) -> int | None:
         if self.torch_device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.torch_device))
+        if self.torch_device.type == "mps":  # no peak counter on mps: what the driver holds now
+            return int(torch.mps.driver_allocated_memory())
         return None
 
     def close(self) -> None:

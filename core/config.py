@@ -164,9 +164,9 @@ class TrainConfig:
     adam_eps: float = setting(1e-8, "Adam epsilon")
     grad_clip_norm: float = setting(0.0, "clip the global gradient norm to this (0 = off)")
     # Hardware
-    device: str = setting("auto", "torch device: cuda, cpu, or auto (cuda when available)",
-                          choices=("auto", "cpu", "cuda"))
-    compute_dtype: str = setting("auto", "matrix-product dtype: float32, bfloat16, or auto (bf16 on GPU, fp32 on CPU)",
+    device: str = setting("auto", "torch device: cuda, cpu, mps (Apple GPU), or auto (cuda when available, else cpu)",
+                          choices=("auto", "cpu", "cuda", "mps"))
+    compute_dtype: str = setting("auto", "matrix-product dtype: float32, bfloat16, or auto (bf16 on CUDA and Metal, fp32 on CPU and mps)",
                                  choices=("auto", "float32", "bfloat16"))
     compile: str = setting("auto", "torch.compile / mx.compile: 1, 0, or auto (the backend's measured choice)",
                            choices=("auto", "0", "1"))

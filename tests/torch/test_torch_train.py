@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.errors import ConfigError
 from trainer_helpers import REPO, tiny_env, train
@@ -41,7 +42,15 @@ def test_two_ranks_train_a_one_layer_model(tiny_dataset, tmp_path):
     assert "step:2/2 val_loss:" in (tmp_path / "runs" / "one-layer" / "log.txt").read_text()
 
 
-def test_cuda_on_a_machine_without_cuda_is_a_one_line_error(tiny_dataset, tmp_path):
-    with pytest.raises(ConfigError, match="DEVICE=cuda: CUDA is not available on this machine"):
-        train("torch", tiny_env(tiny_dataset, tmp_path, DEVICE="cuda"))
+# A device this machine lacks is a one-line error; devices it has give no item here (they train).
+ABSENT = [d for d, present in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
+          if not present]
+ABSENT_MESSAGE = {"cuda": "DEVICE=cuda: CUDA is not available on this machine",
+                  "mps": "DEVICE=mps: torch's Apple GPU backend is not available on this machine"}
+
+
+@pytest.mark.parametrize("device", ABSENT)
+def test_a_device_this_machine_lacks_is_a_one_line_error(device, tiny_dataset, tmp_path):
+    with pytest.raises(ConfigError, match=ABSENT_MESSAGE[device]):
+        train("torch", tiny_env(tiny_dataset, tmp_path, DEVICE=device))
     assert not (tmp_path / "runs").exists()
