@@ -8,6 +8,7 @@
 #   make sample        continue PROMPT="..." with a checkpoint (CHECKPOINT=..., BACKEND=torch|mlx)
 #   make parity        the cross-backend parity suite and its table
 #   make bench         tokens/s, step time, MFU and memory of both backends on this machine
+#   make doctor        versions, devices, BLAS, memory, §10 checks and speed here (runs/doctor.json)
 # Settings pass through as environment variables (NUM_LAYERS=4 make train-cpu) or ARGS="--num-layers 4".
 
 PYTHON ?= python3
@@ -110,3 +111,9 @@ parity: $(STAMP)
 #   make bench ARGS="--configs base --settings torch-bf16,mlx-fp32-openblas"
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
+
+# For a new machine or a bug report, in under a minute: versions, devices, BLAS, the memory budget,
+# docs/spec.md §10's checks on every device and a few timed steps of the make-train model per backend.
+# Prints a verdict (exit 1 on a problem) and writes runs/doctor.json: attach it to a bug report.
+doctor: $(STAMP)
+	$(PY) -m bench.doctor $(ARGS)
