@@ -59,16 +59,28 @@ def ensure_fast_blas(module: str, argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
-def blas_note() -> str | None:
-    """One log line: which BLAS this process's MLX CPU backend really has loaded (Linux only)."""
-    if not sys.platform.startswith("linux"):
+def blas_in_use() -> str | None:
+    """The OpenBLAS MLX's CPU backend calls, or None for its bundled reference BLAS. A BLAS takes
+    MLX's symbols only when preloaded (LD_PRELOAD) and mapped into this process. Looking for any
+    "openblas" in the process is wrong: numpy's wheel maps an OpenBLAS of its own
+    (numpy.libs/libscipy_openblas64_, other symbol names), which MLX never calls."""
+    lib = preloaded_blas()
+    if lib is None:
         return None
     try:
         with open("/proc/self/maps") as f:
-            maps = f.read().lower()
+            mapped = {os.path.realpath(line.split()[-1]) for line in f if "/" in line}
     except OSError:
         return None
-    if "openblas" in maps:
-        return "blas: OpenBLAS (preloaded)"
+    return lib if os.path.realpath(lib) in mapped else None
+
+
+def blas_note() -> str | None:
+    """One log line: which BLAS this process's MLX CPU backend really calls (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    lib = blas_in_use()
+    if lib:
+        return f"blas: OpenBLAS (preloaded from {lib})"
     return ("blas: MLX's bundled reference BLAS (slow on the CPU; sudo apt-get install libopenblas0-pthread "
             "and the trainer preloads it, ~30x faster)")

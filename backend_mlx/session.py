@@ -19,8 +19,10 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from trainer.backend import Batch, checked_optimizer_state
+from trainer.plan import eager_eval
 from core.config import ModelSpec, TrainConfig
 from core.flops import measure_gflops
+from core.memory import machine_ram_bytes
 from core.params import MATRIX, param_groups, param_shapes
 
 from backend_mlx.blas import blas_note
@@ -38,6 +40,10 @@ def chunks(x: np.ndarray, y: np.ndarray, max_tokens: int):
         yield x[i:i + rows], y[i:i + rows]
 
 
+def eager_eval_label(setting) -> str:
+    return {True: "on", False: "off"}.get(setting, "auto (on when a micro-batch has more than one chunk)")
+
+
 def _ids(a: np.ndarray) -> mx.array:
     # One integer dtype for every batch (shards hold uint16): a compiled function is traced per dtype.
     return mx.array(np.asarray(a, dtype=np.int32))
@@ -51,6 +57,7 @@ class MLXSession:
     def __init__(self):
         on_gpu = mx.default_device().type == mx.gpu
         self.device = "mlx gpu (Metal)" if on_gpu else "mlx cpu"
+        self.device_kind = "metal" if on_gpu else "cpu"
         self.compute_dtype = ""
         self.notes: list[str] = []
         self.compiled = False
@@ -66,7 +73,7 @@ class MLXSession:
             # array is fresh memory, page-faulted in: a 16M-element add took 37 ms, 5 ms from the
             # cache. Its memory limit, as on Metal, took the BASE step from 4.02 to 3.76 s.
             mx.set_cache_limit(mx.get_memory_limit())
-        self.compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        self.compute_dtype, self.use_compile = self.runtime_choices(cfg)
         dtype = DTYPES[self.compute_dtype]
         self.model = GPT(spec, compute_dtype=dtype)
         mx.eval(self.model.parameters())
@@ -81,11 +88,6 @@ class MLXSession:
             else:
                 self.optimizers[group] = Adam(group_shapes, cfg.beta1, cfg.beta2, cfg.adam_eps)
 
-        # COMPILE=auto: on for Metal; off on the CPU backend. Measured there (mlx 0.32.4, bundled BLAS,
-        # d=128, 4 layers, 1024 tokens a step): 0.89-0.91 s a step with or without compile (the
-        # matrix products dominate), while the first compiled step took 4.4 s instead of 1.0 s
-        # building C++ kernels with the system compiler, which a CPU-only machine may not have.
-        self.use_compile = cfg.compile == "1" or (cfg.compile == "auto" and on_gpu)
         self.compiled = self.use_compile
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss_sum)
         self._eval_loss = self._loss_sum
@@ -101,10 +103,20 @@ class MLXSession:
         self.notes = [
             f"mlx {mx.__version__} on {self.device}, compute dtype {self.compute_dtype}, "
             f"mx.compile {'on' if self.use_compile else 'off'} (COMPILE={cfg.compile}), "
-            f"chunks of at most {cfg.mlx_max_microbatch_tokens} tokens, eager eval {'on' if cfg.mlx_eager_eval else 'off'}"
+            f"chunks of at most {cfg.mlx_max_microbatch_tokens} tokens, eager eval {eager_eval_label(cfg.mlx_eager_eval)}"
         ]
         if not on_gpu and (note := blas_note()):
             self.notes.append(note)
+
+    def runtime_choices(self, cfg: TrainConfig) -> tuple[str, bool]:
+        """(compute dtype, compiled) this session will use for `cfg`, before setup (the memory plan reads them)."""
+        on_gpu = self.device_kind == "metal"
+        compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        # COMPILE=auto: on for Metal; off on the CPU backend. Measured there (mlx 0.32.4, bundled BLAS,
+        # d=128, 4 layers, 1024 tokens a step): 0.89-0.91 s a step with or without compile (the
+        # matrix products dominate), while the first compiled step took 4.4 s instead of 1.0 s
+        # building C++ kernels with the system compiler, which a CPU-only machine may not have.
+        return compute_dtype, cfg.compile == "1" or (cfg.compile == "auto" and on_gpu)
 
     def _loss_sum(self, x: mx.array, y: mx.array) -> mx.array:
         return self.model.loss(x, y, reduction="sum")
@@ -151,12 +163,13 @@ class MLXSession:
         total_grads, total_loss = None, mx.array(0.0)
         for x, y in micro_batches:
             scale = 1.0 / (x.size * len(micro_batches))
+            eager = eager_eval(self.cfg.mlx_eager_eval, x.size, x.shape[1], self.cfg.mlx_max_microbatch_tokens)
             for xc, yc in chunks(x, y, self.cfg.mlx_max_microbatch_tokens):
                 loss_sum, grads = self._loss_and_grad(_ids(xc), _ids(yc))
                 grads = tree_map(lambda g: g * scale, grads)
                 total_grads = grads if total_grads is None else tree_map(mx.add, total_grads, grads)
                 total_loss = total_loss + loss_sum * scale
-                if self.cfg.mlx_eager_eval:
+                if eager:
                     mx.eval(total_grads, total_loss)
         return total_loss, dict(tree_flatten(total_grads))
 
@@ -193,6 +206,12 @@ class MLXSession:
         b = mx.random.normal((n, n)).astype(DTYPES[dtype])
         mx.eval(a, b)
         return measure_gflops(lambda: mx.eval(a @ b), 2 * n ** 3, seconds)
+
+    def device_memory_bytes(self) -> int:
+        if self.device_kind == "metal":
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            return int(info["max_recommended_working_set_size"])
+        return machine_ram_bytes()
 
     def peak_memory_bytes(self) -> int | None:
         if hasattr(mx, "get_peak_memory"):

@@ -45,18 +45,18 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
-        # float64, as MLX's: an fp32 inv_freq alone costs 1.8e-6 relative error in the tables at T=1024.
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # float64, as MLX's (an fp32 inv_freq alone costs 1.8e-6 relative error in the tables at
+        # T=1024), and kept on the CPU: mps has no float64. Only the fp32 tables go to the device.
+        self.inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, T: int, device: torch.device, offset: int = 0):
         n = T + offset
         if self._cache is None or self._cache[0] < n or self._cache[1] != device:
             # Angles in float64 so long sequences keep their precision; the tables are fp32.
-            t = torch.arange(n, device=device, dtype=torch.float64)
-            theta = torch.outer(t, self.inv_freq.to(device, torch.float64))      # (n, hd/2)
-            self._cache = (n, device, theta.cos().float(), theta.sin().float())
+            t = torch.arange(n, dtype=torch.float64)
+            theta = torch.outer(t, self.inv_freq)                                # (n, hd/2)
+            self._cache = (n, device, theta.cos().float().to(device), theta.sin().float().to(device))
         _, _, cos, sin = self._cache
         return cos[offset:offset + T], sin[offset:offset + T]
 

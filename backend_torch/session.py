@@ -22,6 +22,7 @@ from trainer.backend import checked_optimizer_state
 from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError
 from core.flops import measure_gflops
+from core.memory import machine_ram_bytes
 from core.params import MATRIX, param_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -78,6 +79,7 @@ class TorchSession:
         self.compute_dtype = rt.compute_dtype
         self.compiled = rt.compile
         self.torch_device = rt.device
+        self.device_kind = rt.device.type   # "cpu", "cuda" or "mps"
         if rt.device.type == "cuda":
             torch.cuda.set_device(rt.device)
             self.device = f"cuda:{rt.local_rank} ({torch.cuda.get_device_name(rt.device)})"
@@ -90,6 +92,10 @@ class TorchSession:
                                     rank=rt.rank, world_size=rt.world_size)
         self.notes = [f"torch {torch.__version__} device:{self.device} compute_dtype:{self.compute_dtype} "
                       f"compile:{int(rt.compile)} world_size:{rt.world_size}"]
+
+    def runtime_choices(self, cfg: TrainConfig) -> tuple[str, bool]:
+        """(compute dtype, compiled), chosen by resolve_runtime (the memory plan reads them)."""
+        return self.compute_dtype, self.compiled
 
     # -- building --
 
@@ -195,6 +201,14 @@ class TorchSession:
             self.synchronize()
 
         return measure_gflops(product, 2 * n ** 3, seconds)
+
+    def device_memory_bytes(self) -> int:
+        if self.torch_device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.torch_device)
+            return int(free)
+        if self.torch_device.type == "mps":
+            return int(torch.mps.recommended_max_memory())
+        return machine_ram_bytes()
 
     def peak_memory_bytes(self) -> int | None:
         if self.torch_device.type == "cuda":

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend_mlx.blas import blas_note, ensure_fast_blas, find_openblas, preloaded_blas
+from backend_mlx.blas import blas_in_use, blas_note, ensure_fast_blas, find_openblas, preloaded_blas
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "runs"
@@ -334,21 +334,6 @@ def torch_blas_summary(config: str) -> str:
     return ", ".join(parts)
 
 
-def mlx_blas_in_use() -> str | None:
-    """The OpenBLAS MLX's CPU backend calls, or None for its bundled reference BLAS: a BLAS takes MLX's
-    symbols only when preloaded (LD_PRELOAD) and mapped. numpy's wheel maps an OpenBLAS of its own
-    (libscipy_openblas64_, other symbol names), which MLX never calls."""
-    lib = preloaded_blas()
-    if lib is None:
-        return None
-    try:
-        with open("/proc/self/maps") as f:
-            mapped = {line.split()[-1] for line in f if "/" in line}
-    except OSError:
-        return None
-    return lib if os.path.realpath(lib) in {os.path.realpath(m) for m in mapped} else None
-
-
 def blas(doc: Doctor) -> None:
     doc.section("BLAS")
     info = {}
@@ -357,7 +342,7 @@ def blas(doc: Doctor) -> None:
         note = blas_note()
         info["mlx"] = dict(openblas_installed=installed, ld_preload=preloaded, note=note,
                            no_preload=os.environ.get("TWINGPT_NO_BLAS_PRELOAD") == "1")
-        in_use = mlx_blas_in_use()
+        in_use = blas_in_use()
         info["mlx"]["in_use"] = in_use
         if in_use:
             text = f"OpenBLAS, preloaded from {in_use}"
@@ -365,9 +350,6 @@ def blas(doc: Doctor) -> None:
             text = ("MLX's bundled reference BLAS (slow); OpenBLAS "
                     + (f"installed at {installed}, not preloaded" if installed else "not installed"))
         doc.row("mlx", text)
-        if bool(in_use) != bool(note and "OpenBLAS" in note):
-            doc.warn(f"backend_mlx.blas.blas_note() says {note!r}, which the MLX trainer logs: it finds any "
-                     "OpenBLAS in the process, numpy's own (numpy.libs/libscipy_openblas64_) included")
         if not installed:
             doc.warn("MLX's CPU backend runs on its bundled reference BLAS, ~30x slower: "
                      "sudo apt-get install libopenblas0-pthread")

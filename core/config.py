@@ -24,9 +24,15 @@ from typing import Any, Mapping, Sequence
 from core.errors import ConfigError
 
 
-def setting(default, help: str, *, choices: Sequence[str] | None = None):
-    """A dataclass field with its help text (and allowed values) in the metadata, as mlx-lm does."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+AUTO = "auto"
+
+
+def setting(default, help: str, *, choices: Sequence[str] | None = None, auto: str | None = None):
+    """A dataclass field with its help text (and allowed values) in the metadata, as mlx-lm does.
+
+    `auto` names the field's kind ("int", "float" or "bool") when it also accepts the word "auto":
+    a value the run resolves itself (the memory plan, trainer/plan.py)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "auto": auto})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,9 +135,10 @@ class TrainConfig:
     train_batch_tokens: int = setting(524288, "tokens per optimizer step, over all ranks and accumulation steps")
     train_seq_len: int = setting(1024, "sequence length of training and validation")
     max_wallclock_seconds: float = setting(600.0, "stop training after this many seconds (0 = no cap)")
-    grad_accum_steps: int = setting(1, "micro-steps per optimizer step on each rank")
+    grad_accum_steps: int | str = setting(AUTO, "micro-steps per optimizer step on each rank: a number, or auto "
+                                          "(the fewest that fit MEMORY_BUDGET_GB)", auto="int")
     # Validation and logging
-    val_batch_size: int = setting(524288, "validation tokens per evaluation batch, over all ranks")
+    val_batch_size: int = setting(524288, "validation tokens per evaluation batch, over all ranks and accumulation steps (as the reference)")
     val_loss_every: int = setting(1000, "validate every N steps (0 = only at the end)")
     train_log_every: int = setting(200, "log the training loss every N steps")
     checkpoint_every: int = setting(0, "write a checkpoint every N steps (0 = only at the end)")
@@ -171,7 +178,14 @@ class TrainConfig:
     compile: str = setting("auto", "torch.compile / mx.compile: 1, 0, or auto (the backend's measured choice)",
                            choices=("auto", "0", "1"))
     mlx_max_microbatch_tokens: int = setting(8192, "MLX: split each micro-batch into chunks of at most this many tokens")
-    mlx_eager_eval: bool = setting(False, "MLX: evaluate after each chunk to bound memory (16 GB Macs)")
+    mlx_eager_eval: bool | str = setting(AUTO, "MLX: evaluate after each chunk to bound memory: 1, 0, or auto "
+                                         "(on whenever a micro-batch has more than one chunk)", auto="bool")
+    # Memory
+    memory_budget_gb: float | str = setting(AUTO, "memory (GB) a run may plan for on each device: a number, or auto "
+                                            "(0.8 of free CUDA memory, 0.75 of Metal's working set, 0.6 of RAM)",
+                                            auto="float")
+    plan: bool = setting(False, "print the resolved run (device, dtype, micro-steps, memory estimate vs budget) "
+                         "and exit without writing anything")
 
     def __post_init__(self):
         for f in fields(self):
@@ -180,9 +194,9 @@ class TrainConfig:
             if choices and value not in choices:
                 raise ConfigError(f"{env_name(f.name)}={value!r}: must be one of {', '.join(choices)}")
         positive = ("iterations", "train_batch_tokens", "train_seq_len", "grad_accum_steps", "val_batch_size",
-                    "train_log_every", "muon_backend_steps")
+                    "train_log_every", "muon_backend_steps", "memory_budget_gb")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) != AUTO and getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
         non_negative = ("warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                         "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps")
@@ -215,9 +229,11 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def check_batch_geometry(self, world_size: int) -> None:
-        """docs/spec.md §7: each micro-step of each rank takes a whole number of sequences."""
-        per_micro = self.train_batch_tokens // max(world_size * self.grad_accum_steps, 1)
-        if self.train_batch_tokens % (world_size * self.grad_accum_steps) or per_micro % self.train_seq_len:
+        """docs/spec.md §7: each micro-step of each rank takes a whole number of sequences (with
+        GRAD_ACCUM_STEPS=auto: each rank's share of the step does; the plan picks the micro-steps)."""
+        accum = 1 if self.grad_accum_steps == AUTO else self.grad_accum_steps
+        per_micro = self.train_batch_tokens // max(world_size * accum, 1)
+        if self.train_batch_tokens % (world_size * accum) or per_micro % self.train_seq_len or per_micro == 0:
             raise ConfigError(
                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens}: must split into WORLD_SIZE={world_size} x "
                 f"GRAD_ACCUM_STEPS={self.grad_accum_steps} micro-batches of whole "
@@ -242,7 +258,13 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def parse_value(field_name: str, raw: Any, kind: str) -> Any:
-    """Convert a raw value (a string from env/flags, or a JSON value) to the field's type."""
+    """Convert a raw value (a string from env/flags, or a JSON value) to the field's type.
+
+    Kind "int|auto" (and "float|auto", "bool|auto") also takes the word auto."""
+    if kind.endswith("|auto"):
+        if isinstance(raw, str) and raw.strip().lower() == AUTO:
+            return AUTO
+        kind = kind[:-len("|auto")]
     label = f"{env_name(field_name)}={raw!r}"
     if kind == "bool":
         if isinstance(raw, bool):
@@ -281,7 +303,10 @@ def parse_value(field_name: str, raw: Any, kind: str) -> Any:
 def _field_kinds() -> dict[str, str]:
     kinds = {}
     for f in fields(TrainConfig):
-        kinds[f.name] = {"bool": "bool", "int": "int", "float": "float"}.get(str(f.type), "str")
+        if f.metadata.get("auto"):
+            kinds[f.name] = f.metadata["auto"] + "|auto"
+        else:
+            kinds[f.name] = {"bool": "bool", "int": "int", "float": "float"}.get(str(f.type), "str")
     return kinds
 
 
@@ -312,7 +337,9 @@ def build_arg_parser(prog: str | None = None, description: str | None = None) ->
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="JSON file of settings (env CONFIG)")
     for f in fields(TrainConfig):
-        parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name),
+        # A true/false setting's flag alone means true: --plan is --plan 1.
+        flag_alone = {"nargs": "?", "const": "1"} if str(f.type) == "bool" else {}
+        parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name), **flag_alone,
                             help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"))
     return parser
 

@@ -367,7 +367,9 @@ def plan_micro_steps(spec: ModelSpec, *, train_batch_tokens: int, world_size: in
     says whether they fit). mlx_eager_eval=None: on (MLX) whenever a micro-batch has more than one
     chunk, since with one chunk it changes nothing; measured on MLX's CPU backend it is both smaller
     and faster (65,536 tokens a step, 4 x 256, seq 1024: 8,235 MiB off vs 1,329 MiB on, 2:30 vs 2:00).
-    `val_batch_tokens` is this rank's validation batch (VAL_BATCH_SIZE / world_size).
+    `val_batch_tokens` is this rank's share of VAL_BATCH_SIZE (VAL_BATCH_SIZE / world_size); with A
+    micro-steps validation runs in batches of 1/A of it, as the reference trainers do
+    (trainer/validation.py), so more micro-steps also shrink validation.
     """
     if world_size <= 0 or seq_len <= 0 or train_batch_tokens <= 0:
         raise ValueError("train_batch_tokens, world_size and seq_len must be positive")
@@ -383,13 +385,16 @@ def plan_micro_steps(spec: ModelSpec, *, train_batch_tokens: int, world_size: in
                          f"TRAIN_SEQ_LEN={seq_len} sequences")
     mlx = backend == "mlx"
 
+    def val_tokens(a: int) -> int:
+        return max(val_batch_tokens // a, seq_len) if val_batch_tokens > 0 else 0
+
     def make(a: int, eager: bool | None) -> Plan:
         micro = per_rank // a
         chunks = -(-(micro // seq_len) // max(1, mlx_chunk_tokens // seq_len)) if mlx else 1
         if eager is None:
             eager = mlx and chunks > 1
         est = estimate_peak(spec, backend=backend, device=device, compute_dtype=compute_dtype,
-                            micro_batch_tokens=micro, seq_len=seq_len, val_batch_tokens=val_batch_tokens,
+                            micro_batch_tokens=micro, seq_len=seq_len, val_batch_tokens=val_tokens(a),
                             mlx_chunk_tokens=mlx_chunk_tokens, mlx_eager_eval=bool(eager and mlx),
                             compiled=compiled, grad_accum_steps=a)
         return Plan(a, bool(eager and mlx), chunks, micro, est, int(budget_bytes), est.total <= budget_bytes)
@@ -415,7 +420,7 @@ def plan_micro_steps(spec: ModelSpec, *, train_batch_tokens: int, world_size: in
     fit_seqs = 0
     for s in range(1, seqs + 1):
         est = estimate_peak(spec, backend=backend, device=device, compute_dtype=compute_dtype,
-                            micro_batch_tokens=s * seq_len, seq_len=seq_len, val_batch_tokens=val_batch_tokens,
+                            micro_batch_tokens=s * seq_len, seq_len=seq_len, val_batch_tokens=val_tokens(a),
                             mlx_chunk_tokens=mlx_chunk_tokens, mlx_eager_eval=tried.mlx_eager_eval,
                             compiled=compiled, grad_accum_steps=a)
         if est.total > budget_bytes:

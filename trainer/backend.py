@@ -55,9 +55,13 @@ class TrainerBackend(Protocol):
     rank: int            # this process's rank (0 when not distributed)
     world_size: int      # number of processes
     device: str          # human-readable, e.g. "cpu", "cuda:0 (NVIDIA H100 80GB)", "mlx cpu"
+    device_kind: str     # what the memory plan needs to know: "cpu", "cuda", "mps" or "metal"
     compute_dtype: str   # "float32" or "bfloat16", resolved from the config
     notes: list[str]     # lines the loop writes to the log at start (BLAS in use, compile, ...)
     compiled: bool       # whether the train step is compiled (the loop's warmup steps exist to prime it)
+
+    def runtime_choices(self, cfg: TrainConfig) -> tuple[str, bool]:
+        """(compute dtype, compiled) the session uses for `cfg`; known before setup, for the memory plan."""
 
     def setup(self, spec: ModelSpec, cfg: TrainConfig) -> None:
         """Build the model and its optimizers (weights are loaded separately)."""
@@ -89,6 +93,10 @@ class TrainerBackend(Protocol):
 
     def matmul_gflops(self, dtype: str = "float32", n: int = 2048, seconds: float = 1.0) -> float:
         """GFLOP/s of an n x n product on this device: the ceiling MFU is measured against."""
+
+    def device_memory_bytes(self) -> int:
+        """The memory this process's device offers a run: CUDA's free memory (mem_get_info), Metal's
+        recommended working set, the machine's RAM on the CPU. MEMORY_BUDGET_GB=auto is a fraction of it."""
 
     def peak_memory_bytes(self) -> int | None: ...
 

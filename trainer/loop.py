@@ -6,7 +6,8 @@ with its roundtrip evaluation. It drives a backend through the small interface o
 trainer/backend.py, so `python -m backend_torch.train` and `python -m backend_mlx.train` behave
 identically. A run goes through six phases, one function (or class) each, in this order:
 
-    prepare          check every input (settings, dataset, every shard, checkpoint), then make the run folder
+    prepare          plan the run's memory, check every input (settings, dataset, every shard,
+                     checkpoint), then make the run folder
     start            build the model, log what this run is (config, source, dataset, baseline)
     build_or_resume  initial weights, or a checkpoint's weights, optimizer state and data position
     warm_up          prime compilation on real steps, then put everything back
@@ -43,6 +44,7 @@ from data.datasets import Dataset, resolve_dataset
 from data.stream import DistributedTokenLoader, load_validation_tokens
 from trainer.backend import TrainerBackend
 from trainer.interrupt import InterruptFlag
+from trainer.plan import RunPlan, check_fits, make_plan
 from trainer.plot import plot_losses
 from trainer.progress import Progress, format_seconds
 from trainer.run_folder import RunLog, create_run_dir, make_run_dir, source_snapshot
@@ -77,6 +79,7 @@ class Run:
     run_id: str
     run_dir: Path
     master: bool                      # rank 0: the only process that prints and writes
+    plan: RunPlan
     log: RunLog | None = None
 
 
@@ -86,7 +89,9 @@ class Run:
 
 def prepare(cfg: TrainConfig, backend: TrainerBackend) -> Run:
     spec = cfg.model_spec()
-    cfg.check_batch_geometry(backend.world_size)
+    plan = make_plan(cfg, backend)
+    check_fits(plan)
+    cfg = plan.cfg   # GRAD_ACCUM_STEPS, MLX_EAGER_EVAL and the budget resolved
     master = backend.rank == 0
     # resolve_dataset reads the header and token range of every shard (data/datasets.py).
     dataset = resolve_dataset(cfg.data_path, cfg.tokenizer_path, spec.vocab_size)
@@ -99,7 +104,7 @@ def prepare(cfg: TrainConfig, backend: TrainerBackend) -> Run:
     run_id, run_dir = make_run_dir(cfg, backend.name, master)
     if master:
         create_run_dir(run_dir, cfg.to_dict() | {"run_id": run_id})
-    run = Run(cfg, spec, backend, dataset, tables, val_tokens, ckpt, run_id, run_dir, master)
+    run = Run(cfg, spec, backend, dataset, tables, val_tokens, ckpt, run_id, run_dir, master, plan)
     run.log = RunLog(run_dir, enabled=master)
     return run
 
@@ -129,6 +134,7 @@ def start(run: Run) -> tuple[ParamCount, float, float]:
     log(f"train_batch_tokens:{cfg.train_batch_tokens} seq_len:{cfg.train_seq_len} world_size:{backend.world_size} "
         f"grad_accum_steps:{cfg.grad_accum_steps} iterations:{cfg.iterations} "
         f"max_wallclock_seconds:{cfg.max_wallclock_seconds:g}")
+    log(run.plan.log_line())
     return counts, uni_loss, uni_bpb
 
 
@@ -354,7 +360,8 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "train_time_s": training.elapsed_ms / 1000.0, "step_avg_ms": run_ms / trained_steps, "tokens_per_s": tok_s,
         "flops_per_token": flops_token, "achieved_tflops": tok_s * flops_token / 1e12,
         "matmul_gflops_fp32": ceiling_gflops, "mfu": mfu,
-        "peak_memory_bytes": int(peak), "wall_time_s": time.perf_counter() - wall_start,
+        "peak_memory_bytes": int(peak), "peak_memory_estimate_bytes": run.plan.memory.estimate.total,
+        "memory_budget_bytes": run.plan.memory.budget, "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,
         "artifact": str(artifact_path),
     }
@@ -393,6 +400,17 @@ def main(prog: str, make_session, argv=None) -> TrainResult:
     cfg = load_config(sys.argv[1:] if argv is None else argv, prog=prog)
     session = make_session(cfg)
     try:
+        if cfg.plan:
+            return print_plan(cfg, session)
         return run_training(cfg, session)
     finally:
         session.close()
+
+
+def print_plan(cfg: TrainConfig, backend: TrainerBackend) -> None:
+    """--plan: the resolved run on stdout, nothing written; a plan that cannot fit is still an error."""
+    plan = make_plan(cfg, backend)
+    if backend.rank == 0:
+        for line in plan.describe(backend):
+            print(line, flush=True)
+    check_fits(plan)

@@ -22,7 +22,9 @@ def format_summary(s: dict) -> list[str]:
         f"{s['achieved_tflops'] * 1000:.1f} GFLOP/s of model FLOPs"
         + (f", MFU {100 * s['mfu']:.1f}% of the fp32 matmul ceiling measured here "
            f"({s['matmul_gflops_fp32']:.0f} GFLOP/s)" if s.get("mfu") else ""),
-        f"peak memory {s['peak_memory_bytes'] / 2**20:,.0f} MiB; wall time {format_seconds(s['wall_time_s'])}; "
+        f"peak memory {s['peak_memory_bytes'] / 2**20:,.0f} MiB measured, "
+        f"{s['peak_memory_estimate_bytes'] / 2**20:,.0f} MiB estimated by the plan "
+        f"(budget {s['memory_budget_bytes'] / 2**30:.1f} GiB); wall time {format_seconds(s['wall_time_s'])}; "
         f"backend {s['backend']} on {s['device']} ({s['compute_dtype']})",
         f"files in {s['run_dir']}: log.txt, metrics.jsonl, loss.png, checkpoints/, model.int8.zlib, summary.json",
     ]

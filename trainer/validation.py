@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.config import TrainConfig
+from core.config import AUTO, TrainConfig
 from core.metrics import EvalAccumulator, token_bytes
 from data.shards import read_shard
 from data.stream import validation_batches
@@ -13,8 +13,13 @@ from trainer.backend import TrainerBackend
 
 
 def evaluate(backend: TrainerBackend, val_tokens: np.ndarray, tables, cfg: TrainConfig) -> tuple[float, float]:
-    """(val_loss, val_bpb) over the whole validation set, summed across ranks."""
-    local_tokens = max(cfg.val_batch_size // backend.world_size, cfg.train_seq_len)
+    """(val_loss, val_bpb) over the whole validation set, summed across ranks.
+
+    Each rank scores batches of VAL_BATCH_SIZE / (WORLD_SIZE x GRAD_ACCUM_STEPS) tokens, as the
+    reference trainers do: the micro-steps that fit training's memory keep validation's small too.
+    The batch size changes only how the sums are grouped, not what they add up to."""
+    accum = 1 if cfg.grad_accum_steps == AUTO else cfg.grad_accum_steps
+    local_tokens = max(cfg.val_batch_size // (backend.world_size * accum), cfg.train_seq_len)
     batch_seqs = local_tokens // cfg.train_seq_len
     loss_sum = tokens = n_bytes = 0.0
     for x, y in validation_batches(val_tokens, cfg.train_seq_len, batch_seqs, backend.rank, backend.world_size):

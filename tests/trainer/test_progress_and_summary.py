@@ -37,9 +37,10 @@ def test_summary_says_whether_the_model_beats_the_baseline():
              roundtrip_val_bpb=1.51, artifact_bytes=8_000_000, artifact_budget_bytes=16_000_000,
              params_unique=10, params_non_embedding=5, params_total=15, params_saved_by_tying=5,
              tokens_per_s=1234.0, step_avg_ms=10.0, achieved_tflops=0.001, peak_memory_bytes=2**30,
-             wall_time_s=65, backend="torch", device="cpu", compute_dtype="float32", run_dir="runs/r")
+             peak_memory_estimate_bytes=2**29, memory_budget_bytes=12 * 2**30, wall_time_s=65, backend="torch", device="cpu", compute_dtype="float32", run_dir="runs/r")
     text = "\n".join(format_summary(s))
     assert "1.0000 bits per byte better" in text and "50.0% of the 16,000,000-byte budget" in text
+    assert "peak memory 1,024 MiB measured, 512 MiB estimated by the plan (budget 12.0 GiB)" in text
     assert "WORSE" in "\n".join(format_summary(dict(s, val_bpb=3.0)))
     assert "MFU" not in text
     assert "MFU 40.0% of the fp32 matmul ceiling measured here (250 GFLOP/s)" in "\n".join(

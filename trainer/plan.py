@@ -1,0 +1,119 @@
+"""The run's plan, made before anything is written: micro-steps, MLX's chunks and eager eval, and
+the memory estimate against the budget (core/memory.py does the arithmetic).
+
+    MEMORY_BUDGET_GB   a number (GiB, 2**30 bytes, as RAM is sold), or auto: a fraction of what the
+                       device offers (core.memory.default_budget_bytes: 0.8 of CUDA's free memory,
+                       0.75 of Metal's recommended working set, 0.6 of the machine's RAM)
+    GRAD_ACCUM_STEPS   a number, honoured; or auto: the fewest micro-steps whose estimate fits
+    MLX_EAGER_EVAL     1 or 0, honoured; or auto: on whenever a micro-batch has more than one chunk
+
+A plan that does not fit stops the run with one line naming the estimate, the budget and settings
+that would fit. `--plan` (PLAN=1) prints the plan and exits without writing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core import memory
+from core.config import AUTO, TrainConfig
+from core.errors import ConfigError
+from trainer.backend import TrainerBackend
+
+GIB = 2 ** 30
+# torch on Apple's GPU: SDPA like CUDA's (nothing T x T kept), and a budget like Metal's (unified memory).
+ESTIMATE_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mps": "cuda"}
+BUDGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mps": "metal"}
+DEVICE_MEMORY = {"cpu": "RAM", "cuda": "free CUDA memory", "metal": "Metal's recommended working set",
+                 "mps": "Metal's recommended working set"}
+
+
+def eager_eval(setting, micro_batch_tokens: int, seq_len: int, chunk_tokens: int) -> bool:
+    """MLX_EAGER_EVAL resolved for one micro-batch: 1/0 as set; auto = on when the micro-batch is
+    more than one chunk (with one chunk, evaluating after it is what the step does anyway)."""
+    if setting != AUTO:
+        return bool(setting)
+    return micro_batch_tokens // seq_len > max(1, chunk_tokens // seq_len)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    cfg: TrainConfig              # resolved: GRAD_ACCUM_STEPS and MLX_EAGER_EVAL as numbers, the budget in GiB
+    memory: memory.Plan
+    budget_source: str            # where the budget came from, for the log
+    backend_name: str
+    compute_dtype: str
+    compiled: bool
+
+    def log_line(self) -> str:
+        cfg, m = self.cfg, self.memory
+        eager = f" eager_eval:{int(m.mlx_eager_eval)}" if self.backend_name == "mlx" else ""
+        return (f"memory_plan: grad_accum_steps:{cfg.grad_accum_steps} micro_batch_tokens:{m.micro_batch_tokens}"
+                f" chunks:{m.chunks_per_micro_batch}{eager} estimated_peak:{m.estimate.total / GIB:.2f}GiB"
+                f" budget:{m.budget / GIB:.2f}GiB ({self.budget_source})")
+
+    def describe(self, backend: TrainerBackend) -> list[str]:
+        """What --plan prints: the resolved run, one fact a line."""
+        cfg, m = self.cfg, self.memory
+        steps = f"{cfg.iterations} steps" + (f", at most {cfg.max_wallclock_seconds:g} s of training"
+                                              if cfg.max_wallclock_seconds > 0 else "")
+        lines = [
+            f"plan for {backend.name} on {backend.device} (world size {backend.world_size}):",
+            f"  compute dtype {self.compute_dtype}, compile {'on' if self.compiled else 'off'}",
+            f"  {cfg.train_batch_tokens:,} tokens a step = {backend.world_size} rank(s) x {cfg.grad_accum_steps} "
+            f"micro-step(s) x {m.micro_batch_tokens:,} tokens ({m.micro_batch_tokens // cfg.train_seq_len} sequences "
+            f"of {cfg.train_seq_len}); {steps}",
+        ]
+        if backend.name == "mlx":
+            lines.append(f"  MLX: {m.chunks_per_micro_batch} chunk(s) of at most {cfg.mlx_max_microbatch_tokens:,} "
+                         f"tokens a micro-batch, eager eval {'on' if m.mlx_eager_eval else 'off'}")
+        lines += [
+            f"  memory: {m.estimate.describe()}",
+            f"  budget: {m.budget / GIB:.2f} GiB ({self.budget_source}): "
+            + ("fits" if m.fits else "does NOT fit; " + m.suggestion()),
+        ]
+        return lines
+
+
+def budget_bytes(cfg: TrainConfig, backend: TrainerBackend) -> tuple[int, str]:
+    """The budget in bytes and where it came from."""
+    if cfg.memory_budget_gb != AUTO:
+        return int(cfg.memory_budget_gb * GIB), f"MEMORY_BUDGET_GB={cfg.memory_budget_gb:g}"
+    offered = backend.device_memory_bytes()
+    if not offered:
+        raise ConfigError("MEMORY_BUDGET_GB=auto: this machine does not say how much memory it has; "
+                          "set MEMORY_BUDGET_GB to a number of GiB")
+    kind = BUDGET_DEVICE[backend.device_kind]
+    fraction = memory.BUDGET_FRACTION[kind]
+    return (memory.default_budget_bytes(kind, offered),
+            f"auto: {fraction:g} of {offered / GIB:.1f} GiB {DEVICE_MEMORY[backend.device_kind]}")
+
+
+def make_plan(cfg: TrainConfig, backend: TrainerBackend) -> RunPlan:
+    """The resolved run for this backend, or a one-line ConfigError when it cannot fit."""
+    spec = cfg.model_spec()
+    world = backend.world_size
+    cfg.check_batch_geometry(world)
+    compute_dtype, compiled = backend.runtime_choices(cfg)
+    budget, source = budget_bytes(cfg, backend)
+    try:
+        plan = memory.plan_micro_steps(
+            spec, train_batch_tokens=cfg.train_batch_tokens, world_size=world, seq_len=cfg.train_seq_len,
+            budget_bytes=budget, backend=backend.name, device=ESTIMATE_DEVICE[backend.device_kind],
+            compute_dtype=compute_dtype, val_batch_tokens=max(cfg.val_batch_size // world, cfg.train_seq_len),
+            mlx_chunk_tokens=cfg.mlx_max_microbatch_tokens, compiled=compiled,
+            grad_accum_steps=None if cfg.grad_accum_steps == AUTO else cfg.grad_accum_steps,
+            mlx_eager_eval=None if cfg.mlx_eager_eval == AUTO else cfg.mlx_eager_eval)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    resolved = cfg.replace(grad_accum_steps=plan.grad_accum_steps, mlx_eager_eval=plan.mlx_eager_eval,
+                           memory_budget_gb=budget / GIB)
+    return RunPlan(resolved, plan, source, backend.name, compute_dtype, compiled)
+
+
+def check_fits(run_plan: RunPlan) -> None:
+    m = run_plan.memory
+    if not m.fits:
+        raise ConfigError(f"memory plan: estimated peak {m.estimate.total / GIB:.2f} GiB per device exceeds the "
+                          f"{m.budget / GIB:.2f} GiB budget ({run_plan.budget_source}) with GRAD_ACCUM_STEPS="
+                          f"{m.grad_accum_steps}; {m.suggestion()}, or raise MEMORY_BUDGET_GB (nothing was written)")
