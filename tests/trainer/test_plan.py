@@ -1,0 +1,83 @@
+"""The memory plan as a user meets it: auto micro-steps, --plan, and a run that cannot fit."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from core import memory
+from core.config import load_config
+from trainer_helpers import REPO, make_session, tiny_env, train
+
+BACKENDS = ["torch", "mlx"]
+GIB = 2 ** 30
+
+
+def estimate(backend, env, accum) -> int:
+    """The plan's estimate for this run with `accum` micro-steps, as the trainer computes it."""
+    from trainer.plan import make_plan
+
+    cfg = load_config([], environ=dict(env, GRAD_ACCUM_STEPS=str(accum), MEMORY_BUDGET_GB="1000"))
+    session = make_session(backend, cfg)
+    try:
+        return make_plan(cfg, session).memory.estimate.total
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_auto_micro_steps_fit_the_budget_and_train_as_the_same_value_written_out(backend, tiny_dataset, tmp_path):
+    env = tiny_env(tiny_dataset, tmp_path, TRAIN_BATCH_TOKENS=1024)   # one MLX chunk a micro-batch
+    one, four = estimate(backend, env, 1), estimate(backend, env, 4)
+    assert four < one
+    budget = (estimate(backend, env, 2) + four) / 2 / GIB   # 1 and 2 micro-steps do not fit, 4 does
+    auto = train(backend, dict(env, RUN_ID="auto", MEMORY_BUDGET_GB=f"{budget:.12f}"))
+    log = (tmp_path / "runs" / "auto" / "log.txt").read_text()
+    assert "grad_accum_steps:4 " in log and "memory_plan: grad_accum_steps:4 " in log
+    explicit = train(backend, dict(env, RUN_ID="explicit", GRAD_ACCUM_STEPS="4"))
+    assert auto.train_losses == explicit.train_losses and auto.val_loss == explicit.val_loss
+    assert auto.summary["peak_memory_estimate_bytes"] <= budget * GIB
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_run_that_cannot_fit_is_one_line_before_anything_is_written(backend, tiny_dataset, tmp_path):
+    env = os.environ | tiny_env(tiny_dataset, tmp_path, MEMORY_BUDGET_GB="0.0001", RUN_ID="too-big")
+    proc = subprocess.run([sys.executable, "-m", f"backend_{backend}.train"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: memory plan: estimated peak ")
+    assert "GiB budget (MEMORY_BUDGET_GB=0.0001)" in proc.stderr and "nothing was written" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plan_with_the_reference_defaults_fits_12_gib_and_writes_nothing(backend, tmp_path):
+    """The reference run (9 x 512, 524,288 tokens a step, seq 1024) on a 12 GiB budget: --plan only."""
+    env = {k: v for k, v in os.environ.items() if k not in memory_settings()} | {
+        "MEMORY_BUDGET_GB": "12", "OUT_DIR": str(tmp_path / "runs")}
+    proc = subprocess.run([sys.executable, "-m", f"backend_{backend}.train", "--plan"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith(f"plan for {backend} on ") and "524,288 tokens a step = 1 rank(s) x " in out
+    assert "budget: 12.00 GiB (MEMORY_BUDGET_GB=12): fits" in out
+    estimated = float(out.split("memory: est ")[1].split(" GiB")[0])
+    assert 0 < estimated <= 12
+    assert not (tmp_path / "runs").exists()
+
+
+def memory_settings():
+    return {"GRAD_ACCUM_STEPS", "MLX_EAGER_EVAL", "MEMORY_BUDGET_GB", "TRAIN_BATCH_TOKENS", "VAL_BATCH_SIZE",
+            "NUM_LAYERS", "MODEL_DIM", "TRAIN_SEQ_LEN", "MLX_MAX_MICROBATCH_TOKENS", "PLAN"}
+
+
+def test_the_auto_budget_is_the_documented_share_of_the_machine(tiny_dataset, tmp_path):
+    from trainer.plan import budget_bytes
+
+    cfg = load_config([], environ=tiny_env(tiny_dataset, tmp_path))
+    session = make_session("torch", cfg)
+    budget, source = budget_bytes(cfg, session)
+    ram = memory.machine_ram_bytes()
+    assert budget == int(0.6 * ram) and source == f"auto: 0.6 of {ram / GIB:.1f} GiB RAM"
+    assert budget_bytes(cfg.replace(memory_budget_gb=1.5), session) == (int(1.5 * GIB), "MEMORY_BUDGET_GB=1.5")
