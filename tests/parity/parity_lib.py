@@ -2,8 +2,22 @@
 
 The spec matrix, the error measure rel(a, b) = ||a - b||_2 / ||b||_2, both backends behind the same
 small numpy-in / numpy-out functions, a variant of the reference forward with deliberate mutations
-(for the tests that prove the suite can fail), and the collector of worst errors that
-tests/parity/conftest.py prints as the final table and writes to runs/parity/parity_report.json.
+(for the tests that prove the suite can fail), the devices the suite runs on, and the collector of
+worst errors that tests/parity/conftest.py prints as the final table and writes to
+runs/parity/parity_report.json.
+
+Devices. The kernel-level rows (forward, gradients, one optimizer step, the tied head, the exported
+weights) run on every device present: torch on the CPU and on cuda and mps when available, MLX on
+the CPU and on its GPU (Metal, or CUDA in an MLX CUDA build) when available. devices() probes them;
+device_pairs() pairs a torch device with an MLX device so that every present device is compared
+with the other backend and with the float64 reference; conftest.py parametrizes every test with a
+`pair` argument over those pairs, so an absent device produces no test at all (nothing skipped).
+So do the 20-step runs of the two real trainers. The validation, checkpoint and roundtrip rows and
+the mutants stay on the CPU: they are labelled "(cpu only)" in the table.
+
+Tolerances are the same on every device (docs/spec.md §10): fp32 means fp32 (TF32 off on CUDA
+while a parity computation runs, as TorchSession sets it), so the fp32 rows hold there too; the bf16
+rows are bf16 products wherever they run. No row is loosened for a device.
 
 torch and mlx are imported at module level on purpose: a missing backend is a collection error,
 that is a failure, never a skip.
@@ -31,12 +45,157 @@ from core.init import random_weights
 
 REPO = Path(__file__).resolve().parents[2]
 REPORT_PATH = REPO / "runs" / "parity" / "parity_report.json"
+BACKENDS = ("torch", "mlx")
 
 
 def rel(a, b) -> float:
     """docs/spec.md §10: ||a - b||_2 / ||b||_2, in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: every device present, for both backends; the CPU always
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Device:
+    backend: str          # "torch" or "mlx"
+    name: str             # torch: "cpu", "cuda", "mps"; mlx: "cpu", "metal", "cuda" (an MLX CUDA build)
+    present: bool = True
+    note: str = ""        # why an absent device is absent
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}:{self.name}"
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.name == "cpu"
+
+    @property
+    def torch_device(self) -> torch.device:
+        assert self.backend == "torch", self
+        return torch.device(self.name)
+
+    @property
+    def mlx_device(self):
+        assert self.backend == "mlx", self
+        return mx.cpu if self.is_cpu else mx.gpu
+
+
+def _mlx_cuda_available() -> bool:
+    return hasattr(mx, "cuda") and bool(mx.cuda.is_available())
+
+
+# (backend, name, probe). The probes look the availability functions up when called, so a test can
+# monkeypatch torch.cuda.is_available, torch.backends.mps.is_available or mx.metal.is_available.
+# MLX has one GPU device, mx.gpu: Metal on a Mac, CUDA in an MLX CUDA build.
+DEVICE_PROBES = (
+    ("torch", "cpu", lambda: True),
+    ("torch", "cuda", lambda: torch.cuda.is_available()),
+    ("torch", "mps", lambda: torch.backends.mps.is_available()),
+    ("mlx", "cpu", lambda: True),
+    ("mlx", "metal", lambda: mx.metal.is_available()),
+    ("mlx", "cuda", _mlx_cuda_available),
+)
+
+
+def devices(probes=DEVICE_PROBES) -> list[Device]:
+    """Every device the suite knows, present or not, in the order of DEVICE_PROBES. A probe that
+    raises makes its device absent, with the error as the note (the header shows it)."""
+    out = []
+    for backend, name, probe in probes:
+        try:
+            present, note = bool(probe()), "not present"
+        except Exception as err:   # a broken driver: absent, and the header says why
+            present, note = False, f"probe failed: {type(err).__name__}: {err}"
+        out.append(Device(backend, name, present, "" if present else note))
+    return out
+
+
+def present(devs: list[Device], backend: str | None = None) -> list[Device]:
+    return [d for d in devs if d.present and (backend is None or d.backend == backend)]
+
+
+@dataclass(frozen=True)
+class DevicePair:
+    """A torch device and an MLX device: each is compared with the float64 reference and with the other."""
+    torch: Device
+    mlx: Device
+
+    @property
+    def label(self) -> str:
+        return f"{self.torch.label} vs {self.mlx.label}"
+
+    @property
+    def id(self) -> str:   # the test id
+        return f"{self.torch.label}-vs-{self.mlx.label}"
+
+    def of(self, backend: str) -> Device:
+        return self.torch if backend == "torch" else self.mlx
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.torch.is_cpu and self.mlx.is_cpu
+
+
+def device_pairs(devs: list[Device]) -> list[DevicePair]:
+    """The CPU pair first, always; then each present GPU device once, paired with the other backend's
+    first GPU if it has one (torch:mps vs mlx:metal on a Mac), else with its CPU (torch:cuda vs
+    mlx:cpu). Every present device is in a pair; the cost grows with the GPUs present, not their product."""
+    cpu = {b: next(d for d in devs if d.backend == b and d.is_cpu) for b in BACKENDS}
+    gpus = {b: [d for d in present(devs, b) if not d.is_cpu] for b in BACKENDS}
+    pairs = [DevicePair(cpu["torch"], cpu["mlx"])]
+    for t in gpus["torch"]:
+        pairs.append(DevicePair(t, gpus["mlx"][0] if gpus["mlx"] else cpu["mlx"]))
+    paired = {p.mlx for p in pairs}
+    for m in gpus["mlx"]:
+        if m not in paired:
+            pairs.append(DevicePair(gpus["torch"][0] if gpus["torch"] else cpu["torch"], m))
+    return pairs
+
+
+def pair_params(devs: list[Device]) -> tuple[list[DevicePair], list[str]]:
+    """(values, ids) of the `pair` parametrization (conftest.pytest_generate_tests)."""
+    pairs = device_pairs(devs)
+    return pairs, [p.id for p in pairs]
+
+
+def devices_header(devs: list[Device]) -> str:
+    absent = [f"{d.label} ({d.note})" for d in devs if not d.present]
+    return (f"devices: {', '.join(d.label for d in present(devs))}; "
+            f"absent: {', '.join(absent) if absent else 'none'}")
+
+
+@contextlib.contextmanager
+def on_device(device: Device):
+    """Around a computation on `device`. MLX: its default device is set (models, arrays and sessions
+    made inside use it; MLXSession reads it in __init__ and setup) and restored after. torch on
+    CUDA: TF32 off, as TorchSession sets it, restored after (fp32 means fp32); torch places tensors
+    itself (Device.torch_device)."""
+    if device.backend == "mlx":
+        before = mx.default_device()
+        mx.set_default_device(device.mlx_device)
+        try:
+            yield
+        finally:
+            mx.set_default_device(before)
+    elif device.name == "cuda":
+        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    else:
+        yield
+
+
+DEVICES = devices()                      # this session's enumeration, made once at import
+PAIRS = device_pairs(DEVICES)
+CPU_PAIR = PAIRS[0]
+CPU_LABEL = CPU_PAIR.label               # "torch:cpu vs mlx:cpu"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +210,7 @@ class Row:
     tol_text: str
     spec_row: bool            # a row of docs/spec.md §10's table (else an extra check of this suite)
     kind: str = "max"         # "max": the worst is the largest; "exceeds": the worst is the smallest
+    expanded: bool = True     # measured on every device pair; False: on the CPU only ("(cpu only)")
 
 
 ROWS = [
@@ -58,69 +218,97 @@ ROWS = [
     Row("logits_bf16", "logits and loss, bf16: torch vs MLX, each vs float64 reference", 2e-2, "<= 2e-2", True),
     Row("grads", "gradients of every parameter, torch vs MLX (fp32)", 1e-4, "<= 1e-4", True),
     Row("optim_step", "weights after one Muon + Adam step, torch vs MLX", 1e-5, "<= 1e-5", True),
+    # The 20-step runs of both real trainers run on every device pair (one run per trainer and device;
+    # on the CPU, the runs the checkpoint and validation tests start from). The rows that evaluate,
+    # resume or pack (val, checkpoint, trained_roundtrip) stay on the CPU: what they add to the device
+    # rows is the loop's, the data's and the formats' code, which has no device code.
     Row("train_losses", "per-step training loss over 20 steps, torch vs MLX", 1e-4, "<= 1e-4", True),
     Row("artifact", "int8+zlib artifact from the same weights (bytes differing)", 0.0, "byte-identical", True),
-    Row("val", "val_loss and val_bpb from the same weights and data", 1e-6, "<= 1e-6", True),
+    Row("val", "val_loss and val_bpb from the same weights and data", 1e-6, "<= 1e-6", True, expanded=False),
     Row("grads_fd", "gradients vs central differences of the float64 reference", 1e-4, "<= 1e-4", False),
     Row("trained_val", "final val_loss/val_bpb after the 20 trained steps", 1e-6, "<= 1e-6", False),
     # The two runs' weights differ by training's rounding (~1e-7), and int8 rounding is a step
     # function: one weight on either side of a rounding boundary moves the roundtrip val by ~1e-6.
     # Same weights give the same artifact bytes (the §10 artifact row); here, the training tolerance.
     Row("trained_roundtrip", "roundtrip val_loss/val_bpb of the two 20-step runs' own artifacts", 1e-4,
-        "<= 1e-4", False),
-    Row("checkpoint", "checkpoint across backends: logits, continued losses, val", 1e-4, "<= 1e-5|1e-4|1e-6", False),
+        "<= 1e-4", False, expanded=False),
+    Row("checkpoint", "checkpoint across backends: logits, continued losses, val", 1e-4, "<= 1e-5|1e-4|1e-6", False,
+        expanded=False),
     Row("tied_head", "tied head is tok_emb; unique params vs count_params (abs)", 0.0, "== 0", False),
-    Row("mutants", "mutants (RoPE reversed, eps, no softcap): smallest error", 1e-5, "> 1e-5", False, "exceeds"),
+    # The mutants prove the comparison can fail: a property of the reference and the checks, not of a device.
+    Row("mutants", "mutants (RoPE reversed, eps, no softcap): smallest error", 1e-5, "> 1e-5", False, "exceeds",
+        expanded=False),
 ]
 ROW_BY_KEY = {row.key: row for row in ROWS}
 
 
 class ParityReport:
-    """Worst error per row, with the case where it was measured."""
+    """Worst error per (row, devices), with the case where it was measured.
 
-    def __init__(self):
-        self.worst: dict[str, tuple[float, str]] = {}
-        self.count: dict[str, int] = {}
+    `devices` is the enumeration of devices() the session runs on: the table's header lists the
+    present and the absent ones, and an expanded row gets one line per device pair of it."""
 
-    def record(self, key: str, err: float, case: str) -> None:
+    def __init__(self, devices: list[Device] | None = None):
+        self.devices = list(DEVICES if devices is None else devices)
+        self.pairs = device_pairs(self.devices)
+        self.worst: dict[tuple[str, str], tuple[float, str]] = {}
+        self.count: dict[tuple[str, str], int] = {}
+
+    def record(self, key: str, err: float, case: str, devices: str | None = None) -> None:
+        """`devices`: the label of the measurement's devices (a DevicePair's, "torch:cpu vs mlx:cpu" by default)."""
         row = ROW_BY_KEY[key]
         err = float(err)
-        self.count[key] = self.count.get(key, 0) + 1
-        old = self.worst.get(key)
+        slot = (key, CPU_LABEL if devices is None else devices)
+        self.count[slot] = self.count.get(slot, 0) + 1
+        old = self.worst.get(slot)
         if old is None or (err < old[0] if row.kind == "exceeds" else err > old[0]) or math.isnan(err):
-            self.worst[key] = (err, case)
+            self.worst[slot] = (err, case)
 
-    def check(self, key: str, err: float, case: str, tol: float | None = None) -> float:
-        """Record err under `key`, then assert it is within the row's tolerance (or `tol`)."""
-        self.record(key, err, case)
+    def check(self, key: str, err: float, case: str, tol: float | None = None, devices: str | None = None) -> float:
+        """Record err under `key` (and `devices`), then assert it is within the row's tolerance (or `tol`)."""
+        self.record(key, err, case, devices)
         row = ROW_BY_KEY[key]
         tol = row.tolerance if tol is None else tol
+        where = case if devices is None else f"{devices}: {case}"
         if row.kind == "exceeds":
-            assert err > tol, f"{key} [{case}]: mutant error {err:.3e} does not exceed {tol:g}"
+            assert err > tol, f"{key} [{where}]: mutant error {err:.3e} does not exceed {tol:g}"
         else:
-            assert err <= tol, f"{key} [{case}]: error {err:.3e} > tolerance {tol:g}"
+            assert err <= tol, f"{key} [{where}]: error {err:.3e} > tolerance {tol:g}"
         return err
+
+    def labels(self, row: Row) -> list[str]:
+        """The device labels of a row's lines: every pair if the row is expanded, else the CPU pair;
+        then any other label something was recorded under."""
+        labels = [p.label for p in self.pairs] if row.expanded else [CPU_LABEL]
+        return labels + sorted({d for k, d in self.worst if k == row.key and d not in labels})
 
     def rows(self) -> list[dict]:
         out = []
         for row in ROWS:
-            err, case = self.worst.get(row.key, (None, ""))
-            ok = None
-            if err is not None:
-                ok = err > row.tolerance if row.kind == "exceeds" else err <= row.tolerance
-            out.append({"row": row.key, "compared": row.compared, "spec_row": row.spec_row,
-                        "worst": err, "tolerance": row.tol_text, "ok": ok, "case": case,
-                        "measurements": self.count.get(row.key, 0)})
+            for label in self.labels(row):
+                err, case = self.worst.get((row.key, label), (None, ""))
+                ok = None
+                if err is not None:
+                    ok = err > row.tolerance if row.kind == "exceeds" else err <= row.tolerance
+                out.append({"row": row.key, "compared": row.compared, "spec_row": row.spec_row,
+                            "devices": label, "cpu_only": not row.expanded,
+                            "worst": err, "tolerance": row.tol_text, "ok": ok, "case": case,
+                            "measurements": self.count.get((row.key, label), 0)})
         return out
 
+    def header(self) -> str:
+        return devices_header(self.devices)
+
     def table(self) -> list[str]:
-        lines = [f"{'spec':<5}{'compared':<66}{'worst':>10}  {'tolerance':<19}{'n':>5}  worst case"]
+        lines = [self.header(),
+                 f"{'spec':<5}{'compared':<66}{'devices':<37}{'worst':>10}  {'tolerance':<19}{'n':>5}  worst case"]
         for r in self.rows():
             worst = "-" if r["worst"] is None else f"{r['worst']:.2e}"
             if r["row"] == "artifact" and r["worst"] is not None:
                 worst = "identical" if r["worst"] == 0 else f"{int(r['worst'])} bytes"
             flag = "" if r["ok"] in (True, None) else "  FAIL"
-            lines.append(f"{'§10' if r['spec_row'] else '+':<5}{r['compared']:<66}{worst:>10}  "
+            devices = r["devices"] + (" (cpu only)" if r["cpu_only"] else "")
+            lines.append(f"{'§10' if r['spec_row'] else '+':<5}{r['compared']:<66}{devices:<37}{worst:>10}  "
                          f"{r['tolerance']:<19}{r['measurements']:>5}  {r['case']}{flag}")
         return lines
 
@@ -194,50 +382,80 @@ TRAIN_SETTINGS = dict(
 RESUME_STEP = 10
 
 
+def run_settings(device: "Device") -> dict[str, str]:
+    """The settings of the 20-step run on `device` besides TRAIN_SETTINGS: its run id, and DEVICE for
+    torch (MLX reads none: its default device, set by on_device around the run, decides)."""
+    run_id = f"full-{device.backend}" if device.is_cpu else f"full-{device.backend}-{device.name}"
+    return {"RUN_ID": run_id, "DEVICE": device.name if device.backend == "torch" else "cpu"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Both backends behind numpy in, numpy out
 # ---------------------------------------------------------------------------------------------
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
-BACKENDS = ("torch", "mlx")
 
 
-def logits(backend: str, spec: ModelSpec, w, ids, dtype: str = "float32") -> np.ndarray:
-    """(B, T, V) logits as float64 numpy."""
-    if backend == "torch":
-        model = torch_model.GPT(spec, TORCH_DTYPES[dtype]).load_weights(w)
-        with torch.no_grad():
-            return model.logits(torch.from_numpy(np.asarray(ids, np.int64))).double().numpy()
-    model = mlx_model.GPT(spec, compute_dtype=MLX_DTYPES[dtype]).load_weights(w)
-    return np.array(model.logits(mx.array(np.asarray(ids, np.int32))), dtype=np.float64)
+def as_device(backend: str | Device) -> Device:
+    """A Device as is; a backend name ("torch" or "mlx") means that backend's CPU."""
+    return backend if isinstance(backend, Device) else Device(backend, "cpu")
 
 
-def loss(backend: str, spec: ModelSpec, w, ids, targets, dtype: str = "float32") -> float:
-    if backend == "torch":
-        model = torch_model.GPT(spec, TORCH_DTYPES[dtype]).load_weights(w)
-        with torch.no_grad():
-            return float(model.loss(torch.from_numpy(np.asarray(ids, np.int64)),
-                                    torch.from_numpy(np.asarray(targets, np.int64))))
-    model = mlx_model.GPT(spec, compute_dtype=MLX_DTYPES[dtype]).load_weights(w)
-    return float(model.loss(mx.array(np.asarray(ids, np.int32)), mx.array(np.asarray(targets, np.int32))))
+def _torch_model(spec: ModelSpec, w, dtype: str, device: Device):
+    # As TorchSession does: built, moved to the device, then the weights copied in.
+    return torch_model.GPT(spec, TORCH_DTYPES[dtype]).to(device.torch_device).load_weights(w)
 
 
-def loss_and_grads(backend: str, spec: ModelSpec, w, ids, targets) -> tuple[float, dict[str, np.ndarray]]:
+def _torch_ids(a, device: Device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, np.int64)).to(device.torch_device)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """float64 numpy of a tensor on any device (to the CPU first: mps has no float64)."""
+    return t.detach().float().cpu().numpy().astype(np.float64)
+
+
+def logits(backend: str | Device, spec: ModelSpec, w, ids, dtype: str = "float32") -> np.ndarray:
+    """(B, T, V) logits as float64 numpy, computed on `backend`'s device (a name: its CPU)."""
+    device = as_device(backend)
+    with on_device(device):
+        if device.backend == "torch":
+            model = _torch_model(spec, w, dtype, device)
+            with torch.no_grad():
+                return to_numpy(model.logits(_torch_ids(ids, device)))
+        model = mlx_model.GPT(spec, compute_dtype=MLX_DTYPES[dtype]).load_weights(w)
+        return np.array(model.logits(mx.array(np.asarray(ids, np.int32))), dtype=np.float64)
+
+
+def loss(backend: str | Device, spec: ModelSpec, w, ids, targets, dtype: str = "float32") -> float:
+    device = as_device(backend)
+    with on_device(device):
+        if device.backend == "torch":
+            model = _torch_model(spec, w, dtype, device)
+            with torch.no_grad():
+                return float(model.loss(_torch_ids(ids, device), _torch_ids(targets, device)))
+        model = mlx_model.GPT(spec, compute_dtype=MLX_DTYPES[dtype]).load_weights(w)
+        return float(model.loss(mx.array(np.asarray(ids, np.int32)), mx.array(np.asarray(targets, np.int32))))
+
+
+def loss_and_grads(backend: str | Device, spec: ModelSpec, w, ids, targets) -> tuple[float, dict[str, np.ndarray]]:
     """fp32 mean loss and the gradient of every parameter (docs/spec.md §2 names) as float64 numpy."""
-    if backend == "torch":
-        model = torch_model.GPT(spec).load_weights(w)
-        value = model.loss(torch.from_numpy(np.asarray(ids, np.int64)), torch.from_numpy(np.asarray(targets, np.int64)))
-        value.backward()
-        grads = {}
-        for name, p in model.named_parameters():
-            # A zero-size parameter (skip_weights of a 1-layer model) gets no gradient at all.
-            grads[name] = np.zeros(p.shape) if p.grad is None else p.grad.double().numpy()
-        return float(value.detach()), grads
-    model = mlx_model.GPT(spec).load_weights(w)
-    value, grads = mlx_nn.value_and_grad(model, model.loss)(mx.array(np.asarray(ids, np.int32)),
-                                                           mx.array(np.asarray(targets, np.int32)))
-    return float(value), {name: np.array(g, dtype=np.float64) for name, g in tree_flatten(grads)}
+    device = as_device(backend)
+    with on_device(device):
+        if device.backend == "torch":
+            model = _torch_model(spec, w, "float32", device)
+            value = model.loss(_torch_ids(ids, device), _torch_ids(targets, device))
+            value.backward()
+            grads = {}
+            for name, p in model.named_parameters():
+                # A zero-size parameter (skip_weights of a 1-layer model) gets no gradient at all.
+                grads[name] = np.zeros(p.shape) if p.grad is None else to_numpy(p.grad)
+            return float(value.detach()), grads
+        model = mlx_model.GPT(spec).load_weights(w)
+        value, grads = mlx_nn.value_and_grad(model, model.loss)(mx.array(np.asarray(ids, np.int32)),
+                                                               mx.array(np.asarray(targets, np.int32)))
+        return float(value), {name: np.array(g, dtype=np.float64) for name, g in tree_flatten(grads)}
 
 
 @contextlib.contextmanager
@@ -261,10 +479,33 @@ def train_config(spec: ModelSpec, **overrides) -> TrainConfig:
 
 
 def make_session(backend: str, cfg: TrainConfig):
-    """A set-up session of either backend, through the trainer.backend interface."""
+    """A set-up CPU session of either backend, through the trainer.backend interface
+    (open_session: on any device)."""
+    assert backend in BACKENDS and cfg.device == "cpu", (backend, cfg.device)
     session = TorchSession(cfg, environ={}) if backend == "torch" else MLXSession()
     session.setup(cfg.model_spec(), cfg)
     return session
+
+
+def session_config(device: Device, cfg: TrainConfig) -> TrainConfig:
+    """cfg for a session on `device`: torch reads DEVICE (cpu, cuda, mps); MLX ignores it and uses
+    its default device, which open_session sets."""
+    return cfg.replace(device=device.name) if device.backend == "torch" else cfg
+
+
+@contextlib.contextmanager
+def open_session(backend: str | Device, cfg: TrainConfig):
+    """A set-up session on the device, closed after; for MLX the default device stays set for the
+    session's whole life (its arrays and steps run on the default device of when they are made)."""
+    device = as_device(backend)
+    cfg = session_config(device, cfg)
+    with on_device(device):
+        session = TorchSession(cfg, environ={}) if device.backend == "torch" else MLXSession()
+        try:
+            session.setup(cfg.model_spec(), cfg)
+            yield session
+        finally:
+            session.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """docs/spec.md §10, artifact row: core.artifact.pack of the weights exported by either backend (fp32 or
-bf16 compute) is byte-identical given the same weights, and the roundtrip val_bpb agrees."""
+bf16 compute) is byte-identical given the same weights, on every device pair (the weights go to the
+device and back unchanged); and the roundtrip val_bpb agrees (on the CPU)."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from core import artifact
 from core.checkpoint import load_checkpoint
 from core.init import random_weights
 from trainer.validation import evaluate
-from parity_lib import BACKENDS, CASE_BY_NAME, CASES, make_session, rel, train_config
+from parity_lib import BACKENDS, CASE_BY_NAME, CASES, make_session, open_session, rel, train_config
 
 
 def differing_bytes(a: bytes, b: bytes) -> int:
@@ -19,7 +20,7 @@ def differing_bytes(a: bytes, b: bytes) -> int:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case_name", [c.name for c in CASES])
-def test_artifact_of_either_backend_is_byte_identical(case_name, dtype, parity):
+def test_artifact_of_either_backend_is_byte_identical(case_name, dtype, pair, parity):
     case = CASE_BY_NAME[case_name]
     w = case.weights()
     expected = artifact.pack(w)
@@ -28,14 +29,13 @@ def test_artifact_of_either_backend_is_byte_identical(case_name, dtype, parity):
     assert schemes == ({"int8_per_row", "fp32"} if case.name == "default-spec" else {"fp16", "fp32"})
     cfg = train_config(case.spec, compute_dtype=dtype)
     for b in BACKENDS:
-        session = make_session(b, cfg)
-        session.load_weights(w)
-        assert session.compute_dtype == dtype
-        exported = session.export_weights()
-        session.close()
+        with open_session(pair.of(b), cfg) as session:
+            session.load_weights(w)
+            assert session.compute_dtype == dtype
+            exported = session.export_weights()
         assert all(exported[k].dtype == np.float32 for k in exported)
         blob = artifact.pack(exported)
-        parity.check("artifact", differing_bytes(blob, expected), f"{case.name} {dtype} {b} export")
+        parity.check("artifact", differing_bytes(blob, expected), f"{case.name} {dtype} {b} export", devices=pair.label)
         assert blob == expected
 
 

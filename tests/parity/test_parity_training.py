@@ -1,7 +1,8 @@
 """docs/spec.md §10, training rows: both real trainers, same settings, seed and data, fp32, 20 steps on a
-real dataset (the stdlib-subset `tiny_dataset`): per-step losses agree (<= 1e-4) and validation
-from the same weights agrees (<= 1e-6); a checkpoint written by either trainer loads in the other
-(RESUME_FROM), gives the same logits, and continues there as it does in its own backend."""
+real dataset (the stdlib-subset `tiny_dataset`): per-step losses agree (<= 1e-4), on every device
+pair; and, on the CPU, validation from the same weights agrees (<= 1e-6), and a checkpoint written
+by either trainer loads in the other (RESUME_FROM), gives the same logits, and continues there as it
+does in its own backend."""
 
 import numpy as np
 import pytest
@@ -21,18 +22,23 @@ def checkpoint_path(run, step):
     return run.run_dir / "checkpoints" / f"step_{step:06d}.safetensors"
 
 
-def test_twenty_training_steps_give_the_same_losses(trained_runs, parity):
-    torch_run, mlx_run = trained_runs["torch"], trained_runs["mlx"]
+def test_twenty_training_steps_give_the_same_losses(pair, trained_runs_on, parity):
+    runs = trained_runs_on(pair)
+    torch_run, mlx_run = runs["torch"], runs["mlx"]
+    assert torch_run.summary["backend"] == "torch" and mlx_run.summary["backend"] == "mlx"
+    # Each trainer ran where the pair says ("cpu", "cuda:0 (...)", "mps"; "mlx cpu", "mlx gpu (Metal)").
+    assert torch_run.summary["device"].split(":")[0] == pair.torch.name, torch_run.summary["device"]
+    assert (mlx_run.summary["device"] == "mlx cpu") == pair.mlx.is_cpu, mlx_run.summary["device"]
     assert ITERATIONS == 20
     assert len(torch_run.train_losses) == len(mlx_run.train_losses) == ITERATIONS
     assert torch_run.step == mlx_run.step == ITERATIONS
     # A real trajectory: the model learns, so the comparison is not of a stuck model.
     assert np.mean(torch_run.train_losses[-3:]) < torch_run.train_losses[0] - 0.5
     for step, (a, b) in enumerate(zip(torch_run.train_losses, mlx_run.train_losses), start=1):
-        parity.check("train_losses", rel(a, b), f"step {step}")
+        parity.check("train_losses", rel(a, b), f"step {step}", devices=pair.label)
     # The final validation of the two runs, whose weights differ by the rounding of 20 steps.
-    parity.check("trained_val", rel(torch_run.val_loss, mlx_run.val_loss), "val_loss after 20 steps")
-    parity.check("trained_val", rel(torch_run.val_bpb, mlx_run.val_bpb), "val_bpb after 20 steps")
+    parity.check("trained_val", rel(torch_run.val_loss, mlx_run.val_loss), "val_loss after 20 steps", devices=pair.label)
+    parity.check("trained_val", rel(torch_run.val_bpb, mlx_run.val_bpb), "val_bpb after 20 steps", devices=pair.label)
 
 
 def evaluate_in(backend, weights, validation):
