@@ -174,7 +174,7 @@ class TorchSession:
     @torch.no_grad()
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
         losses = self.model.loss(self._to_device(x), self._to_device(y), reduction="none")
-        return float(losses.double().sum().item())
+        return float(losses.to('cpu', torch.float64).sum().item())   # summed in float64 on the host: mps has none
 
     # -- distributed and housekeeping --
 
