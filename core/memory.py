@@ -51,8 +51,14 @@ of MLX's CPU path are fitted, not derived: the working set of the attention's ba
 in fp32, 8 Q + 1.7 P in bf16, Q = N*H*128*4 bytes, one 128-key-wide score row per query) and of
 its forward without gradients (0.5 Q + 3 P + 7 D); they were measured on isolated layers (not the
 grid of bench/memory_grid.py, which validates the whole estimate: within ±25% of the measured peak
-at every point, both backends; run `python -m bench.memory_grid`). torch's CPU figures are its
-allocations; its resident peak adds glibc's retained free memory, which the grid measures.
+at every point, both backends -- within 8% in fact; run `python -m bench.memory_grid`).
+
+torch on the CPU: the estimate is the peak of live tensors, which the grid measures as the resident
+peak under MALLOC_MMAP_THRESHOLD_=1048576 (within 7%). With glibc's default heuristics the process's
+resident peak is higher, 8% to 100% in the grid (most with gradient accumulation and bf16): after
+the first large free glibc raises its mmap threshold (up to 32 MiB), later activations come from
+the heap, and freed heap memory stays resident. The CPU budget's 0.6 of RAM leaves room for it;
+a trainer can remove it by starting with MALLOC_MMAP_THRESHOLD_ set.
 
 CUDA and Metal cannot be measured on the machine this was written on; they are modelled from first
 principles and are less certain:
