@@ -297,17 +297,10 @@ def mlx_device(device):
         mx.set_default_device(before)
 
 
-@contextlib.contextmanager
 def torch_single_thread():
-    """Tiny models on one intra-op thread: on 2 shared cores, 2 OpenMP threads spinning against
-    other processes made them ~18x slower (tests/parity/parity_lib.py). Results do not depend on it."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    """Tiny models on one intra-op thread (backend_torch/threads.py); imports torch only when called."""
+    from backend_torch.threads import single_thread
+    return single_thread()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,20 +408,6 @@ def device_grads(dev: Device, spec, weights, ids, targets) -> dict[str, np.ndarr
         return {name: np.array(g, dtype=np.float64) for name, g in tree_flatten(grads)}
 
 
-def optimizer_state(spec, seed: int) -> dict[str, np.ndarray]:
-    """A non-empty state, as after some training; Adam's second moment no smaller than the first's square."""
-    from core.params import param_table
-    from trainer.backend import optimizer_slots
-    rng = np.random.default_rng(seed)
-    state = {}
-    for p in param_table(spec):
-        draw = rng.standard_normal(p.shape) * 1e-2
-        for slot in optimizer_slots(p.group):
-            value = draw ** 2 + (1e-2 * rng.standard_normal(p.shape)) ** 2 if slot == "exp_avg_sq" else draw
-            state[f"{p.name}.{slot}"] = value.astype(np.float32)
-    return state
-
-
 def step_config(spec, dev: Device):
     from core.config import TrainConfig
     return TrainConfig(**spec.to_dict(), device=dev.kind if dev.backend == "torch" else "cpu",
@@ -468,7 +447,7 @@ def device_step(dev: Device, spec, weights, state, batches) -> tuple[float, dict
 
 
 def on_device_checks(doc: Doctor, present: list[Device]) -> None:
-    from core.init import random_weights
+    from core.init import random_optimizer_state, random_weights
     from core.reference import logits as reference_logits
     spec = check_spec()
     doc.section(f"on-device checks (docs/spec.md §10, fp32): random weights, vocab {spec.vocab_size}, "
@@ -505,7 +484,7 @@ def on_device_checks(doc: Doctor, present: list[Device]) -> None:
                     doc.compare("grads", f"{t.label} vs {m.label}",
                                 {n: rel(gt[n], gm[n]) for n in gt if gt[n].size})
         # One optimizer step through the sessions: every torch device against every MLX device.
-        state0 = optimizer_state(spec, CHECK_SEED)
+        state0 = random_optimizer_state(spec, CHECK_SEED)
         T = STEP_SEQ_LEN
         batches = [tuple(rng.integers(0, spec.vocab_size, (3, T)) for _ in range(2)) for _ in range(2)]
         steps = {}

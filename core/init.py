@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from core.config import ModelSpec
-from core.params import EMBED, HEAD, MATRIX, param_table
+from core.params import EMBED, HEAD, MATRIX, optimizer_slots, param_table
 
 
 def init_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
@@ -63,3 +63,17 @@ def random_weights(spec: ModelSpec, seed: int, scale: float = 0.5) -> dict[str, 
             w = init[p.name] + scale * rng.standard_normal(p.shape)
         weights[p.name] = np.ascontiguousarray(w, dtype=np.float32)
     return weights
+
+
+def random_optimizer_state(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
+    """A non-empty optimizer state, as after some training, for tests and parity: moments and
+    buffers of gradient size (~1e-2), and, as Adam's moments always are, a second moment no
+    smaller than the square of the first (a state that is not gives updates no run could)."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for p in param_table(spec):
+        draw = rng.standard_normal(p.shape) * 1e-2
+        for slot in optimizer_slots(p.group):
+            value = draw ** 2 + (1e-2 * rng.standard_normal(p.shape)) ** 2 if slot == "exp_avg_sq" else draw
+            state[f"{p.name}.{slot}"] = value.astype(np.float32)
+    return state

@@ -15,7 +15,7 @@ compute dtype's bytes, 4 for fp32 and 2 for bf16; "D" below is N*d*4 bytes, one 
     grads        one fp32 gradient per parameter (MLX without eager eval: one per chunk, since every
                  chunk's gradient is a separate lazy array until the step is evaluated)
     optimizer    Adam: exp_avg + exp_avg_sq (2 slots), Muon: momentum_buffer (1 slot); the groups of
-                 core.params (matrix -> Muon, the rest -> Adam), as trainer's optimizer_slots says
+                 core.params (matrix -> Muon, the rest -> Adam), as core.params.optimizer_slots says
     activations  the tensors autograd keeps for the backward, counted op by op from
                  backend_torch/model.py and backend_mlx/model.py (see _kept_per_layer): the residual
                  stream, each norm's input, each Linear's input in the compute dtype (a bf16 cast per

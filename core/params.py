@@ -22,6 +22,12 @@ CONTROL_PATTERNS = (
 EMBED, HEAD, MATRIX, SCALAR = "embed", "head", "matrix", "scalar"
 
 
+def optimizer_slots(group: str) -> tuple[str, ...]:
+    """State slots each optimizer group keeps per parameter: Muon's momentum buffer for the matrix
+    group, Adam's two moments for the others (keys "<name>.<slot>", trainer/backend.py)."""
+    return ("momentum_buffer",) if group == MATRIX else ("exp_avg", "exp_avg_sq")
+
+
 def is_control(name: str) -> bool:
     return any(pattern in name for pattern in CONTROL_PATTERNS)
 

@@ -20,14 +20,9 @@ import numpy as np
 
 from core.config import ModelSpec, TrainConfig
 from core.errors import CheckpointError
-from core.params import param_table
+from core.params import optimizer_slots, param_table
 
 Batch = tuple[np.ndarray, np.ndarray]   # (x, y) int arrays of shape (B, T)
-
-
-def optimizer_slots(group: str) -> tuple[str, ...]:
-    """State slots each optimizer group keeps per parameter (see the module docstring)."""
-    return ("momentum_buffer",) if group == "matrix" else ("exp_avg", "exp_avg_sq")
 
 
 def checked_optimizer_state(spec: ModelSpec, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

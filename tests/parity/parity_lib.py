@@ -40,6 +40,7 @@ import backend_mlx.model as mlx_model
 import backend_torch.model as torch_model
 from backend_mlx.session import MLXSession
 from backend_torch.session import TorchSession
+from backend_torch.threads import single_thread
 from core.config import ModelSpec, TrainConfig
 from core.init import random_weights
 
@@ -458,17 +459,7 @@ def loss_and_grads(backend: str | Device, spec: ModelSpec, w, ids, targets) -> t
         return float(value), {name: np.array(g, dtype=np.float64) for name, g in tree_flatten(grads)}
 
 
-@contextlib.contextmanager
-def torch_single_thread():
-    """torch on one intra-op thread, restored after. On this machine's 2 shared cores the tiny
-    models of the suite ran ~18x slower with 2 threads (OpenMP threads spinning against the other
-    processes): 20 s instead of 1.1 s for a 20-step run. Results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+torch_single_thread = single_thread   # backend_torch/threads.py
 
 
 def train_config(spec: ModelSpec, **overrides) -> TrainConfig:

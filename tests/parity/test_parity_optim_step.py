@@ -7,25 +7,11 @@ device (parity_lib.open_session)."""
 import numpy as np
 import pytest
 
-from trainer.backend import optimizer_slots
-from core.params import param_table
+from core.init import random_optimizer_state
 from core.schedule import learning_rates, momentum
 from parity_lib import BACKENDS, CASE_BY_NAME, SMALL_CASES, open_session, rel, train_config
 
 STEP = 350   # > 0: Adam's bias correction and Muon's momentum warmup are mid-way, the lr is warming down
-
-
-def optimizer_state(spec, seed) -> dict[str, np.ndarray]:
-    """A non-empty state, as after some training: moments and buffers of gradient size, and, as
-    Adam's moments always are, a second moment no smaller than the square of the first."""
-    rng = np.random.default_rng(seed)
-    state = {}
-    for p in param_table(spec):
-        draw = rng.standard_normal(p.shape) * 1e-2
-        for slot in optimizer_slots(p.group):
-            value = draw ** 2 + (1e-2 * rng.standard_normal(p.shape)) ** 2 if slot == "exp_avg_sq" else draw
-            state[f"{p.name}.{slot}"] = value.astype(np.float32)
-    return state
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.3])
@@ -39,7 +25,7 @@ def test_one_optimizer_step_gives_the_same_weights(case_name, clip, pair, parity
                        mlx_max_microbatch_tokens=2 * T)
     lrs, mu = learning_rates(cfg, STEP, 0.0), momentum(cfg, STEP)
     assert 0 < min(lrs.values()) and lrs["matrix"] < cfg.matrix_lr and 0.85 < mu < 0.95
-    w0, state0 = case.weights(), optimizer_state(spec, case.seed)
+    w0, state0 = case.weights(), random_optimizer_state(spec, case.seed)
     rng = np.random.default_rng(case.seed)
     batches = [tuple(rng.integers(0, spec.vocab_size, (3, T)) for _ in range(2)) for _ in range(2)]
 
