@@ -8,6 +8,8 @@
 #   make sample        continue PROMPT="..." with a checkpoint (CHECKPOINT=..., BACKEND=torch|mlx)
 #   make parity        the cross-backend parity suite and its table
 #   make bench         tokens/s, step time, MFU and memory of both backends on this machine
+#   make ablate-tying  the make-train preset tied and untied, side by side (ABLATE_MATCH_PARAMS=1: + matched)
+#   make analyze-tying the direct path of CHECKPOINT=... (symmetry, bigram bits, what tying saves)
 #   make doctor        versions, devices, BLAS, memory, §10 checks and speed here (runs/doctor.json)
 # Settings pass through as environment variables (NUM_LAYERS=4 make train-cpu) or ARGS="--num-layers 4".
 
@@ -32,10 +34,10 @@ PRESET := ITERATIONS=$${ITERATIONS:-500} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS
   TRAIN_LOG_EVERY=$${TRAIN_LOG_EVERY:-25} WARMDOWN_ITERS=$${WARMDOWN_ITERS:-150} \
   CHECKPOINT_EVERY=$${CHECKPOINT_EVERY:-100} MAX_WALLCLOCK_SECONDS=$${MAX_WALLCLOCK_SECONDS:-360}
 
-.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv parity bench doctor
+.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv parity bench doctor ablate-tying analyze-tying
 
 help:
-	@sed -n '1,12p' Makefile
+	@sed -n '/^[^#]/q;p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -120,3 +122,19 @@ bench: $(STAMP)
 # Prints a verdict (exit 1 on a problem) and writes runs/doctor.json: attach it to a bug report.
 doctor: $(STAMP)
 	$(PY) -m bench.doctor $(ARGS)
+
+# The tying tradeoff: the make-train preset (any setting passes through) trained tied and untied with
+# one backend (BACKEND=, else the one make train picks), same seed, data and steps; finished runs in
+# runs/$${ABLATE_ID:-ablate-tying}/ are reused. A table, loss.png and ablation.json.
+ablate-tying: default-data
+	@backend=$${BACKEND:-$$($(PY) -m bench.pick_backend)} && \
+	  $(PRESET) BACKEND=$$backend $(PY) -m bench.ablate_tying $(ARGS)
+
+# The direct-path analysis of a checkpoint (trainer/tying.py): embedding -> final norm -> head, every
+# block skipped, scored on the val bigrams against the train unigram and bigram models; the symmetry
+# of W_E*W_U^T and of the data's bigram table; what tying saves. Prints a table, writes
+# runs/<id>/tying.json (OUT=path elsewhere):
+#   make analyze-tying CHECKPOINT=runs/<run>/checkpoints/step_NNNNNN.safetensors [DATA_PATH=... TOKENIZER_PATH=...]
+# CHECKPOINT and the rest reach the program as environment variables, as with make sample.
+analyze-tying: $(STAMP)
+	$(PY) -m trainer.tying $(ARGS)
