@@ -80,6 +80,7 @@ class Run:
     run_dir: Path
     master: bool                      # rank 0: the only process that prints and writes
     plan: RunPlan
+    rss_at_start: int             # resident memory before anything of the run was built (libraries loaded)
     log: RunLog | None = None
 
 
@@ -87,7 +88,13 @@ class Run:
 # Phase 1: every input checked before anything is written, then the run folder
 # ---------------------------------------------------------------------------------------------
 
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def prepare(cfg: TrainConfig, backend: TrainerBackend) -> Run:
+    rss_at_start = peak_rss_bytes()   # the interpreter and the framework, which the plan does not estimate
     spec = cfg.model_spec()
     plan = make_plan(cfg, backend)
     check_fits(plan)
@@ -104,7 +111,7 @@ def prepare(cfg: TrainConfig, backend: TrainerBackend) -> Run:
     run_id, run_dir = make_run_dir(cfg, backend.name, master)
     if master:
         create_run_dir(run_dir, cfg.to_dict() | {"run_id": run_id})
-    run = Run(cfg, spec, backend, dataset, tables, val_tokens, ckpt, run_id, run_dir, master, plan)
+    run = Run(cfg, spec, backend, dataset, tables, val_tokens, ckpt, run_id, run_dir, master, plan, rss_at_start)
     run.log = RunLog(run_dir, enabled=master)
     return run
 
@@ -343,9 +350,9 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
     # MFU: model FLOPs per second per process over the fp32 matrix-product ceiling measured here now.
     ceiling_gflops = backend.matmul_gflops("float32", n=1024, seconds=0.25) if step > start_step else None
     mfu = tok_s * flops_token / world / (ceiling_gflops * 1e9) if ceiling_gflops else None
-    peak = backend.peak_memory_bytes()
-    if peak is None:  # the process's peak resident memory (Linux reports KiB)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak, baseline = backend.peak_memory_bytes(), None
+    if peak is None:  # the process's resident peak, and how much of it the process held before the run
+        peak, baseline = peak_rss_bytes(), run.rss_at_start
     uni_loss, uni_bpb = unigram
     summary = {
         "run_id": run.run_id, "backend": backend.name, "device": backend.device,
@@ -360,7 +367,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "train_time_s": training.elapsed_ms / 1000.0, "step_avg_ms": run_ms / trained_steps, "tokens_per_s": tok_s,
         "flops_per_token": flops_token, "achieved_tflops": tok_s * flops_token / 1e12,
         "matmul_gflops_fp32": ceiling_gflops, "mfu": mfu,
-        "peak_memory_bytes": int(peak), "peak_memory_estimate_bytes": run.plan.memory.estimate.total,
+        "peak_memory_bytes": int(peak), "peak_memory_baseline_bytes": baseline, "peak_memory_estimate_bytes": run.plan.memory.estimate.total,
         "memory_budget_bytes": run.plan.memory.budget, "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,
         "artifact": str(artifact_path),

@@ -22,8 +22,10 @@ def format_summary(s: dict) -> list[str]:
         f"{s['achieved_tflops'] * 1000:.1f} GFLOP/s of model FLOPs"
         + (f", MFU {100 * s['mfu']:.1f}% of the fp32 matmul ceiling measured here "
            f"({s['matmul_gflops_fp32']:.0f} GFLOP/s)" if s.get("mfu") else ""),
-        f"peak memory {s['peak_memory_bytes'] / 2**20:,.0f} MiB measured, "
-        f"{s['peak_memory_estimate_bytes'] / 2**20:,.0f} MiB estimated by the plan "
+        f"peak memory {s['peak_memory_bytes'] / 2**20:,.0f} MiB measured"
+        + (f" ({(s['peak_memory_bytes'] - s['peak_memory_baseline_bytes']) / 2**20:,.0f} MiB above the process's "
+           f"{s['peak_memory_baseline_bytes'] / 2**20:,.0f} MiB at start)" if s.get("peak_memory_baseline_bytes") else "")
+        + f", {s['peak_memory_estimate_bytes'] / 2**20:,.0f} MiB estimated by the plan "
         f"(budget {s['memory_budget_bytes'] / 2**30:.1f} GiB); wall time {format_seconds(s['wall_time_s'])}; "
         f"backend {s['backend']} on {s['device']} ({s['compute_dtype']})",
         f"files in {s['run_dir']}: log.txt, metrics.jsonl, loss.png, checkpoints/, model.int8.zlib, summary.json",

@@ -41,6 +41,8 @@ def test_summary_says_whether_the_model_beats_the_baseline():
     text = "\n".join(format_summary(s))
     assert "1.0000 bits per byte better" in text and "50.0% of the 16,000,000-byte budget" in text
     assert "peak memory 1,024 MiB measured, 512 MiB estimated by the plan (budget 12.0 GiB)" in text
+    resident = "\n".join(format_summary(dict(s, peak_memory_baseline_bytes=2**28)))
+    assert "peak memory 1,024 MiB measured (768 MiB above the process's 256 MiB at start), 512 MiB estimated" in resident
     assert "WORSE" in "\n".join(format_summary(dict(s, val_bpb=3.0)))
     assert "MFU" not in text
     assert "MFU 40.0% of the fp32 matmul ceiling measured here (250 GFLOP/s)" in "\n".join(
