@@ -24,8 +24,10 @@ BACKENDS = ["torch", "mlx"]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_short_run_lowers_the_loss_and_writes_its_run_folder(backend, tiny_dataset, tmp_path):
-    result = train(backend, tiny_env(tiny_dataset, tmp_path, ITERATIONS=40, WARMDOWN_ITERS=10, RUN_ID="learn",
-                            MATRIX_LR=0.05, TIED_EMBED_LR=0.1, SCALAR_LR=0.05, TRAIN_LOG_EVERY=10))
+    # TIED_EMBED_LR 0.03 and a 20-step warmdown: with 0.1 and 10, these 40 steps did not beat the
+    # unigram baseline (3.518 against 3.488 bpb); now 3.170.
+    result = train(backend, tiny_env(tiny_dataset, tmp_path, ITERATIONS=40, WARMDOWN_ITERS=20, RUN_ID="learn",
+                            MATRIX_LR=0.05, TIED_EMBED_LR=0.03, SCALAR_LR=0.05, TRAIN_LOG_EVERY=10))
     assert sum(result.train_losses[-5:]) / 5 < result.train_losses[0] - 1.0
     run = tmp_path / "runs" / "learn"
     for name in ("log.txt", "config.json", "metrics.jsonl", "summary.json", "model.int8.zlib", "loss.png",
@@ -34,8 +36,16 @@ def test_short_run_lowers_the_loss_and_writes_its_run_folder(backend, tiny_datas
     log = (run / "log.txt").read_text()
     assert "step:40/40 train_loss:" in log and "step:40/40 val_loss:" in log
     assert "final_int8_zlib_roundtrip val_loss:" in log and "final_int8_zlib_roundtrip_exact" in log
-    assert result.val_bpb < 8.0 and abs(result.roundtrip_val_bpb - result.val_bpb) < 0.2
     summary = json.loads((run / "summary.json").read_text())
+    # A trained model beats the unigram baseline of its own training data, scored the same way.
+    assert result.val_bpb < summary["unigram_val_bpb"] - 0.1, (result.val_bpb, summary["unigram_val_bpb"])
+    # The roundtrip costs only rounding. Every tensor of this model has at most 65,536 elements, so the
+    # artifact stores it in fp16 (at most 2^-11 relative error per weight; control tensors exact in
+    # fp32): measured +3e-6 bpb. Even int8 rounding of every tensor (one row step max(clip/127, 1/127),
+    # at most half a step per weight) costs this model 1.3e-4 bpb (measured with the size rule
+    # inverted). 0.005 is ~40x the int8 figure; the former bound, 0.2, let through a quantizer that
+    # clamps its codes to +-63 instead of +-127 (+0.18 bpb measured on a 136-wide model of this data).
+    assert abs(result.roundtrip_val_bpb - result.val_bpb) < 0.005, (result.roundtrip_val_bpb, result.val_bpb)
     assert summary["artifact_bytes"] == (run / "model.int8.zlib").stat().st_size
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in records} == {"train", "val"}

@@ -106,3 +106,38 @@ def test_skip_connections_join_encoder_to_decoder_in_reverse_order():
     base = reference.logits(spec, w, ids)
     w_noskip = dict(w, skip_weights=np.zeros_like(w["skip_weights"]))
     assert not np.allclose(base, reference.logits(spec, w_noskip, ids))  # the skips are used
+
+
+@pytest.mark.parametrize("num_layers", [5, 6])
+def test_skip_weight_j_reads_the_output_of_encoder_layer_E_minus_1_minus_j(num_layers):
+    """The decoder pops the stack: skip_weights[j] pairs with the output of encoder layer E-1-j.
+
+    Encoder blocks random (each output distinguishable), decoder blocks the identity (zero projections,
+    resid_mix (1, 0)). With only skip weight j set, to c = 1e6, the final x is e_{E-1} + c*e_k with
+    k = E-1-j, so the logits are those of the normed e_k, within ~1e-6; e_k is computed here with
+    reference.block, the encoder run by hand."""
+    spec = dataclasses.replace(SMALL, num_layers=num_layers)
+    E, D = spec.num_encoder_layers, spec.num_decoder_layers
+    S = min(E, D)
+    w = {k: v.astype(np.float64) for k, v in random_weights(spec, seed=11).items()}
+    for i in range(E, E + D):
+        w[f"blocks.{i}.attn.proj.weight"] = np.zeros_like(w[f"blocks.{i}.attn.proj.weight"])
+        w[f"blocks.{i}.mlp.proj.weight"] = np.zeros_like(w[f"blocks.{i}.mlp.proj.weight"])
+        w[f"blocks.{i}.resid_mix"] = np.stack([np.ones(spec.model_dim), np.zeros(spec.model_dim)])
+    ids = ids_for(spec)
+    eps, c = spec.norm_eps, spec.logit_softcap
+    x0 = reference.rms_norm(w["tok_emb.weight"][ids], eps)
+    encoder_logits, x = [], x0
+    for i in range(E):
+        x = reference.block(x, x0, w, i, spec)
+        encoder_logits.append(c * np.tanh(reference.rms_norm(x, eps) @ w["tok_emb.weight"].T / c))
+    for a in range(E):   # the encoder outputs are told apart by their logits
+        for b in range(a):
+            assert np.abs(encoder_logits[a] - encoder_logits[b]).max() > 1e-2
+    assert S == 2 if num_layers == 5 else S == 3
+    for j in range(S):
+        skips = np.zeros_like(w["skip_weights"])
+        skips[j] = 1e6
+        got = reference.logits(spec, dict(w, skip_weights=skips), ids)
+        read = [k for k in range(E) if np.allclose(got, encoder_logits[k], rtol=0, atol=1e-4)]
+        assert read == [E - 1 - j], f"skip_weights[{j}] reads encoder layer(s) {read}, not {E - 1 - j}"
