@@ -204,6 +204,9 @@ class MLXSession:
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
         return list(values)
 
+    def all_reduce_max(self, values: Sequence[float]) -> list[float]:
+        return list(values)
+
     def synchronize(self) -> None:
         mx.synchronize()
 

@@ -179,10 +179,16 @@ class TorchSession:
     # -- distributed and housekeeping --
 
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
+        return self._all_reduce(values, dist.ReduceOp.SUM)
+
+    def all_reduce_max(self, values: Sequence[float]) -> list[float]:
+        return self._all_reduce(values, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, values: Sequence[float], op) -> list[float]:
         if self.world_size == 1:
             return [float(v) for v in values]
         t = torch.tensor(list(values), dtype=torch.float64, device=self.torch_device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
         return t.tolist()
 
     def synchronize(self) -> None:

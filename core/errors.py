@@ -44,5 +44,9 @@ def exit_on_user_error(main):
             message = " ".join(str(e).split())  # always one line
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, in one line, as a shell expects (130)
+            print("\nerror: stopped at once (a second Ctrl-C); the step under way and its checkpoint were not "
+                  "written, earlier checkpoints are kept", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper

@@ -83,6 +83,9 @@ class TrainerBackend(Protocol):
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
         """Sum across ranks (identity on one process)."""
 
+    def all_reduce_max(self, values: Sequence[float]) -> list[float]:
+        """Maximum across ranks, element by element (identity on one process)."""
+
     def synchronize(self) -> None:
         """Wait for queued device work, so timings are honest."""
 

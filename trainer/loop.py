@@ -204,6 +204,10 @@ class Training:
         self.train_losses: list[float] = []
         self.val_loss = self.val_bpb = float("nan")
         self.last_checkpoint: Path | None = None
+        # With several ranks the learning rate reads one clock all ranks share: the most advanced
+        # rank's, agreed after every step (check_stop). Each rank's own clock drifts (only rank 0
+        # plots and writes), and replicas given different learning rates would train apart.
+        self.shared_clock_ms = elapsed_ms
         self.t0 = time.perf_counter()
 
     # -- the clock --
@@ -249,7 +253,8 @@ class Training:
 
     def train_one_step(self) -> None:
         cfg, step = self.cfg, self.step
-        loss = self.backend.train_step(next_micro_batches(cfg, self.loader), learning_rates(cfg, step, self.now_ms()),
+        clock_ms = self.now_ms() if self.backend.world_size == 1 else self.shared_clock_ms
+        loss = self.backend.train_step(next_micro_batches(cfg, self.loader), learning_rates(cfg, step, clock_ms),
                                        momentum(cfg, step), step)
         if not math.isfinite(loss):
             raise TrainingError(f"step {step + 1}: the training loss is {loss}; lower the learning rates"
@@ -287,10 +292,13 @@ class Training:
         self.resume_clock()
 
     def check_stop(self) -> None:
-        """The wall-clock cap and Ctrl-C (or SIGTERM): every rank stops after the same step."""
-        reached = self.max_ms is not None and self.stop_after is None and self.now_ms() >= self.max_ms
+        """The wall-clock cap and Ctrl-C (or SIGTERM): every rank stops after the same step, when any
+        rank asks; and the ranks agree on the clock the next step's learning rate reads."""
+        now = self.now_ms()
+        reached = self.max_ms is not None and self.stop_after is None and now >= self.max_ms
         if self.backend.world_size > 1 or reached or self.interrupt.requested:
-            reached_any, interrupted_any = self.backend.all_reduce_sum([float(reached), float(self.interrupt.requested)])
+            reached_any, interrupted_any, self.shared_clock_ms = self.backend.all_reduce_max(
+                [float(reached), float(self.interrupt.requested), now])
             if interrupted_any > 0:
                 self.close_progress()
                 self.pause_clock(synchronize=False)

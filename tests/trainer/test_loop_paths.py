@@ -140,10 +140,11 @@ def test_the_wallclock_cap_stops_both_gloo_ranks_after_the_same_step(tiny_datase
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank in ranks:   # every rank ran steps 0 .. stopped_at-1, then stopped
         assert [s["step"] for s in rank["steps"]] == list(range(stopped_at))
-    # Rank 1, whose clock reached the cap, warmed down by time. Rank 0's learning rate is not asserted:
-    # each rank takes lr_mul from its own clock, so rank 0, SKEW behind, was still at a multiplier near 1
-    # and the two replicas' weights drift apart (reported, not fixed here).
-    assert_warmed_down_by_time(lr_multipliers(ranks[1]["steps"]))
+    # Both ranks warmed down by time, on the one clock they share (the most advanced rank's): the
+    # same learning rate at every step, though rank 0's own clock ran SKEW behind. (Each rank once
+    # read its own clock: rank 0 stayed near 1 while rank 1 reached 0.006, and the replicas drifted.)
+    assert [s["lrs"] for s in ranks[0]["steps"]] == [s["lrs"] for s in ranks[1]["steps"]]
+    assert_warmed_down_by_time(lr_multipliers(ranks[0]["steps"]))
 
 
 class RecordingMLXSession:
@@ -257,9 +258,9 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(backend, tiny_datase
     assert second is not None, output   # the first Ctrl-C was answered before the run ended
     stopped_in = time.monotonic() - second
     assert stopped_in < STALL / 2, output   # it did not wait for the step to finish
-    assert proc.returncode == -signal.SIGINT, output   # Python's exit on an unhandled KeyboardInterrupt
-    assert output.rstrip().splitlines()[-1] == "KeyboardInterrupt"
-    assert "error: interrupted" not in output
+    assert proc.returncode == 130, output   # what a shell reports for a Ctrl-C
+    assert output.rstrip().splitlines()[-1].startswith("error: stopped at once (a second Ctrl-C)")
+    assert "Traceback" not in output and "error: interrupted" not in output
     assert not list((tmp_path / "runs" / "stopped" / "checkpoints").glob("*"))
 
 
