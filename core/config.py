@@ -349,6 +349,28 @@ class _ArgumentParserRaising(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def parse_settings(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+                   prog: str | None = None, description: str | None = None):
+    """A settings dataclass of a command other than the trainers (sampling, the tying analysis):
+    flag > environment (the field's name in capitals) > default; `--help` prints every setting."""
+    environ = os.environ if environ is None else environ
+    parser = _ArgumentParserRaising(prog=prog, allow_abbrev=False, description=description,
+                                    epilog="Each flag can also be set as the environment variable named in "
+                                           "capitals; a flag wins.")
+    for f in fields(cls):
+        parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name),
+                            help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"))
+    args = parser.parse_args(list(argv) if argv is not None else [])
+    values = {}
+    for f in fields(cls):
+        raw = getattr(args, f.name)
+        if raw is None:
+            raw = environ.get(env_name(f.name))
+        if raw is not None:
+            values[f.name] = parse_value(f.name, raw, str(f.type))
+    return cls(**values)
+
+
 def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
                 prog: str | None = None) -> TrainConfig:
     """TrainConfig from flags > environment > config file > defaults.

@@ -23,18 +23,17 @@ Settings: command-line flag > environment variable > default, like the trainers'
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from core.checkpoint import Checkpoint, load_checkpoint
-from core.config import env_name, flag_name, parse_value
+from core.config import env_name, parse_settings, setting
 from core.errors import CheckpointError, ConfigError, DatasetError
 
 BOS_ID = 1
@@ -42,22 +41,18 @@ EOS_ID = 2
 STOP_IDS = (EOS_ID, BOS_ID)
 
 
-def _setting(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class SampleSettings:
     """Every setting of a sampling run. Field `top_k` is env TOP_K and flag --top-k."""
 
-    checkpoint: str = _setting("", "checkpoint (.safetensors) to sample from "
+    checkpoint: str = setting("", "checkpoint (.safetensors) to sample from "
                                "(empty: the newest runs/*/checkpoints/*.safetensors)")
-    prompt: str = _setting("", "text to continue (empty: start from BOS alone, a new document)")
-    max_new_tokens: int = _setting(200, "stop after this many new tokens")
-    temperature: float = _setting(0.0, "0 = greedy (argmax); above 0, sample from softmax(logits/temperature)")
-    top_k: int = _setting(0, "sample only among the k most likely tokens (0 = all; ignored when greedy)")
-    seed: int = _setting(1337, "seed of the sampling generator (numpy PCG64)")
-    tokenizer_path: str = _setting("", "SentencePiece model (empty: the one of the checkpoint's dataset)")
+    prompt: str = setting("", "text to continue (empty: start from BOS alone, a new document)")
+    max_new_tokens: int = setting(200, "stop after this many new tokens")
+    temperature: float = setting(0.0, "0 = greedy (argmax); above 0, sample from softmax(logits/temperature)")
+    top_k: int = setting(0, "sample only among the k most likely tokens (0 = all; ignored when greedy)")
+    seed: int = setting(1337, "seed of the sampling generator (numpy PCG64)")
+    tokenizer_path: str = setting("", "SentencePiece model (empty: the one of the checkpoint's dataset)")
 
     def __post_init__(self):
         for name in ("max_new_tokens", "top_k", "seed"):
@@ -67,31 +62,10 @@ class SampleSettings:
             raise ConfigError(f"TEMPERATURE={self.temperature}: must not be negative (0 = greedy)")
 
 
-class _ArgumentParserRaising(argparse.ArgumentParser):
-    def error(self, message):  # one-line error instead of usage + exit
-        raise ConfigError(message)
-
-
 def parse_sample_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
                           prog: str | None = None) -> SampleSettings:
     """SampleSettings from flags > environment > defaults. `--help` prints every setting and exits."""
-    environ = os.environ if environ is None else environ
-    parser = _ArgumentParserRaising(prog=prog, allow_abbrev=False,
-                                    description="Continue a prompt with a twingpt checkpoint.",
-                                    epilog="Each flag can also be set as the environment variable named in "
-                                           "capitals (PROMPT, TEMPERATURE, ...); a flag wins.")
-    for f in fields(SampleSettings):
-        parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name),
-                            help=f"{f.metadata['help']} (default: {f.default!r})")
-    args = parser.parse_args(list(argv) if argv is not None else [])
-    values = {}
-    for f in fields(SampleSettings):
-        raw = getattr(args, f.name)
-        if raw is None:
-            raw = environ.get(env_name(f.name))
-        if raw is not None:
-            values[f.name] = parse_value(f.name, raw, str(f.type))
-    return SampleSettings(**values)
+    return parse_settings(SampleSettings, argv, environ, prog, description="Continue a prompt with a twingpt checkpoint.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,12 +74,11 @@ else the checkpoint's own folder) or to OUT.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -87,7 +86,7 @@ import numpy as np
 
 from core.artifact import ARTIFACT_BUDGET_BYTES, pack
 from core.checkpoint import load_checkpoint
-from core.config import ModelSpec, env_name, flag_name, parse_value
+from core.config import ModelSpec, parse_settings, setting
 from core.errors import ConfigError, DatasetError, exit_on_user_error
 from core.files import atomic_writer
 from core.params import count_params
@@ -350,52 +349,26 @@ def format_tying(result: dict) -> list[str]:
 # The command
 # ---------------------------------------------------------------------------------------------
 
-def _setting(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class TyingSettings:
     """Every setting of the analysis. Field `max_train_tokens` is env MAX_TRAIN_TOKENS and flag --max-train-tokens."""
 
-    checkpoint: str = _setting("", "checkpoint (.safetensors) to analyze "
+    checkpoint: str = setting("", "checkpoint (.safetensors) to analyze "
                                "(empty: the newest runs/*/checkpoints/*.safetensors)")
-    data_path: str = _setting("", "dataset folder (empty: the one the checkpoint was trained on)")
-    tokenizer_path: str = _setting("", "SentencePiece model (empty: the one of the dataset)")
-    max_train_tokens: int = _setting(200_000_000, "count train bigrams over whole shards until this many tokens")
-    out: str = _setting("", "JSON output (empty: runs/<id>/tying.json beside the checkpoints/ folder)")
+    data_path: str = setting("", "dataset folder (empty: the one the checkpoint was trained on)")
+    tokenizer_path: str = setting("", "SentencePiece model (empty: the one of the dataset)")
+    max_train_tokens: int = setting(200_000_000, "count train bigrams over whole shards until this many tokens")
+    out: str = setting("", "JSON output (empty: runs/<id>/tying.json beside the checkpoints/ folder)")
 
     def __post_init__(self):
         if self.max_train_tokens <= 0:
             raise ConfigError(f"MAX_TRAIN_TOKENS={self.max_train_tokens}: must be positive")
 
 
-class _ArgumentParserRaising(argparse.ArgumentParser):
-    def error(self, message):  # one-line error instead of usage + exit
-        raise ConfigError(message)
-
-
 def parse_tying_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
                          prog: str | None = None) -> TyingSettings:
     """TyingSettings from flags > environment > defaults. `--help` prints every setting and exits."""
-    environ = os.environ if environ is None else environ
-    parser = _ArgumentParserRaising(prog=prog, allow_abbrev=False,
-                                    description="The direct-path analysis of a twingpt checkpoint: "
-                                                "what tying the head to the embedding costs.",
-                                    epilog="Each flag can also be set as the environment variable named in "
-                                           "capitals (CHECKPOINT, DATA_PATH, ...); a flag wins.")
-    for f in fields(TyingSettings):
-        parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name),
-                            help=f"{f.metadata['help']} (default: {f.default!r})")
-    args = parser.parse_args(list(argv) if argv is not None else [])
-    values = {}
-    for f in fields(TyingSettings):
-        raw = getattr(args, f.name)
-        if raw is None:
-            raw = environ.get(env_name(f.name))
-        if raw is not None:
-            values[f.name] = parse_value(f.name, raw, str(f.type))
-    return TyingSettings(**values)
+    return parse_settings(TyingSettings, argv, environ, prog, description="The direct-path analysis of a twingpt checkpoint: what tying the head to the embedding costs.")
 
 
 def write_json(path: Path, result: dict) -> None:
