@@ -19,10 +19,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from trainer.backend import Batch, checked_optimizer_state
-from trainer.plan import eager_eval
 from core.config import AUTO, ModelSpec, TrainConfig
 from core.flops import measure_gflops
-from core.memory import machine_ram_bytes
+from core.memory import eager_eval, machine_ram_bytes
 from core.params import MATRIX, param_groups, param_shapes
 
 from backend_mlx.blas import blas_note
@@ -67,7 +66,7 @@ class MLXSession:
     # -- building --
 
     def setup(self, spec: ModelSpec, cfg: TrainConfig) -> None:
-        on_gpu = mx.default_device().type == mx.gpu
+        on_gpu = self.device_kind != "cpu"
         self.spec, self.cfg = spec, cfg
         if self.device_kind == "metal" and cfg.memory_budget_gb != AUTO:
             # As mlx-lm does: keep the run's memory wired (resident) so macOS does not page it out

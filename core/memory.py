@@ -91,7 +91,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from core.config import ModelSpec
+from core.config import AUTO, ModelSpec
 from core.params import MATRIX, param_table
 
 # Queries per block of the CPU causal attention, in both backends (backend_torch/model.py and
@@ -330,6 +330,21 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
 # The plan
 # ---------------------------------------------------------------------------------------------
 
+def mlx_chunks(micro_batch_tokens: int, seq_len: int, chunk_tokens: int) -> int:
+    """How many chunks of whole sequences (at most chunk_tokens each, one sequence at least) MLX
+    splits a micro-batch into (backend_mlx/session.py chunks())."""
+    per_chunk = max(1, chunk_tokens // seq_len)
+    return -(-(micro_batch_tokens // seq_len) // per_chunk)
+
+
+def eager_eval(setting, micro_batch_tokens: int, seq_len: int, chunk_tokens: int) -> bool:
+    """MLX_EAGER_EVAL resolved for one micro-batch: 1/0 as set; "auto" = on when the micro-batch is
+    more than one chunk (with one chunk, evaluating after it is what the step does anyway)."""
+    if setting != AUTO:
+        return bool(setting)
+    return mlx_chunks(micro_batch_tokens, seq_len, chunk_tokens) > 1
+
+
 @dataclass(frozen=True)
 class Plan:
     """Settings for one rank that fit `budget` bytes (or the best try, with fits=False)."""
@@ -396,9 +411,9 @@ def plan_micro_steps(spec: ModelSpec, *, train_batch_tokens: int, world_size: in
 
     def make(a: int, eager: bool | None) -> Plan:
         micro = per_rank // a
-        chunks = -(-(micro // seq_len) // max(1, mlx_chunk_tokens // seq_len)) if mlx else 1
+        chunks = mlx_chunks(micro, seq_len, mlx_chunk_tokens) if mlx else 1
         if eager is None:
-            eager = mlx and chunks > 1
+            eager = mlx and eager_eval(AUTO, micro, seq_len, mlx_chunk_tokens)
         est = estimate_peak(spec, backend=backend, device=device, compute_dtype=compute_dtype,
                             micro_batch_tokens=micro, seq_len=seq_len, val_batch_tokens=val_tokens(a),
                             mlx_chunk_tokens=mlx_chunk_tokens, mlx_eager_eval=bool(eager and mlx),

@@ -28,14 +28,6 @@ DEVICE_MEMORY = {"cpu": "RAM", "cuda": "free CUDA memory", "metal": "Metal's rec
                  "mps": "Metal's recommended working set"}
 
 
-def eager_eval(setting, micro_batch_tokens: int, seq_len: int, chunk_tokens: int) -> bool:
-    """MLX_EAGER_EVAL resolved for one micro-batch: 1/0 as set; auto = on when the micro-batch is
-    more than one chunk (with one chunk, evaluating after it is what the step does anyway)."""
-    if setting != AUTO:
-        return bool(setting)
-    return micro_batch_tokens // seq_len > max(1, chunk_tokens // seq_len)
-
-
 @dataclass(frozen=True)
 class RunPlan:
     cfg: TrainConfig              # resolved: GRAD_ACCUM_STEPS and MLX_EAGER_EVAL as numbers, the budget in GiB
