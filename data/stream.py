@@ -117,6 +117,19 @@ class DistributedTokenLoader:
         self.stream.restore(state)
 
 
+def leading_shards(files: Sequence[str | os.PathLike], max_tokens: int,
+                   vocab_size: int | None = None) -> Iterator[np.ndarray]:
+    """The tokens of whole shards, in order, until at least max_tokens have been read: the sample
+    of the training set that statistics (the unigram baseline, the tying analysis) are taken on."""
+    seen = 0
+    for path in files:
+        tokens = read_shard(path, vocab_size)
+        yield tokens
+        seen += tokens.size
+        if seen >= max_tokens:
+            return
+
+
 def load_validation_tokens(files: Sequence[str | os.PathLike], seq_len: int,
                            vocab_size: int | None = None) -> np.ndarray:
     """All val shards concatenated, cut to a multiple of seq_len plus one (uint16); with

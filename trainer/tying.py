@@ -64,7 +64,7 @@ Parameters and bytes (what tying saves, or would save on an untied model):
                               16,000,000-byte budget.
 
 Train counts read whole train shards in sorted order until at least MAX_TRAIN_TOKENS tokens are read
-(the rule of trainer.validation.train_token_counts, so unigram_bits_per_token is the trainers'
+(data.stream.leading_shards, as for the trainers' unigram baseline, so unigram_bits_per_token is the trainers'
 unigram baseline val_loss / ln 2); bigrams span shard boundaries, as the training stream does.
 
 Settings: command-line flag > environment variable > default, like the trainers'. The result is
@@ -257,27 +257,13 @@ def run_folder_of(checkpoint_path) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
-def train_shard_tokens(files: Sequence, vocab_size: int, max_tokens: int) -> list[np.ndarray]:
-    """Whole train shards in order until at least max_tokens are read (train_token_counts' rule)."""
-    from data.shards import read_shard
-
-    out, seen = [], 0
-    for path in files:
-        tokens = read_shard(path, vocab_size)
-        out.append(tokens)
-        seen += tokens.size
-        if seen >= max_tokens:
-            break
-    return out
-
-
 def analyze_tying(checkpoint_path, data_path: str = "", tokenizer_path: str = "",
                   max_train_tokens: int = 200_000_000) -> dict:
     """The figures of the module docstring for a checkpoint, on its dataset (the one its config
     names, unless data_path / tokenizer_path say otherwise), plus run_id, step, backend, paths."""
     from core.metrics import build_byte_tables, token_bytes
     from data.datasets import resolve_dataset
-    from data.stream import load_validation_tokens
+    from data.stream import leading_shards, load_validation_tokens
 
     if max_train_tokens <= 0:
         raise ConfigError(f"MAX_TRAIN_TOKENS={max_train_tokens}: must be positive")
@@ -295,7 +281,7 @@ def analyze_tying(checkpoint_path, data_path: str = "", tokenizer_path: str = ""
     val = load_validation_tokens(dataset.val_files, seq_len, spec.vocab_size)
     tables = build_byte_tables(dataset.tokenizer_path, spec.vocab_size)
     val_bytes = int(token_bytes(tables, val[:-1], val[1:]).sum())
-    train = train_shard_tokens(dataset.train_files, spec.vocab_size, max_train_tokens)
+    train = list(leading_shards(dataset.train_files, max_train_tokens, spec.vocab_size))
     figures = direct_path_figures(spec, ckpt.weights, train, val, val_bytes=val_bytes)
     run_dir = run_folder_of(ckpt.path)
     return {

@@ -7,8 +7,7 @@ import numpy as np
 
 from core.config import AUTO, TrainConfig
 from core.metrics import EvalAccumulator, token_bytes
-from data.shards import read_shard
-from data.stream import validation_batches
+from data.stream import leading_shards, validation_batches
 from trainer.backend import TrainerBackend
 
 
@@ -35,11 +34,6 @@ def evaluate(backend: TrainerBackend, val_tokens: np.ndarray, tables, cfg: Train
 def train_token_counts(files, vocab_size: int, max_tokens: int = 200_000_000) -> np.ndarray:
     """How often each token id occurs in the training shards (the first `max_tokens` of them)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    seen = 0
-    for path in files:
-        tokens = read_shard(path)
+    for tokens in leading_shards(files, max_tokens):
         counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
-        seen += tokens.size
-        if seen >= max_tokens:
-            break
     return counts
