@@ -446,6 +446,17 @@ def device_step(dev: Device, spec, weights, state, batches) -> tuple[float, dict
             session.close()
 
 
+def on_each(doc: Doctor, present: list[Device], check: str, what: str, compute) -> dict:
+    """compute(dev) on every present device, by label; a device that fails is reported, not raised."""
+    results = {}
+    for dev in present:
+        try:
+            results[dev.label] = compute(dev)
+        except Exception as e:
+            doc.fail(check, f"{dev.label}{what}", e)
+    return results
+
+
 def on_device_checks(doc: Doctor, present: list[Device]) -> None:
     from core.init import random_optimizer_state, random_weights
     from core.reference import logits as reference_logits
@@ -468,12 +479,7 @@ def on_device_checks(doc: Doctor, present: list[Device]) -> None:
             except Exception as e:
                 doc.fail("logits", f"{dev.label} vs float64 reference", e)
         # Gradients: every torch device against every MLX device.
-        grads = {}
-        for dev in present:
-            try:
-                grads[dev.label] = device_grads(dev, spec, weights, ids, targets)
-            except Exception as e:
-                doc.fail("grads", f"{dev.label}", e)
+        grads = on_each(doc, present, "grads", "", lambda dev: device_grads(dev, spec, weights, ids, targets))
         for t in torch_devs:
             for m in mlx_devs:
                 if t.label in grads and m.label in grads:
@@ -487,12 +493,8 @@ def on_device_checks(doc: Doctor, present: list[Device]) -> None:
         state0 = random_optimizer_state(spec, CHECK_SEED)
         T = STEP_SEQ_LEN
         batches = [tuple(rng.integers(0, spec.vocab_size, (3, T)) for _ in range(2)) for _ in range(2)]
-        steps = {}
-        for dev in present:
-            try:
-                steps[dev.label] = device_step(dev, spec, weights, state0, batches)
-            except Exception as e:
-                doc.fail("optim_step", f"{dev.label} train_step", e)
+        steps = on_each(doc, present, "optim_step", " train_step",
+                        lambda dev: device_step(dev, spec, weights, state0, batches))
         for t in torch_devs:
             for m in mlx_devs:
                 if t.label not in steps or m.label not in steps:

@@ -39,6 +39,7 @@ from core.config import TrainConfig
 from core.flops import flops_per_token
 from core.init import init_weights
 from core.schedule import learning_rates, momentum
+from trainer.loop import peak_rss_bytes
 
 TOKENS_PER_STEP = 2048
 RESULT_MARK = "BENCH_RESULT "
@@ -122,7 +123,7 @@ def run_row(name: str, config: str, warmup: int, timed: int) -> dict:
     ceiling = {"float32": session.matmul_gflops("float32")}
     if setting["compute_dtype"] != "float32":
         ceiling[setting["compute_dtype"]] = session.matmul_gflops(setting["compute_dtype"])
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
+    max_rss = peak_rss_bytes()
     peak = max_rss if setting["backend"] == "torch" else session.peak_memory_bytes()
     row = dict(setting=name, config=config, backend=setting["backend"], compute_dtype=setting["compute_dtype"],
                compile=setting["compile"], blas=setting.get("blas"), device=session.device, notes=session.notes,
