@@ -82,7 +82,8 @@ def budget_bytes(cfg: TrainConfig, backend: TrainerBackend) -> tuple[int, str]:
 
 
 def make_plan(cfg: TrainConfig, backend: TrainerBackend) -> RunPlan:
-    """The resolved run for this backend, or a one-line ConfigError when it cannot fit."""
+    """The resolved run for this backend, fitting or not (check_fits refuses one that does not); a
+    one-line ConfigError when the batch geometry or the budget cannot be resolved."""
     spec = cfg.model_spec()
     world = backend.world_size
     cfg.check_batch_geometry(world)
