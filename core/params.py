@@ -137,3 +137,35 @@ def check_weights(spec: ModelSpec, weights: dict, *, source: str = "weights") ->
         got = tuple(weights[name].shape)
         if got != shape:
             raise CheckpointError(f"{source}: {name} has shape {got}, this model spec needs {shape}")
+
+
+def infer_spec(weights: dict, *, source: str = "weights", **settings) -> ModelSpec:
+    """The ModelSpec whose parameter table `weights` match, read from the tensor shapes.
+
+    Every size is in a shape: V and d in tok_emb, L in the block count, H in q_gain, K in c_k's
+    rows over the head width, the MLP multiple in fc, tying in lm_head's absence. What no shape
+    holds (logit_softcap, rope_base, norm_eps, ...) comes from `settings` or the defaults. Used by
+    everything that reads weights without a spec: our artifact and the reference trainers' files.
+    """
+    from core.errors import CheckpointError
+
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in weights:
+            raise CheckpointError(f"{source}: has no {name}; not the weights of this GPT")
+        return tuple(weights[name].shape)
+
+    vocab_size, model_dim = shape("tok_emb.weight")
+    num_layers = len({name.split(".")[1] for name in weights if name.startswith("blocks.")})
+    if num_layers == 0:
+        raise CheckpointError(f"{source}: has no blocks.N parameters; not the weights of this GPT")
+    (num_heads,) = shape("blocks.0.attn.q_gain")
+    kv_rows, hidden = shape("blocks.0.attn.c_k.weight")[0], shape("blocks.0.mlp.fc.weight")[0]
+    head_dim = model_dim // num_heads if num_heads and model_dim % num_heads == 0 else 0
+    if not head_dim or kv_rows % head_dim or hidden % model_dim:
+        raise CheckpointError(f"{source}: shapes tok_emb {(vocab_size, model_dim)}, q_gain {(num_heads,)}, "
+                              f"c_k {(kv_rows, model_dim)}, fc {(hidden, model_dim)} fit no model spec")
+    spec = ModelSpec(**{**settings, "vocab_size": vocab_size, "num_layers": num_layers, "model_dim": model_dim,
+                        "num_heads": num_heads, "num_kv_heads": kv_rows // head_dim,
+                        "mlp_mult": hidden // model_dim, "tie_embeddings": "lm_head.weight" not in weights})
+    check_weights(spec, weights, source=source)
+    return spec

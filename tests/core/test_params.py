@@ -2,12 +2,14 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from core.config import ModelSpec
 from core.errors import CheckpointError
 from core.init import init_weights
-from core.params import EMBED, HEAD, MATRIX, SCALAR, check_weights, count_params, param_groups, param_table
+from core.params import (EMBED, HEAD, MATRIX, SCALAR, check_weights, count_params, infer_spec, param_groups,
+                         param_shapes, param_table)
 
 
 def test_default_spec_counts():
@@ -46,3 +48,25 @@ def test_check_weights_names_missing_extra_and_misshapen():
         check_weights(spec, dict(w, **{"lm_head.weight": w["tok_emb.weight"]}))
     with pytest.raises(CheckpointError, match=r"tok_emb.weight has shape \(32, 8\)"):
         check_weights(spec, dict(w, **{"tok_emb.weight": w["tok_emb.weight"][:, :8]}))
+
+
+@pytest.mark.parametrize("spec", [
+    ModelSpec(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=3),
+    ModelSpec(vocab_size=48, num_layers=2, model_dim=24, num_heads=2, num_kv_heads=2, tie_embeddings=False),
+    ModelSpec(vocab_size=32, num_layers=1, model_dim=16, num_heads=4, num_kv_heads=1),
+])
+def test_infer_spec_reads_every_size_from_the_shapes(spec):
+    weights = {name: np.zeros(shape, np.float32) for name, shape in param_shapes(spec).items()}
+    assert infer_spec(weights, logit_softcap=spec.logit_softcap) == spec
+    assert infer_spec(weights, norm_eps=1e-5).norm_eps == 1e-5
+
+
+def test_infer_spec_refuses_weights_of_another_model():
+    spec = ModelSpec(vocab_size=32, num_layers=2, model_dim=16, num_heads=4, num_kv_heads=2)
+    weights = {name: np.zeros(shape, np.float32) for name, shape in param_shapes(spec).items()}
+    with pytest.raises(CheckpointError, match="has no tok_emb.weight"):
+        infer_spec({k: v for k, v in weights.items() if k != "tok_emb.weight"})
+    with pytest.raises(CheckpointError, match="unexpected parameter"):
+        infer_spec(weights | {"blocks.0.extra": np.zeros(3)})
+    with pytest.raises(CheckpointError, match="fit no model spec"):
+        infer_spec(weights | {"blocks.0.attn.c_k.weight": np.zeros((6, 16))})
