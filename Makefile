@@ -11,6 +11,8 @@
 #   make ablate-tying  the make-train preset tied and untied, side by side (ABLATE_MATCH_PARAMS=1: + matched)
 #   make analyze-tying the direct path of CHECKPOINT=... (symmetry, bigram bits, what tying saves)
 #   make doctor        versions, devices, BLAS, memory, §10 checks and speed here (runs/doctor.json)
+#   make pg-import     a Parameter Golf reference file (SRC=final_model.pt, ...) as a checkpoint (OUT=...)
+#   make pg-export     a checkpoint (CHECKPOINT=...) as train_gpt.py's state dict (OUT=final_model.pt)
 # Settings pass through as environment variables (NUM_LAYERS=4 make train-cpu) or ARGS="--num-layers 4".
 
 PYTHON ?= python3
@@ -34,7 +36,7 @@ PRESET := ITERATIONS=$${ITERATIONS:-500} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS
   TRAIN_LOG_EVERY=$${TRAIN_LOG_EVERY:-25} WARMDOWN_ITERS=$${WARMDOWN_ITERS:-150} \
   CHECKPOINT_EVERY=$${CHECKPOINT_EVERY:-100} MAX_WALLCLOCK_SECONDS=$${MAX_WALLCLOCK_SECONDS:-360}
 
-.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv parity bench doctor ablate-tying analyze-tying
+.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv parity bench doctor ablate-tying analyze-tying pg-import pg-export
 
 help:
 	@sed -n '/^[^#]/q;p' Makefile
@@ -138,3 +140,15 @@ ablate-tying: default-data
 # CHECKPOINT and the rest reach the program as environment variables, as with make sample.
 analyze-tying: $(STAMP)
 	$(PY) -m trainer.tying $(ARGS)
+
+# The Parameter Golf reference trainers' files (interop/): import any of final_model.pt,
+# final_model.int8.ptz, <run>_mlx_model.npz, <run>_mlx_model.int8.ptz as a weights-only checkpoint,
+# and export a checkpoint as the final_model.pt train_gpt.py loads (RoPE and dtypes converted):
+#   make pg-import SRC=final_model.int8.ptz OUT=runs/imported/step_000000.safetensors
+#   make pg-export CHECKPOINT=runs/<run>/checkpoints/step_NNNNNN.safetensors OUT=final_model.pt
+# SRC, OUT, CHECKPOINT and the rest reach the program as environment variables.
+pg-import: $(STAMP)
+	$(PY) -m interop.pg_import $(ARGS)
+
+pg-export: $(STAMP)
+	$(PY) -m interop.pg_export $(ARGS)

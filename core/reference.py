@@ -89,13 +89,17 @@ def logits(spec: ModelSpec, weights, ids):
     return c * np.tanh(raw / c)
 
 
-def token_losses(spec: ModelSpec, weights, ids, targets):
-    """float64 cross-entropy of every target token, shape (B, T)."""
-    z = logits(spec, weights, ids)
+def cross_entropy(z, targets):
+    """float64 cross-entropy of every target token of logits z (B, T, V), shape (B, T)."""
     z_max = np.max(z, axis=-1, keepdims=True)
     log_norm = np.log(np.sum(np.exp(z - z_max), axis=-1)) + z_max[..., 0]
     picked = np.take_along_axis(z, np.asarray(targets)[..., None], axis=-1)[..., 0]
     return log_norm - picked
+
+
+def token_losses(spec: ModelSpec, weights, ids, targets):
+    """float64 cross-entropy of every target token, shape (B, T)."""
+    return cross_entropy(logits(spec, weights, ids), targets)
 
 
 def loss(spec: ModelSpec, weights, ids, targets) -> float:

@@ -1,8 +1,10 @@
 """The house's floors (docs/spec.md §1): every module imports only the layers below it.
 
-    core  <  data  <  trainer  <  backend_torch, backend_mlx  <  bench
+    core  <  data  <  interop  <  trainer  <  backend_torch, backend_mlx  <  bench
 
-A backend never imports the other backend, and nothing below the backends imports torch or mlx.
+A backend never imports the other backend, and nothing below the backends imports torch or mlx,
+with one exception: interop/torch_files.py imports torch, as the file format of the reference torch
+script's files only (torch.load(weights_only=True) and torch.save), never to compute.
 Imports are read from the source (every `import` and `from ... import`, including those inside
 functions), so a late import cannot hide a climb.
 """
@@ -13,8 +15,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = {"core": 0, "data": 1, "trainer": 2, "backend_torch": 3, "backend_mlx": 3, "bench": 4}
+LAYERS = {"core": 0, "data": 1, "interop": 2, "trainer": 3, "backend_torch": 4, "backend_mlx": 4, "bench": 5}
 FRAMEWORKS = {"torch": "backend_torch", "mlx": "backend_mlx"}   # a framework and the one package that may use it
+# Files outside a framework's package allowed to import it, and why: torch as a file format only.
+FRAMEWORK_FILES = {"torch": {"interop/torch_files.py"}}
 
 
 def imported_packages(path: Path) -> set[tuple[str, int]]:
@@ -41,7 +45,8 @@ def violations(root: Path) -> list[str]:
                         problems.append(f"{where}:{line} imports {name}, a higher layer")
                     elif LAYERS[name] == level:
                         problems.append(f"{where}:{line} imports {name}: a backend never imports the other")
-                if name in FRAMEWORKS and package != FRAMEWORKS[name] and package != "bench":
+                if (name in FRAMEWORKS and package != FRAMEWORKS[name] and package != "bench"
+                        and where.as_posix() not in FRAMEWORK_FILES.get(name, ())):
                     problems.append(f"{where}:{line} imports {name} outside {FRAMEWORKS[name]}")
     return problems
 
@@ -63,9 +68,21 @@ def test_every_package_is_a_known_layer():
     ("backend_mlx", "from backend_torch.optim import muon_step", "backend_mlx/bad.py:2 imports backend_torch: a backend never imports the other"),
     ("core", "import torch", "core/bad.py:2 imports torch outside backend_torch"),
     ("backend_torch", "import mlx.core as mx", "backend_torch/bad.py:2 imports mlx outside backend_mlx"),
+    ("interop", "import torch", "interop/bad.py:2 imports torch outside backend_torch"),
+    ("interop", "import mlx.core as mx", "interop/bad.py:2 imports mlx outside backend_mlx"),
+    ("interop", "from trainer.loop import run_training", "interop/bad.py:2 imports trainer, a higher layer"),
+    ("data", "from interop import read_reference_file", "data/bad.py:2 imports interop, a higher layer"),
 ])
 def test_a_forbidden_import_is_reported(tmp_path, package, line, expected):
     for name in LAYERS:
         (tmp_path / name).mkdir()
     (tmp_path / package / "bad.py").write_text('"""A module that climbs."""\n' + line + "\n")
     assert violations(tmp_path) == [expected]
+
+
+def test_only_interop_torch_files_may_use_torch_as_a_file_format(tmp_path):
+    """The one exception admits exactly that file, and only torch: mlx there is still refused."""
+    for name in LAYERS:
+        (tmp_path / name).mkdir()
+    (tmp_path / "interop" / "torch_files.py").write_text('"""Format."""\nimport torch\nimport mlx.core\n')
+    assert violations(tmp_path) == ["interop/torch_files.py:3 imports mlx outside backend_mlx"]

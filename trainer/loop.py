@@ -157,7 +157,8 @@ def build_or_resume(run: Run, loader: DistributedTokenLoader) -> tuple[int, floa
         return 0, 0.0
     backend.load_weights(ckpt.weights)
     backend.load_optimizer_state(ckpt.optimizer_state)
-    loader.restore(ckpt.data_state)
+    if ckpt.data_state:   # a weights-only checkpoint (make pg-import) starts at the data's beginning
+        loader.restore(ckpt.data_state)
     run.log(f"resumed from {run.cfg.resume_from} at step:{ckpt.step} (trained by {ckpt.backend or 'unknown'})")
     return ckpt.step, float(ckpt.extra.get("train_time_ms", 0.0))
 
