@@ -4,7 +4,8 @@ train_gpt_mlx.py writes `<run>_mlx_model.int8.ptz` as zlib of a plain pickle of 
 (dicts of numpy arrays, strings and numbers). An ordinary `pickle.loads` of a file someone sent
 you runs whatever callable the file names (os.system, eval, ...). This reader resolves only the
 globals numpy's own array pickles use, to the installed numpy's functions, whichever numpy wrote
-the file (numpy.core in 1.x, numpy._core in 2.x); every other global is refused before anything is
+the file (numpy.core in 1.x, numpy._core in 2.x), and a latin1-only _codecs.encode for
+protocol-2 pickles of array bytes; every other global is refused before anything is
 called, with a one-line error naming it. Containers, strings, bytes and numbers are pickle opcodes,
 not globals, so they need nothing admitted. Arrays of Python objects are refused after loading.
 """
@@ -27,10 +28,20 @@ for _core in ("numpy.core", "numpy._core"):
     _NUMPY_GLOBALS[(f"{_core}.numeric", "_frombuffer")] = "numeric", "_frombuffer"          # ndarray, protocol 5
 _NUMPY_GLOBALS[("numpy", "ndarray")] = None, "ndarray"
 _NUMPY_GLOBALS[("numpy", "dtype")] = None, "dtype"
-ADMITTED = tuple(f"{m}.{n}" for m, n in _NUMPY_GLOBALS)
+# Protocols 2 and below carry an array's bytes as text re-encoded by _codecs.encode(text, "latin1"):
+# admitted as a function that does exactly that and nothing else.
+_NUMPY_GLOBALS[("_codecs", "encode")] = "latin1", "encode"
+
+
+def _latin1_encode(text, encoding="latin1"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode is admitted for latin1 text only, not {encoding!r}")
+    return text.encode("latin1")
 
 
 def _installed(submodule: str | None, name: str):
+    if submodule == "latin1":
+        return _latin1_encode
     if submodule is None:
         return getattr(np, name)
     for core in ("numpy._core", "numpy.core"):   # numpy 2 first: numpy.core is its deprecated alias

@@ -45,7 +45,7 @@ def load_torch_bytes(raw: bytes, source: str):
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:   # weights_only refused a global: nothing was run
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err))   # the wording varies across torch versions
         if refused:
             raise CheckpointError(f"refused pickle global {refused.group(1)} in {source}: torch.load(weights_only=True) "
                                   "admits tensors and plain containers only; nothing was run") from None
