@@ -31,7 +31,7 @@ class ExportSettings:
     out: str = setting("", "the state dict to write (final_model.pt)")
     data_path: str = setting("", "dataset of the epsilon check (empty: the one the checkpoint was trained on)")
     tokenizer_path: str = setting("", "its tokenizer (empty: the dataset's)")
-    eps_check_seqs: int = setting(2, "validation sequences the epsilon check scores (0: no check)")
+    eps_check_seqs: int = setting(1, "validation sequences the epsilon check scores (0: no check)")
 
     def __post_init__(self):
         if self.eps_check_seqs < 0:

@@ -72,7 +72,7 @@ def main(argv=None, environ=None) -> ImportedModel:
     for note in model.notes:
         print(f"  {note}", flush=True)
     print(f"wrote {settings.out} (weights only, step 0); to train on from it: RESUME_FROM={settings.out} "
-          f"{model_settings_text(s)}", flush=True)
+          f"{model_settings_text(s)}".rstrip(), flush=True)
     return model
 
 

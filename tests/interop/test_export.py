@@ -10,6 +10,9 @@ import parity_lib
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.config import ModelSpec, TrainConfig
 from core.params import is_control
+from core.reference import cross_entropy
+from data.datasets import resolve_dataset
+from data.stream import load_validation_tokens
 from interop import pg_export, pg_import
 from interop.conventions import MLX_SCRIPT_EPS, TORCH_SCRIPT_EPS
 from pg_fixtures import script_weights, write_torch_state_dict
@@ -91,15 +94,21 @@ def test_export_warns_in_one_line_with_the_size_of_the_epsilon_difference(tiny_d
     data_path, tokenizer = tiny_dataset
     spec = ModelSpec(vocab_size=512, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, norm_eps=MLX_SCRIPT_EPS)
     ckpt, out = tmp_path / "ours.safetensors", tmp_path / "final_model.pt"
+    weights = script_weights(spec, 3)
     save_checkpoint(ckpt, spec=spec, config=TrainConfig(**spec.to_dict(), data_path=data_path, tokenizer_path=tokenizer,
                                                         train_seq_len=32),
-                    step=0, weights=script_weights(spec, 3), optimizer_state={}, data_state={})
-    pg_export.main([], environ={"CHECKPOINT": str(ckpt), "OUT": str(out)})
+                    step=0, weights=weights, optimizer_state={}, data_state={})
+    pg_export.main([], environ={"CHECKPOINT": str(ckpt), "OUT": str(out), "EPS_CHECK_SEQS": "2"})
     warning = capsys.readouterr().err.strip()
     assert warning.count("\n") == 0 and warning.startswith(f"warning: {ckpt} has norm_eps=1e-06")
     assert "Δval_loss" in warning and "max |Δlogit|" in warning and "first 64 validation tokens" in warning
+    # The figure is train_gpt.py's epsilon minus ours, in mean nats over the first 2 x 32 val tokens.
+    tokens = load_validation_tokens(resolve_dataset(data_path, tokenizer, 512).val_files, 32).astype(np.int64)
+    ids, targets = tokens[:64].reshape(2, 32), tokens[1:65].reshape(2, 32)
+    expected = (cross_entropy(parity_lib.variant_logits(spec, weights, ids, eps=TORCH_SCRIPT_EPS), targets).mean()
+                - cross_entropy(parity_lib.variant_logits(spec, weights, ids), targets).mean())
     delta = float(warning.split("Δval_loss ")[1].split()[0])
-    assert delta != 0.0 and out.exists()
+    assert delta == pytest.approx(expected, rel=5e-3) and abs(expected) > 1e-6 and out.exists()   # 3 digits printed
     pg_export.main([], environ={"CHECKPOINT": str(ckpt), "OUT": str(out), "DATA_PATH": str(tmp_path / "none")})
     assert "not measured" in capsys.readouterr().err
 
