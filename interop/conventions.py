@@ -14,7 +14,8 @@ half negated, the same sign flip D = diag(1, ..., 1, -1, ..., -1) for q and for 
 uses q·k, and (Dq)·(Dk) = q·k, so the scores, and everything after them, are train_gpt.py's.
 The flip commutes with the RMSNorm before the rotation (same squares) and with q_gain (per head).
 Negating b is negating the rows of c_q and c_k that produce it: rows h*hd + hd/2 ... (h+1)*hd - 1
-of head h. The flip is exact in floating point and is its own inverse, so export applies it again.
+of head h. (Negating the first half instead would do as well; the second is the documented choice.)
+The flip is exact in floating point and is its own inverse, so export applies it again.
 
 Epsilons. train_gpt.py calls F.rms_norm(x, (d,)) with eps=None, which torch resolves to the
 machine epsilon of float32, 2^-23 = 1.1920929e-07, also for bfloat16 inputs (checked in the test
