@@ -1,7 +1,6 @@
 """What the readers refuse: pickles that would run code, damaged files, other files, foreign shapes.
 Every refusal is one line naming the file, and nothing is run or written."""
 
-import io
 import os
 import pickle
 import zlib

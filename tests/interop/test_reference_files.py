@@ -6,14 +6,12 @@ train_gpt_mlx.py's +θ and 1e-6 (parity_lib.variant_logits, written independentl
 """
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
 import parity_lib
 from core.artifact import save_artifact
 from core.config import ModelSpec
-from core.errors import CheckpointError
 from core.reference import rope
 from interop import detect_kind, read_reference_file
 from interop.conventions import MLX_SCRIPT_EPS, TORCH_SCRIPT_EPS, flip_rope_halves
@@ -34,8 +32,19 @@ def mlx_script_logits(weights):
     return parity_lib.variant_logits(SPEC, weights, IDS, rope_sign=1.0, eps=MLX_SCRIPT_EPS)
 
 
-def backend_errors(model, expected) -> dict[str, float]:
-    return {b: parity_lib.rel(parity_lib.logits(b, model.spec, model.weights, IDS), expected) for b in ("torch", "mlx")}
+def assert_both_backends_give(model, expected) -> None:
+    errors = {b: parity_lib.rel(parity_lib.logits(b, model.spec, model.weights, IDS), expected) for b in ("torch", "mlx")}
+    assert max(errors.values()) <= TOL, errors
+
+
+def write_and_read(tmp_path, filename, write, kind, seed, **kwargs):
+    """(the weights the file holds as its script computes with them, the imported model)."""
+    w = script_weights(SPEC, seed)
+    path = tmp_path / filename
+    dequantized = write(path, w, **kwargs)   # the int8 writers return what their object dequantizes to
+    model = read_reference_file(path)
+    assert model.kind == kind == detect_kind(path)
+    return (w if dequantized is None else dequantized), model
 
 
 def test_train_gpt_py_epsilon_is_what_torch_uses_for_eps_none():
@@ -75,15 +84,10 @@ def test_the_flip_negates_exactly_the_second_half_rows_and_is_its_own_inverse():
 
 
 def test_a_torch_script_state_dict_gives_its_logits_in_both_backends(tmp_path):
-    w = script_weights(SPEC, 3)
-    path = tmp_path / "final_model.pt"
-    write_torch_state_dict(path, w)
-    model = read_reference_file(path)
-    assert model.kind == "torch-state-dict" == detect_kind(path)
+    w, model = write_and_read(tmp_path, "final_model.pt", write_torch_state_dict, "torch-state-dict", 3)
     assert model.spec == ModelSpec(**{**SPEC.to_dict(), "norm_eps": TORCH_SCRIPT_EPS})
     expected = torch_script_logits(w)
-    errors = backend_errors(model, expected)
-    assert max(errors.values()) <= TOL, errors
+    assert_both_backends_give(model, expected)
     # The fixture can tell: unconverted RoPE or the MLX script's epsilon would be far off.
     assert parity_lib.rel(parity_lib.variant_logits(model.spec, w, IDS), expected) > 100 * TOL
     wrong_eps = parity_lib.variant_logits(SPEC, w, IDS, rope_sign=-1.0, eps=MLX_SCRIPT_EPS)
@@ -91,44 +95,30 @@ def test_a_torch_script_state_dict_gives_its_logits_in_both_backends(tmp_path):
 
 
 def test_a_torch_script_int8_artifact_dequantizes_to_the_scripts_weights(tmp_path):
-    w = script_weights(SPEC, 4)
-    path = tmp_path / "final_model.int8.ptz"
-    expected = write_torch_int8(path, w, max_keep=2048)   # tok_emb, c_q, c_k, ... quantized; controls kept
-    model = read_reference_file(path)
-    assert model.kind == "torch-int8" == detect_kind(path)
+    # max_keep 2048: tok_emb, c_q, c_k, ... quantized; control tensors kept in fp32, the rest in fp16
+    expected, model = write_and_read(tmp_path, "final_model.int8.ptz", write_torch_int8, "torch-int8", 4, max_keep=2048)
     assert model.spec.norm_eps == TORCH_SCRIPT_EPS
     ours = negate_second_halves(SPEC, expected)
     assert sorted(model.weights) == sorted(ours)
     for name in ours:
         assert model.weights[name].dtype == np.float32 and np.array_equal(model.weights[name], ours[name]), name
-    errors = backend_errors(model, torch_script_logits(expected))
-    assert max(errors.values()) <= TOL, errors
+    assert_both_backends_give(model, torch_script_logits(expected))
 
 
 def test_an_mlx_script_npz_gives_its_logits_in_both_backends(tmp_path):
-    w = script_weights(SPEC, 5)
-    path = tmp_path / "run_mlx_model.npz"
-    write_mlx_npz(path, w)
-    model = read_reference_file(path)
-    assert model.kind == "mlx-npz" == detect_kind(path)
+    w, model = write_and_read(tmp_path, "run_mlx_model.npz", write_mlx_npz, "mlx-npz", 5)
     assert model.spec == SPEC and model.spec.norm_eps == MLX_SCRIPT_EPS
     assert all(np.array_equal(model.weights[n], w[n]) for n in w)   # bf16 tok_emb widened exactly, no flip
     expected = mlx_script_logits(w)
-    errors = backend_errors(model, expected)
-    assert max(errors.values()) <= TOL, errors
+    assert_both_backends_give(model, expected)
     assert parity_lib.rel(parity_lib.variant_logits(SPEC, w, IDS, eps=TORCH_SCRIPT_EPS), expected) > 100 * TOL
 
 
 def test_an_mlx_script_int8_artifact_dequantizes_to_the_scripts_weights(tmp_path):
-    w = script_weights(SPEC, 6)
-    path = tmp_path / "run_mlx_model.int8.ptz"
-    expected = write_mlx_int8(path, w, max_keep=2048)
-    model = read_reference_file(path)
-    assert model.kind == "mlx-int8" == detect_kind(path)
+    expected, model = write_and_read(tmp_path, "run_mlx_model.int8.ptz", write_mlx_int8, "mlx-int8", 6, max_keep=2048)
     for name in expected:
         assert np.array_equal(model.weights[name], expected[name]), name
-    errors = backend_errors(model, mlx_script_logits(expected))
-    assert max(errors.values()) <= TOL, errors
+    assert_both_backends_give(model, mlx_script_logits(expected))
 
 
 def test_settings_no_tensor_holds_pass_through_and_override(tmp_path):
