@@ -112,6 +112,9 @@ def _bad_files(tmp_path):
     listed = tmp_path / "list.pt"
     torch.save([torch.ones(2)], listed)
     files["not a dict"] = (listed, "not a state dict")
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, **{"tok_emb.weight": np.array([1, "x"], dtype=object)})
+    files["npz of Python objects"] = (objects, "allow_pickle=False")
     obj, _ = int8_object(w, max_keep=512)
     obj["__quant_format__"] = "int6_something_else"
     other = tmp_path / "other_mlx.int8.ptz"

@@ -113,7 +113,8 @@ def test_export_warns_in_one_line_with_the_size_of_the_epsilon_difference(tiny_d
     assert "not measured" in capsys.readouterr().err
 
 
-def test_an_imported_checkpoint_trains_on_from_its_weights(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_an_imported_checkpoint_trains_on_from_its_weights(backend, tiny_dataset, tmp_path):
     """RESUME_FROM a weights-only checkpoint: step 0, fresh optimizer, the data from its start."""
     spec = ModelSpec(**{k.lower(): int(TINY[k]) for k in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS",
                                                            "NUM_KV_HEADS")})
@@ -121,7 +122,7 @@ def test_an_imported_checkpoint_trains_on_from_its_weights(tiny_dataset, tmp_pat
     write_torch_state_dict(src, script_weights(spec, 4))
     pg_import.main([], environ={"SRC": str(src), "OUT": str(ckpt)})
     assert load_checkpoint(ckpt).spec.norm_eps == TORCH_SCRIPT_EPS
-    result = train("torch", tiny_env(tiny_dataset, tmp_path, RESUME_FROM=ckpt, NORM_EPS=TORCH_SCRIPT_EPS, ITERATIONS=2))
+    result = train(backend, tiny_env(tiny_dataset, tmp_path, RESUME_FROM=ckpt, NORM_EPS=TORCH_SCRIPT_EPS, ITERATIONS=2))
     assert result.step == 2 and len(result.train_losses) == 2
     log = (result.run_dir / "log.txt").read_text()
     assert f"resumed from {ckpt} at step:0 (trained by pg-import torch-state-dict)" in log
