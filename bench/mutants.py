@@ -57,12 +57,15 @@ class StaleMutant(Exception):
 
 
 def tracked_files(repo: Path) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, check=True).stdout
+    """The files git tracks, and new ones it does not ignore (so work not yet committed is tested too)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                         capture_output=True, check=True).stdout
     return [name for name in out.decode().split("\0") if name]
 
 
 def copy_tree(repo: Path, dest: Path) -> None:
-    """The tracked files of `repo`, as they are in its work tree (edits included), into `dest`."""
+    """The source files of `repo`, as they are in its work tree (edits included), into `dest`;
+    symlinks (the shared .venv and datasets) and ignored files stay behind."""
     for name in tracked_files(repo):
         src = repo / name
         if src.is_file() and not src.is_symlink():   # a tracked file deleted in the work tree is skipped

@@ -143,6 +143,9 @@ MUTANTS = [
     Mutant("mlx-5", "backend_mlx/model.py",
            "mask = mx.where(mx.arange(keys)[None, :] <= position[:, None], 0.0, -mx.inf).astype(q.dtype)",
            "mask = mx.where(mx.arange(keys)[None, :] < position[:, None], 0.0, -mx.inf).astype(q.dtype)", MLX_MODEL),
+    Mutant("mlx-11", "backend_mlx/model.py",
+           "return mx.fast.rms_norm(x.astype(mx.float32), None, eps)",
+           "return mx.fast.rms_norm(x.astype(mx.float32), None, 1.1920929e-07)", MLX_MODEL),
     # backend_mlx/optim.py
     Mutant("mlx-6", "backend_mlx/optim.py",
            "t = step + 1",

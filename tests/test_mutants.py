@@ -15,7 +15,7 @@ TEST = "from pkg.calc import double\n\n\ndef test_double():\n    assert double(3
 
 @pytest.fixture
 def repo(tmp_path):
-    """A tiny git repository: pkg/calc.py, its test, and an untracked file that must not be copied."""
+    """A tiny git repository: pkg/calc.py, its test, a new file and an ignored one."""
     root = tmp_path / "repo"
     (root / "pkg").mkdir(parents=True)
     (root / "tests").mkdir()
@@ -24,14 +24,16 @@ def repo(tmp_path):
     (root / "tests" / "test_calc.py").write_text(TEST)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["git", "add", "pkg", "tests"], cwd=root, check=True)
-    (root / "untracked.bin").write_text("not source")
+    (root / ".gitignore").write_text("*.bin\n")
+    (root / "ignored.bin").write_text("not source")
+    (root / "pkg" / "new.py").write_text("NOT_YET_COMMITTED = 1\n")
     return root
 
 
 def test_a_mutant_changes_its_line_in_the_copy_only(repo, tmp_path):
     copy = tmp_path / "copy"
     copy_tree(repo, copy)
-    assert not (copy / "untracked.bin").exists()
+    assert not (copy / "ignored.bin").exists() and (copy / "pkg" / "new.py").is_file()
     line = apply(Mutant("m", "pkg/calc.py", "return 2 * x + x", "return 3 * x + x", ()), copy)
     assert line == 6
     assert (copy / "pkg" / "calc.py").read_text() == SOURCE.replace("2 * x + x", "3 * x + x")
