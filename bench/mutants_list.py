@@ -22,6 +22,7 @@ MLX_OPTIM = ("tests/mlx/test_mlx_optim.py", "tests/independent/test_adam_steps.p
 TORCH_MODEL = ("tests/torch/test_torch_model.py",)
 WARMUP = ("tests/trainer/test_loop_paths.py::test_warmup_with_compile_on_leaves_every_step_loss_unchanged[mlx]",)
 RESUME = ("tests/test_trainers.py::test_resume_reproduces_the_uninterrupted_losses_exactly[mlx]",)
+CLOCK = ("tests/test_trainers.py::test_resume_continues_the_training_clock_of_the_checkpoint",)
 CAP = ("tests/trainer/test_loop_paths.py::test_the_wallclock_cap_stops_an_mlx_run_warming_down_by_time",)
 
 MUTANTS = [
@@ -196,5 +197,5 @@ MUTANTS = [
            "self.stop_after = self.step + 1", CAP),
     Mutant("loop-6", "trainer/loop.py",
            'return ckpt.step, float(ckpt.extra.get("train_time_ms", 0.0))',
-           "return ckpt.step, 0.0", RESUME),
+           "return ckpt.step, 0.0", RESUME + CLOCK),
 ]
