@@ -108,11 +108,15 @@ class WandbTracker:
 CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
 
 
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def check_trackers(report_to: str) -> list[str]:
     """The trackers REPORT_TO names; a ConfigError naming the extra to install when a package is missing."""
     names = parse_report_to(report_to)
     for name in names:
-        if importlib.util.find_spec(PACKAGES[name]) is None:
+        if not installed(PACKAGES[name]):
             raise ConfigError(f"REPORT_TO={report_to}: {name} needs the package {PACKAGES[name]}; "
                               f"install the extra: pip install -e \".[tracking]\"")
     return names

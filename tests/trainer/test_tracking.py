@@ -3,7 +3,6 @@ the summary, read back from TensorBoard's event files and from the offline wandb
 
 import json
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from core.config import load_config
 from core.errors import ConfigError
 from trainer import tracking
+from trainer.run_folder import RunLog
 from trainer_helpers import tiny_env, train
 
 
@@ -92,10 +92,17 @@ def test_unknown_tracker_is_refused_before_anything_is_written(tiny_dataset, tmp
 
 
 def test_a_missing_package_names_the_extra_to_install(tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "wandb", None)   # as if wandb were not installed
-    monkeypatch.setattr(tracking.importlib.util, "find_spec",
-                        lambda name: None if name == "wandb" else object())
+    monkeypatch.setattr(tracking, "installed", lambda module: module != "wandb")   # as if wandb were not installed
     with pytest.raises(ConfigError, match=r'REPORT_TO=wandb: wandb needs the package wandb; install the extra: '
                                           r'pip install -e "\.\[tracking\]"'):
         train("mlx", tiny_env(tiny_dataset, tmp_path, REPORT_TO="wandb"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_only_rank_0_tracks(tmp_path):
+    # RunLog is enabled on rank 0 only; a disabled one opens no tracker and writes nothing.
+    log = RunLog(tmp_path, enabled=False, config={"report_to": "tensorboard,wandb", "run_id": "r"})
+    log.metric(kind="train", step=1, train_loss=1.0)
+    log.summary({"val_bpb": 1.0})
+    log.close()
+    assert log.trackers == [] and list(tmp_path.iterdir()) == []
