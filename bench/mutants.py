@@ -167,13 +167,15 @@ def table(outcomes: list[Outcome]) -> str:
         m = o.mutant
         where = f"{m.path}:{o.line}" if o.line else m.path
         change = f"`{cell(m.original.strip())}` → `{cell(m.replacement.strip())}`"
-        tests = ", ".join(Path(t.split("::")[0]).name for t in m.tests)
+        tests = ", ".join(dict.fromkeys(Path(t.split("::")[0]).name for t in m.tests))
         if o.status == "killed":
             result = f"killed by `{cell(o.detail)}`"
         elif o.status == "TIMEOUT":
             result = f"killed (timeout: {o.detail})"
         elif o.status == "STALE":
             result = f"**STALE**: {cell(o.detail)}"
+        elif m.equivalent:
+            result = "survived"
         else:
             result = "**SURVIVED**"
         if m.equivalent:
