@@ -23,6 +23,7 @@ TORCH_MODEL = ("tests/torch/test_torch_model.py",)
 WARMUP = ("tests/trainer/test_loop_paths.py::test_warmup_with_compile_on_leaves_every_step_loss_unchanged[mlx]",)
 RESUME = ("tests/test_trainers.py::test_resume_reproduces_the_uninterrupted_losses_exactly[mlx]",)
 CLOCK = ("tests/test_trainers.py::test_resume_continues_the_training_clock_of_the_checkpoint",)
+TRACKING = ("tests/trainer/test_tracking.py",)
 CAP = ("tests/trainer/test_loop_paths.py::test_the_wallclock_cap_stops_an_mlx_run_warming_down_by_time",)
 
 MUTANTS = [
@@ -198,4 +199,15 @@ MUTANTS = [
     Mutant("loop-6", "trainer/loop.py",
            'return ckpt.step, float(ckpt.extra.get("train_time_ms", 0.0))',
            "return ckpt.step, 0.0", RESUME + CLOCK),
+    # trainer/run_folder.py and trainer/tracking.py: REPORT_TO
+    Mutant("trainer-1", "trainer/run_folder.py",
+           "tracker.record(record)",
+           "pass", TRACKING),
+    Mutant("trainer-2", "trainer/tracking.py",
+           'if name not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool)',
+           'if name not in ("kind", "step", "tokens") and isinstance(value, (int, float)) and not isinstance(value, bool)',
+           TRACKING),
+    Mutant("trainer-3", "trainer/tracking.py",
+           "self.run.log(scalars(record), step=int(record[\"step\"]))",
+           "self.run.log(scalars(record))", TRACKING),
 ]
