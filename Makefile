@@ -120,7 +120,7 @@ bench: $(STAMP)
 
 # Mutation testing (bench/mutants.py): each one-line mutant of bench/mutants_list.py is applied to a
 # fresh copy of the source tree and its few test files run there; prints a table and the kill rate,
-# exit 1 on a survivor or a stale mutant. Not part of `make test` (about 5 minutes here).
+# exit 1 on a survivor or a stale mutant. Not part of `make test` (10 minutes on a busy 2-core machine).
 #   make mutants MUTANTS=core-3,data-1     a subset
 mutants: $(STAMP)
 	$(PY) -m bench.mutants $(ARGS)
