@@ -13,6 +13,7 @@
 #   make doctor        versions, devices, BLAS, memory, §10 checks and speed here (runs/doctor.json)
 #   make pg-import     a Parameter Golf reference file (SRC=final_model.pt, ...) as a checkpoint (OUT=...)
 #   make pg-export     a checkpoint (CHECKPOINT=...) as train_gpt.py's state dict (OUT=final_model.pt)
+#   make mutants       one-line bugs, each in a copy of the code, and the tests that catch them (MUTANTS=core-3,data-1)
 # Settings pass through as environment variables (NUM_LAYERS=4 make train-cpu) or ARGS="--num-layers 4".
 
 PYTHON ?= python3
@@ -36,14 +37,14 @@ PRESET := ITERATIONS=$${ITERATIONS:-500} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS
   TRAIN_LOG_EVERY=$${TRAIN_LOG_EVERY:-25} WARMDOWN_ITERS=$${WARMDOWN_ITERS:-150} \
   CHECKPOINT_EVERY=$${CHECKPOINT_EVERY:-100} MAX_WALLCLOCK_SECONDS=$${MAX_WALLCLOCK_SECONDS:-360}
 
-.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv parity bench doctor ablate-tying analyze-tying pg-import pg-export
+.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv parity bench doctor ablate-tying analyze-tying pg-import pg-export mutants
 
 help:
 	@sed -n '/^[^#]/q;p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[torch,mlx,dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[torch,mlx,dev,tracking]"
 	@$(MAKE) --no-print-directory blas
 	@touch $(STAMP)
 
@@ -118,6 +119,13 @@ parity: $(STAMP)
 #   make bench ARGS="--configs base --settings torch-bf16,mlx-fp32-openblas"
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
+
+# Mutation testing (bench/mutants.py): each one-line mutant of bench/mutants_list.py is applied to a
+# fresh copy of the source tree and its few test files run there; prints a table and the kill rate,
+# exit 1 on a survivor or a stale mutant. Not part of `make test` (10 minutes on a busy 2-core machine).
+#   make mutants MUTANTS=core-3,data-1     a subset
+mutants: $(STAMP)
+	$(PY) -m bench.mutants $(ARGS)
 
 # For a new machine or a bug report, in under a minute: versions, devices, BLAS, the memory budget,
 # docs/spec.md §10's checks on every device and a few timed steps of the make-train model per backend.

@@ -25,6 +25,17 @@ from core.errors import ConfigError
 
 
 AUTO = "auto"
+TRACKERS = ("tensorboard", "wandb")   # the experiment trackers REPORT_TO may name (trainer/tracking.py)
+
+
+def parse_report_to(value: str) -> list[str]:
+    """REPORT_TO's tracker names, in order, without repeats; a ConfigError names an unknown one."""
+    names = list(dict.fromkeys(n.strip().lower() for n in value.split(",") if n.strip()))
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"REPORT_TO={value}: unknown tracker {unknown[0]!r}; known: {', '.join(TRACKERS)} "
+                          "(comma-separated, empty = none)")
+    return names
 
 
 def setting(default, help: str, *, choices: Sequence[str] | None = None, auto: str | None = None):
@@ -143,6 +154,8 @@ class TrainConfig:
     train_log_every: int = setting(200, "log the training loss every N steps")
     checkpoint_every: int = setting(0, "write a checkpoint every N steps (0 = only at the end)")
     resume_from: str = setting("", "checkpoint to continue from (weights, optimizer, step, data position)")
+    report_to: str = setting("", "experiment trackers that also get every train/val record, the config and the "
+                             "summary (rank 0): comma-separated tensorboard, wandb (offline); empty = none")
     # Model (see ModelSpec)
     vocab_size: int = setting(1024, ModelSpec.__dataclass_fields__["vocab_size"].metadata["help"])
     num_layers: int = setting(9, ModelSpec.__dataclass_fields__["num_layers"].metadata["help"])
@@ -208,6 +221,7 @@ class TrainConfig:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be in [0, 1)")
         if self.mlx_max_microbatch_tokens <= 0:
             raise ConfigError(f"MLX_MAX_MICROBATCH_TOKENS={self.mlx_max_microbatch_tokens}: must be positive")
+        parse_report_to(self.report_to)
         self.model_spec()  # validates the model settings too
 
     def model_spec(self) -> ModelSpec:

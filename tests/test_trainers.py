@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from core.checkpoint import load_checkpoint
+from core.checkpoint import load_checkpoint, save_checkpoint
 from core.errors import CheckpointError, ConfigError, DatasetError
 from data.shards import write_shard
 from trainer_helpers import REPO, tiny_env, train
@@ -59,6 +59,21 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(backend, tiny_datase
     resumed = train(backend, tiny_env(tiny_dataset, tmp_path, RUN_ID="resumed", RESUME_FROM=ckpt))
     assert resumed.train_losses == full.train_losses[4:]
     assert resumed.val_loss == full.val_loss
+
+
+def test_resume_continues_the_training_clock_of_the_checkpoint(tiny_dataset, tmp_path):
+    # The wall-clock cap and the warmdown by time read the training time so far: a resumed run starts
+    # its clock at the checkpoint's. A checkpoint claiming 1000 s of training makes that unmistakable.
+    train("mlx", tiny_env(tiny_dataset, tmp_path, RUN_ID="first", ITERATIONS=4))
+    ckpt = load_checkpoint(tmp_path / "runs" / "first" / "checkpoints" / "step_000004.safetensors")
+    claimed = tmp_path / "claimed.safetensors"
+    save_checkpoint(claimed, spec=ckpt.spec, config=ckpt.config, step=ckpt.step, weights=ckpt.weights,
+                    optimizer_state=ckpt.optimizer_state, data_state=ckpt.data_state, backend=ckpt.backend,
+                    extra=dict(ckpt.extra, train_time_ms=1e6))
+    resumed = train("mlx", tiny_env(tiny_dataset, tmp_path, RUN_ID="resumed", ITERATIONS=6, RESUME_FROM=claimed))
+    assert 1000.0 < resumed.summary["train_time_s"] < 1000.0 + 60.0
+    records = [json.loads(line) for line in (tmp_path / "runs" / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train_time_ms"] > 1e6 for r in records)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

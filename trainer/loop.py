@@ -48,6 +48,7 @@ from trainer.plan import RunPlan, check_fits, make_plan
 from trainer.plot import plot_losses
 from trainer.progress import Progress, format_seconds
 from trainer.run_folder import RunLog, create_run_dir, make_run_dir, source_snapshot
+from trainer.tracking import check_trackers
 from trainer.summary import format_summary
 from trainer.validation import evaluate, train_token_counts
 
@@ -108,11 +109,12 @@ def prepare(cfg: TrainConfig, backend: TrainerBackend) -> Run:
     if cfg.resume_from:
         ckpt = load_checkpoint(cfg.resume_from)
         check_compatible(ckpt, spec)
+    check_trackers(cfg.report_to)
     run_id, run_dir = make_run_dir(cfg, backend.name, master)
     if master:
         create_run_dir(run_dir, cfg.to_dict() | {"run_id": run_id})
     run = Run(cfg, spec, backend, dataset, tables, val_tokens, ckpt, run_id, run_dir, master, plan, rss_at_start)
-    run.log = RunLog(run_dir, enabled=master)
+    run.log = RunLog(run_dir, enabled=master, config=cfg.to_dict() | {"run_id": run_id})
     return run
 
 
@@ -382,7 +384,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "artifact": str(artifact_path),
     }
     if run.master:
-        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.summary(summary)
         for line in format_summary(summary):
             log(line)
     log.close()

@@ -237,3 +237,19 @@ def test_memory_estimate_is_frozen():
     assert e.total == 21
     with pytest.raises(Exception):
         e.total = 0
+
+
+def test_optimizer_state_is_one_buffer_per_matrix_weight_and_two_per_other_weight():
+    # Muon keeps a momentum buffer per block-matrix weight, Adam two moments per other weight, all fp32.
+    d, kv, hidden, layers = 256, 2 * 256 // 4, 2 * 256, 4          # SPEC: head_dim 64, 2 kv heads
+    matrix_params = layers * (d * d + 2 * kv * d + d * d + 2 * d * hidden)
+    weights, state = parameter_bytes(SPEC)
+    assert state == 4 * matrix_params + 2 * (weights - 4 * matrix_params)
+
+
+def test_mlx_chunks_round_up_to_whole_chunks():
+    # 3 sequences, at most 2 a chunk: 2 chunks (the last one shorter), so eager eval is on under auto.
+    assert memory.mlx_chunks(3 * 1024, 1024, 2048) == 2
+    assert memory.mlx_chunks(4 * 1024, 1024, 2048) == 2 and memory.mlx_chunks(1024, 1024, 8192) == 1
+    assert memory.eager_eval("auto", 3 * 1024, 1024, 2048) is True
+    assert memory.eager_eval("auto", 2 * 1024, 1024, 2048) is False

@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 
 from core.errors import DatasetError
-from core.metrics import EvalAccumulator, build_byte_tables, token_bytes
+from core.metrics import ByteTables, EvalAccumulator, build_byte_tables, token_bytes, unigram_baseline
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 320  # byte fallback alone takes 256 ids, so a tokenizer with it cannot be smaller than ~300
@@ -128,3 +128,12 @@ def test_core_metrics_imports_sentencepiece_lazily():
     code = "import sys, core.metrics; print('sentencepiece' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_unigram_baseline_gives_an_unseen_token_one_smoothing_count():
+    # Training saw token 0 three times and token 1 never: add-one gives p = (4/5, 1/5), so the
+    # validation target 1 costs log 5 nats, not infinity. Every token is one byte.
+    tables = ByteTables(np.array([1, 1], np.int16), np.array([False, False]), np.array([False, False]))
+    loss, bpb = unigram_baseline(np.array([3, 0]), np.array([0, 1, 0]), tables)
+    expected = (math.log(5) + math.log(5 / 4)) / 2
+    assert math.isclose(loss, expected) and math.isclose(bpb, expected / math.log(2))

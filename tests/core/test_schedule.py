@@ -18,6 +18,7 @@ def test_step_warmdown_without_a_cap():
     assert steps_mul(99) == 0.05     # 1/20
     assert steps_mul(100) == 0.0     # past the last step: nothing left to learn
     assert steps_mul(5, iterations=10, warmdown_iters=20) == 0.25  # warmdown longer than the run: 5/20
+    assert steps_mul(0, iterations=10, warmdown_iters=20) == 0.5   # ... from its very first step: 10/20
     assert steps_mul(50, warmdown_iters=0) == 1.0
     # a cap of 0 means no cap: the elapsed time is ignored
     assert lr_mul(90, 1e12, iterations=100, warmdown_iters=20, max_wallclock_ms=0) == 0.5

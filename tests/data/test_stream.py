@@ -128,3 +128,10 @@ def test_validation_batch_seqs():
     assert validation_batch_seqs(524288, 1024, 8, 1) == 64
     with pytest.raises(ConfigError, match="VAL_BATCH_SIZE=1000"):
         validation_batch_seqs(1000, 1024)
+
+
+def test_leading_shards_stop_at_the_first_shard_that_reaches_the_count(train_files):
+    from data.stream import leading_shards
+    assert [t.size for t in leading_shards(train_files, 37)] == [37]            # exactly reached: no more
+    assert [t.size for t in leading_shards(train_files, 38)] == [37, 0, 50]
+    assert [t.size for t in leading_shards(train_files, 10**6)] == [37, 0, 50, 29]

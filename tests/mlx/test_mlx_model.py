@@ -143,3 +143,12 @@ def test_kv_cache_decoding_matches_full_forward(name):
     assert caches[0]["k"].shape == (2, spec.num_kv_heads, 9, spec.head_dim)
     decoded = np.concatenate([np.array(p) for p in pieces], axis=1)
     np.testing.assert_allclose(decoded, full, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_eps_is_the_specs_at_the_real_embedding_scale():
+    # Mirrors tests/torch: at the init's embedding scale (std 0.005) RMSNorm's eps moves the logits by ~1e-2.
+    spec = dataclasses.replace(BASE, num_layers=2, logit_softcap=15.0)
+    w = random_weights(spec, seed=5, scale=0.005)
+    ids = np.random.default_rng(2).integers(0, spec.vocab_size, (2, 16))
+    z = np.array(GPT(spec).load_weights(w).logits(mx.array(ids)))
+    assert rel(z, reference.logits(spec, w, ids)) <= 1e-5

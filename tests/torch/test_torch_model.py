@@ -86,3 +86,15 @@ def test_kv_cache_decoding_matches_full_forward():
             c["offset"] = 6
         rest = model.logits(ids[:, 6:], caches)
     torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_eps_is_the_specs_at_the_real_embedding_scale():
+    # A tied embedding of std 0.005 (the init's) has mean(x^2) = 2.5e-5, where RMSNorm's eps shows:
+    # float32's machine epsilon (1.2e-7, torch's default) instead of NORM_EPS=1e-6 moves the logits
+    # by ~1e-2. (With random_weights' std 0.5 it moves them by ~1e-6, below the tolerance.)
+    spec = dataclasses.replace(BASE, num_layers=2, logit_softcap=15.0)
+    w = random_weights(spec, seed=5, scale=0.005)
+    ids = np.random.default_rng(2).integers(0, spec.vocab_size, (2, 16))
+    with torch.no_grad():
+        z = GPT(spec).load_weights(w).logits(torch.from_numpy(ids)).numpy()
+    assert rel(z, reference.logits(spec, w, ids)) <= 1e-5
