@@ -16,6 +16,7 @@ MLX_CONNECT_TIMEOUT seconds (default 60), and the failure is one line naming the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -28,6 +29,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from core.errors import ConfigError, UserError
 
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
+# Settings that may differ between hosts: where files are, and what each device's memory decides.
+PER_HOST_SETTINGS = {"data_path", "tokenizer_path", "out_dir", "run_id", "resume_from", "device", "compile",
+                     "mlx_max_microbatch_tokens", "mlx_eager_eval", "memory_budget_gb", "plan"}
 
 
 class DistributedError(UserError):
@@ -139,6 +143,18 @@ class Ring:
         reduce = mx.distributed.all_sum if op == "sum" else mx.distributed.all_max
         self.bytes_reduced += x.nbytes
         return reduce(x, group=self.group, stream=mx.cpu).tolist()
+
+    def check_same_settings(self, settings: dict) -> None:
+        """Every rank must train with the same settings (PER_HOST_SETTINGS aside): ssh passes no
+        environment variables to another host, so `ITERATIONS=500 HOSTFILE=... make train-mlx` would
+        otherwise train the remote ranks with other settings, silently."""
+        shared = {k: v for k, v in settings.items() if k not in PER_HOST_SETTINGS}
+        digest = int.from_bytes(hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).digest()[:6], "big")
+        highest, negated_lowest = self.all_reduce([digest, -digest], "max")   # 48 bits: exact in float64
+        if highest != digest or -negated_lowest != digest:
+            raise ConfigError(f"rank {self.rank} of {self.world_size}: the ranks were given different settings; "
+                              "on several hosts give them as flags (ARGS=...), in a CONFIG file or in the "
+                              "hostfile's \"envs\": environment variables reach local ranks only")
 
     def barrier(self) -> None:
         """Wait for every rank (a peer leaving while rank 0 still writes would be seen as a failure)."""

@@ -76,6 +76,8 @@ class MLXSession:
     def setup(self, spec: ModelSpec, cfg: TrainConfig) -> None:
         on_gpu = self.device_kind != "cpu"
         self.spec, self.cfg = spec, cfg
+        if self.ring is not None:
+            self.ring.check_same_settings(cfg.to_dict())
         if self.device_kind == "metal" and cfg.memory_budget_gb != AUTO:
             # As mlx-lm does: keep the run's memory wired (resident) so macOS does not page it out
             # under pressure; never more than the plan's budget or Metal's recommended working set.
