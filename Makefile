@@ -97,12 +97,14 @@ train-cuda: $(STAMP)
 # ports MLX_PORT, MLX_PORT+1, ...); HOSTFILE=hosts.json: one process per host of an mlx.launch
 # hostfile (README: "Several Macs"). Each rank reads its share of every batch; rank 0 alone writes.
 MLX_PORT ?= 32323
+# Local ranks: mlx.launch runs with Ctrl-C ignored (it hangs after a Ctrl-C of its own), while the
+# ranks take Ctrl-C back (backend_mlx/distributed.py), finish the step, write the checkpoint and stop.
 train-mlx: default-data
 	@if [ -n "$(HOSTFILE)" ]; then \
 	  $(VENV)/bin/mlx.launch --backend ring --hostfile "$(HOSTFILE)" --starting-port $(MLX_PORT) -- $(PY) -m backend_mlx.train $(ARGS); \
 	elif [ "$(NPROC)" = "1" ]; then \
 	  $(PY) -m backend_mlx.train $(ARGS); \
-	else \
+	else trap '' INT; \
 	  $(VENV)/bin/mlx.launch --backend ring -n $(NPROC) --starting-port $(MLX_PORT) -- $(PY) -m backend_mlx.train $(ARGS); \
 	fi
 

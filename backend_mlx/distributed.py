@@ -95,6 +95,10 @@ def init_ring(environ=os.environ):
     if hosts is None:
         return None
     timeout = connect_timeout(environ)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # make train-mlx starts mlx.launch with Ctrl-C ignored, so that the launcher outlives a Ctrl-C
+        # (it hangs after one) and relays the ranks' last lines; the ranks themselves take Ctrl-C.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     rank, size = int(environ["MLX_RANK"]), len(hosts)
     left, right = (rank - 1) % size, (rank + 1) % size
     try:

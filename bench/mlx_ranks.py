@@ -2,7 +2,7 @@
 2 accumulation steps, the same global batch; and the bytes each rank hands to all-reduce and sends
 on its ring sockets per step, against the figure computed from the parameter table.
 
-    python -m bench.mlx_ranks [--configs preset,base] [--steps 3]
+    python -m bench.mlx_ranks [--configs preset,base] [--steps 3] [--rank-blas-threads 1]
 
 A step is MLXSession.train_step on random tokens plus the loop's per-step all_reduce_max (the stop
 check), after one untimed step. The payload per step is gradients (every unique parameter, fp32)
@@ -92,11 +92,12 @@ def measure(config: str, steps: int) -> dict:
     return result
 
 
-def launch_two(config: str, steps: int) -> dict:
+def launch_two(config: str, steps: int, blas_threads: int | None) -> dict:
     cmd = [str(Path(sys.executable).with_name("mlx.launch")), "--backend", "ring", "-n", "2", "--starting-port",
            os.environ.get("MLX_PORT", "32323"), "--", sys.executable, "-m", "bench.mlx_ranks", "--worker",
            "--configs", config, "--steps", str(steps)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    env = os.environ | ({"OPENBLAS_NUM_THREADS": str(blas_threads)} if blas_threads else {})
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"error: mlx.launch failed: {proc.stderr.strip()[-2000:]}")
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -108,6 +109,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.mlx_ranks", description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="preset,base")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rank-blas-threads", type=int, default=None,
+                   help="OPENBLAS_NUM_THREADS of each of the 2 ranks (default: OpenBLAS's own, one per core)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     ensure_fast_blas("bench.mlx_ranks", sys.argv[1:] if argv is None else argv)   # both sides on OpenBLAS
@@ -116,9 +119,9 @@ def main(argv=None) -> None:
         return
     for config in args.configs.split(","):
         one = measure(config, args.steps)
-        two = launch_two(config, args.steps)
+        two = launch_two(config, args.steps, args.rank_blas_threads)
         print(f"{config}: {CONFIGS[config][1]} tokens a step; 1 rank x 2 accumulation steps {one['step_ms']:.0f} ms; "
-              f"2 ranks {max(two['step_ms_ranks']):.0f} ms (ranks: {', '.join(f'{t:.0f}' for t in two['step_ms_ranks'])})")
+              f"2 ranks (OPENBLAS_NUM_THREADS={args.rank_blas_threads or 'default'}) {max(two['step_ms_ranks']):.0f} ms (ranks: {', '.join(f'{t:.0f}' for t in two['step_ms_ranks'])})")
         print(f"  all-reduce payload per rank a step: {two['payload_bytes_table']:,} B from the parameter table, "
               f"{two['payload_bytes_code']:,.0f} B handed to mx.distributed; sent on the ring's sockets: "
               f"{', '.join(f'{b:,.0f}' for b in two['socket_bytes_sent_ranks'])} B", flush=True)
