@@ -127,7 +127,9 @@ class Ring:
     def __init__(self, group):
         self.group = group
         self.rank, self.world_size = group.rank(), group.size()
-        self.bytes_reduced = 0   # payload handed to all_sum so far (the ring sends 2(N-1)/N of it per rank)
+        # Payload handed to the all-reduces so far (a ring sends 2(N-1)/N of it from each rank); counted
+        # as the graphs are built, so under mx.compile the compiled update's share counts once.
+        self.bytes_reduced = 0
 
     def all_sum(self, x: mx.array) -> mx.array:
         self.bytes_reduced += x.nbytes

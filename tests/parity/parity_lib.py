@@ -237,11 +237,11 @@ ROWS = [
         expanded=False),
     # Data parallelism (docs/spec.md §6, §7): the same 20-step run by 2 MLX ranks under mlx.launch (ring)
     # against the 1-rank MLX run with 2 accumulation steps (the same micro-batches) and torch on 2 gloo ranks.
-    Row("ranks_mlx", "per-step training loss, 2 MLX ranks (ring) vs 1 MLX rank, 2 accum. steps", 1e-5, "<= 1e-5",
+    Row("ranks_mlx", "per-step train loss, 2 MLX ranks vs 1 MLX rank x 2 accum. steps", 1e-5, "<= 1e-5",
         True, expanded=False),
-    Row("ranks_torch", "per-step training loss, 2 MLX ranks (ring) vs torch on 2 gloo ranks", 1e-4, "<= 1e-4",
+    Row("ranks_torch", "per-step train loss, 2 MLX ranks vs torch on 2 gloo ranks", 1e-4, "<= 1e-4",
         True, expanded=False),
-    Row("ranks_val", "final val_loss/val_bpb of 2 MLX ranks vs those two runs", 1e-6, "<= 1e-6", True,
+    Row("ranks_val", "final val_loss/val_bpb, 2 MLX ranks vs those two runs", 1e-6, "<= 1e-6", True,
         expanded=False),
     Row("tied_head", "tied head is tok_emb; unique params vs count_params (abs)", 0.0, "== 0", False),
     # The mutants prove the comparison can fail: a property of the reference and the checks, not of a device.
