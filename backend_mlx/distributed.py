@@ -111,7 +111,7 @@ def init_ring(environ=os.environ):
                 f"(MLX_CONNECT_TIMEOUT); is it running, and can it reach this address?") from None
         raise DistributedError(
             f"rank {rank} of {size}: could not reach rank {right} at {hosts[right][0]} (MLX: {err}); "
-            "is it running, and is the address this host's peer's IP?") from None
+            "is it running, and is that its IP address?") from None
     if (group.rank(), group.size()) != (rank, size):
         raise DistributedError(f"mx.distributed formed rank {group.rank()} of {group.size()}, "
                                f"MLX_RANK={rank} and MLX_HOSTFILE say rank {rank} of {size}")

@@ -19,7 +19,9 @@ import time
 
 import pytest
 
-from backend_mlx.distributed import DistributedError, connect_timeout, ring_hosts
+import mlx.core as mx
+
+from backend_mlx.distributed import DistributedError, connect_timeout, init_ring, ring_hosts
 from backend_torch.threads import single_thread
 from core.checkpoint import load_checkpoint
 from core.errors import ConfigError
@@ -175,3 +177,19 @@ def test_the_ring_is_read_from_mlx_launch_environment(tmp_path):
     for bad in ("0", "-1", "soon", "inf"):
         with pytest.raises(ConfigError, match=f"MLX_CONNECT_TIMEOUT={bad}: must be a positive number of seconds"):
             connect_timeout({"MLX_CONNECT_TIMEOUT": bad})
+
+
+def test_a_rank_that_cannot_reach_its_peer_names_the_address(tmp_path, monkeypatch):
+    # The connecting side: MLX retries a refused connection for about 30 s, then raises; its message
+    # names no address. (Its real run is too slow for the suite; the listening side is tested above.)
+    def refused(strict, backend):
+        assert (strict, backend) == (True, "ring")
+        raise RuntimeError("[ring] Couldn't connect (error: 111)")
+
+    monkeypatch.setattr(mx.distributed, "init", refused)
+    ring = {"MLX_RANK": "1", "MLX_HOSTFILE": str(ring_file(tmp_path, 40000))}
+    with pytest.raises(DistributedError) as err:
+        init_ring(ring)
+    assert str(err.value) == ("rank 1 of 2: could not reach rank 0 at 127.0.0.1:40000 (MLX: [ring] Couldn't connect "
+                              "(error: 111)); is it running, and is that its IP address?")
+    assert init_ring({}) is None   # not under mlx.launch: a world of one, mx.distributed untouched
