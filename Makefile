@@ -4,7 +4,7 @@
 #   make data          build the default dataset (Python's stdlib sources) and its tokenizer
 #   make data-fineweb  download the Parameter Golf FineWeb export (VARIANT=sp1024 TRAIN_SHARDS=1)
 #   make train-cpu     torch on the CPU        make train-cuda   torch on CUDA (NPROC=8 for 8 GPUs)
-#   make train-mlx     MLX (Metal on a Mac, its CPU backend on Linux)
+#   make train-mlx     MLX (Metal on a Mac, its CPU backend on Linux; NPROC=2 or HOSTFILE=hosts.json: several processes)
 #   make sample        continue PROMPT="..." with a checkpoint (CHECKPOINT=..., BACKEND=torch|mlx)
 #   make parity        the cross-backend parity suite and its table
 #   make bench         tokens/s, step time, MFU and memory of both backends on this machine
@@ -96,8 +96,20 @@ train-cuda: $(STAMP)
 	  DEVICE=cuda $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m backend_torch.train $(ARGS); \
 	fi
 
+# NPROC=2: that many local processes under mlx.launch (mx.distributed's ring backend on 127.0.0.1,
+# ports MLX_PORT, MLX_PORT+1, ...); HOSTFILE=hosts.json: one process per host of an mlx.launch
+# hostfile (README: "Several Macs"). Each rank reads its share of every batch; rank 0 alone writes.
+MLX_PORT ?= 32323
+# Local ranks: mlx.launch runs with Ctrl-C ignored (it hangs after a Ctrl-C of its own), while the
+# ranks take Ctrl-C back (backend_mlx/distributed.py), finish the step, write the checkpoint and stop.
 train-mlx: default-data
-	$(PY) -m backend_mlx.train $(ARGS)
+	@if [ -n "$(HOSTFILE)" ]; then \
+	  $(VENV)/bin/mlx.launch --backend ring --hostfile "$(HOSTFILE)" --starting-port $(MLX_PORT) -- $(PY) -m backend_mlx.train $(ARGS); \
+	elif [ "$(NPROC)" = "1" ]; then \
+	  $(PY) -m backend_mlx.train $(ARGS); \
+	else trap '' INT; \
+	  $(VENV)/bin/mlx.launch --backend ring -n $(NPROC) --starting-port $(MLX_PORT) -- $(PY) -m backend_mlx.train $(ARGS); \
+	fi
 
 clean-venv:
 	rm -rf $(VENV)

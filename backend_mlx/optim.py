@@ -79,13 +79,30 @@ class Muon:
         self.backend_steps, self.ns_dtype = backend_steps, ns_dtype
         self.state = {name: {"momentum_buffer": mx.zeros(shape)} for name, shape in shapes.items()}
 
-    def step(self, params: dict, grads: dict, lr, momentum) -> dict:
-        out = {}
-        for name, s in self.state.items():
+    def step(self, params: dict, grads: dict, lr, momentum, rank: int = 0, world_size: int = 1,
+             all_sum=None) -> dict:
+        """With several ranks, each orthogonalizes every world_size-th matrix and one all_sum (of the
+        concatenated results, zeros for the other ranks' matrices) shares them, as
+        backend_torch/optim.py's muon_step does; every rank keeps every momentum buffer current."""
+        directions = {}
+        for i, (name, s) in enumerate(self.state.items()):
             g = grads[name]
             s["momentum_buffer"] = momentum * s["momentum_buffer"] + g
-            u = g + momentum * s["momentum_buffer"]                          # Nesterov
-            X = zeropower_via_newtonschulz5(u, self.backend_steps, self.ns_dtype)
-            rows, cols = g.shape
+            if i % world_size == rank:
+                u = g + momentum * s["momentum_buffer"]                      # Nesterov
+                directions[name] = zeropower_via_newtonschulz5(u, self.backend_steps, self.ns_dtype)
+            else:
+                directions[name] = mx.zeros(g.shape, dtype=mx.float32)
+        if world_size > 1:
+            names = list(directions)
+            shared = all_sum(mx.concatenate([directions[n].reshape(-1) for n in names]))
+            offsets = [0]
+            for n in names:
+                offsets.append(offsets[-1] + directions[n].size)
+            directions = {n: shared[a:b].reshape(directions[n].shape)
+                          for n, a, b in zip(names, offsets[:-1], offsets[1:])}
+        out = {}
+        for name, X in directions.items():
+            rows, cols = X.shape
             out[name] = params[name] - (lr * max(1.0, rows / cols) ** 0.5) * X
         return out

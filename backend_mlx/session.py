@@ -11,6 +11,7 @@ after every chunk so the lazy graph, and with it memory, stays bounded (16 GB Ma
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import mlx.core as mx
@@ -20,11 +21,13 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from trainer.backend import Batch, checked_optimizer_state
 from core.config import AUTO, ModelSpec, TrainConfig
+from core.errors import TrainingError
 from core.flops import measure_gflops
 from core.memory import eager_eval, machine_ram_bytes
 from core.params import MATRIX, param_groups, param_shapes
 
 from backend_mlx.blas import blas_note
+from backend_mlx.distributed import Ring, init_ring
 from backend_mlx.model import GPT
 from backend_mlx.optim import Adam, Muon, clip_grad_norm
 
@@ -62,12 +65,19 @@ class MLXSession:
         self.notes: list[str] = []
         self.compiled = False
         self.model: GPT | None = None
+        # Under mlx.launch: one rank of a ring (backend_mlx/distributed.py); otherwise a world of one.
+        group = init_ring()
+        self.ring = Ring(group) if group is not None else None
+        if self.ring is not None:
+            self.rank, self.world_size = self.ring.rank, self.ring.world_size
 
     # -- building --
 
     def setup(self, spec: ModelSpec, cfg: TrainConfig) -> None:
         on_gpu = self.device_kind != "cpu"
         self.spec, self.cfg = spec, cfg
+        if self.ring is not None:
+            self.ring.check_same_settings(cfg.to_dict())
         if self.device_kind == "metal" and cfg.memory_budget_gb != AUTO:
             # As mlx-lm does: keep the run's memory wired (resident) so macOS does not page it out
             # under pressure; never more than the plan's budget or Metal's recommended working set.
@@ -113,6 +123,9 @@ class MLXSession:
         ]
         if not on_gpu and (note := blas_note()):
             self.notes.append(note)
+        if self.ring is not None:
+            self.notes.append(f"mx.distributed ring: {self.world_size} ranks, gradients averaged across ranks, "
+                              "Newton-Schulz shared, collectives on the CPU stream")
 
     def runtime_choices(self, cfg: TrainConfig) -> tuple[str, bool]:
         """(compute dtype, compiled) this session will use for `cfg`, before setup (the memory plan reads them)."""
@@ -159,7 +172,9 @@ class MLXSession:
         new = {}
         for group, opt in self.optimizers.items():
             if group == MATRIX:
-                new.update(opt.step(params, grads, scalars[group], scalars["momentum"]))
+                all_sum = self.ring.all_sum if self.ring is not None else None
+                new.update(opt.step(params, grads, scalars[group], scalars["momentum"], self.rank, self.world_size,
+                                    all_sum))
             else:
                 new.update(opt.step(params, grads, scalars[group], scalars["bc1"], scalars["bc2"]))
         self.model.update(tree_unflatten(list(new.items())))
@@ -182,6 +197,8 @@ class MLXSession:
     def train_step(self, micro_batches: Sequence[Batch], lrs: dict[str, float], muon_momentum: float,
                    step: int) -> float:
         loss, grads = self.gradients(micro_batches)
+        if self.ring is not None:
+            loss, grads = self._mean_over_ranks(loss, grads)
         # Schedule values as 0-d arrays: a compiled update is traced once, not once per new lr.
         bc1, bc2 = self.optimizers["embed"].bias_corrections(step)   # every Adam group shares the betas
         scalars = {group: mx.array(lrs[group], dtype=mx.float32) for group in self.optimizers}
@@ -190,6 +207,15 @@ class MLXSession:
         self._update(grads, scalars)
         mx.eval(loss, self.model.parameters(), [opt.state for opt in self.optimizers.values()])
         return float(loss)
+
+    def _mean_over_ranks(self, loss: mx.array, grads: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array]]:
+        """The loss and gradients averaged across ranks, evaluated before the update is built: every
+        rank's graph of these all-reduces is the same, so every rank runs them in the same order (the
+        update's graph differs by rank, since each orthogonalizes its own share of the matrices)."""
+        loss = self.ring.all_sum(loss) / self.world_size
+        grads = self.ring.average_gradients(grads)
+        mx.eval(loss, grads)
+        return loss, grads
 
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
         """Sum of token cross-entropies; each chunk evaluated before the next is built."""
@@ -201,10 +227,10 @@ class MLXSession:
     # -- the rest of the interface --
 
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
-        return list(values)
+        return self.ring.all_reduce(values, "sum") if self.ring is not None else list(values)
 
     def all_reduce_max(self, values: Sequence[float]) -> list[float]:
-        return list(values)
+        return self.ring.all_reduce(values, "max") if self.ring is not None else list(values)
 
     def synchronize(self) -> None:
         mx.synchronize()
@@ -232,4 +258,10 @@ class MLXSession:
         return None
 
     def close(self) -> None:
-        pass
+        # mlx.launch stops every rank as soon as one exits with an error, so a rank waits here for
+        # rank 0 to finish writing: after a normal end, and after an interruption or a diverged loss
+        # (TrainingError), which every rank raises after the same step. Not after an error of one
+        # rank alone: its peers are not coming, and mlx.launch ends them.
+        in_flight = sys.exc_info()[1]
+        if self.ring is not None and (in_flight is None or isinstance(in_flight, TrainingError)):
+            self.ring.barrier()

@@ -1,5 +1,10 @@
 """Running either trainer in-process on the tiny dataset of conftest.py."""
 
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from core.config import load_config
@@ -38,3 +43,47 @@ def train(backend: str, env: dict[str, str]):
         return run_training(cfg, session)
     finally:
         session.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: torchrun (gloo) and mlx.launch (MLX's ring backend), on this machine
+# ---------------------------------------------------------------------------------------------
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 both free here (mlx.launch gives rank r the port p + r)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port < 65535:
+            try:
+                with socket.socket() as a, socket.socket() as b:
+                    a.bind(("127.0.0.1", port))
+                    b.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def run_mlx_ranks(env: dict[str, str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """python -m backend_mlx.train under `mlx.launch -n nproc` (ring backend, 127.0.0.1), as make train-mlx NPROC=2."""
+    cmd = [str(MLX_LAUNCH), "--backend", "ring", "-n", str(nproc), "--starting-port", str(free_port_pair()),
+           "--", sys.executable, "-m", "backend_mlx.train"]
+    return subprocess.run(cmd, cwd=REPO, env=os.environ | env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_torch_ranks(env: dict[str, str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """python -m backend_torch.train under torchrun with gloo on the CPU."""
+    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", "-m", "backend_torch.train"]
+    return subprocess.run(cmd, cwd=REPO, env=os.environ | env, capture_output=True, text=True, timeout=timeout)
+
+
+def logged_train_losses(run_dir: Path) -> list[float]:
+    """The train_loss of every logged step of a run, from its metrics.jsonl (TRAIN_LOG_EVERY=1: every step)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in records if r["kind"] == "train"]

@@ -308,7 +308,8 @@ class Training:
                 path = self.write_checkpoint()
                 self.log(f"interrupted at step:{self.step}/{self.cfg.iterations}; continue with RESUME_FROM={path}")
                 self.log.close()
-                raise TrainingError(f"interrupted at step {self.step}; continue with RESUME_FROM={path}")
+                raise TrainingError(f"interrupted at step {self.step}" + (f"; continue with RESUME_FROM={path}" if path
+                                                                          else " (rank 0 wrote the checkpoint)"))
             if reached_any > 0:
                 self.stop_after = self.step
                 self.log(f"stopping_early: wallclock_cap train_time:{self.now_ms():.0f}ms "

@@ -235,6 +235,14 @@ ROWS = [
         "<= 1e-4", False, expanded=False),
     Row("checkpoint", "checkpoint across backends: logits, continued losses, val", 1e-4, "<= 1e-5|1e-4|1e-6", False,
         expanded=False),
+    # Data parallelism (docs/spec.md §6, §7): the same 20-step run by 2 MLX ranks under mlx.launch (ring)
+    # against the 1-rank MLX run with 2 accumulation steps (the same micro-batches) and torch on 2 gloo ranks.
+    Row("ranks_mlx", "per-step train loss, 2 MLX ranks vs 1 MLX rank x 2 accum. steps", 1e-5, "<= 1e-5",
+        True, expanded=False),
+    Row("ranks_torch", "per-step train loss, 2 MLX ranks vs torch on 2 gloo ranks", 1e-4, "<= 1e-4",
+        True, expanded=False),
+    Row("ranks_val", "final val_loss/val_bpb, 2 MLX ranks vs those two runs", 1e-6, "<= 1e-6", True,
+        expanded=False),
     Row("tied_head", "tied head is tok_emb; unique params vs count_params (abs)", 0.0, "== 0", False),
     # The mutants prove the comparison can fail: a property of the reference and the checks, not of a device.
     Row("mutants", "mutants (RoPE reversed, eps, no softcap): smallest error", 1e-5, "> 1e-5", False, "exceeds",
