@@ -151,7 +151,7 @@ MUTANTS = [
            "t = step + 1",
            "t = step + 2", MLX_OPTIM),
     Mutant("mlx-8", "backend_mlx/optim.py",
-           'u = g + momentum * s["momentum_buffer"]                          # Nesterov',
+           'u = g + momentum * s["momentum_buffer"]                      # Nesterov',
            'u = s["momentum_buffer"]', MLX_OPTIM),
     Mutant("mlx-9", "backend_mlx/optim.py",
            "out[name] = params[name] - (lr * max(1.0, rows / cols) ** 0.5) * X",
