@@ -180,7 +180,7 @@ class MLXSession:
         return total_loss, dict(tree_flatten(total_grads))
 
     def train_step(self, micro_batches: Sequence[Batch], lrs: dict[str, float], muon_momentum: float,
-                   step: int) -> float:
+                   step: int) -> mx.array:
         loss, grads = self.gradients(micro_batches)
         # Schedule values as 0-d arrays: a compiled update is traced once, not once per new lr.
         bc1, bc2 = self.optimizers["embed"].bias_corrections(step)   # every Adam group shares the betas
@@ -189,7 +189,7 @@ class MLXSession:
                        bc1=mx.array(bc1, dtype=mx.float32), bc2=mx.array(bc2, dtype=mx.float32))
         self._update(grads, scalars)
         mx.eval(loss, self.model.parameters(), [opt.state for opt in self.optimizers.values()])
-        return float(loss)
+        return loss   # a 0-d array: the loop reads it with float() on log steps
 
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
         """Sum of token cross-entropies; each chunk evaluated before the next is built."""
