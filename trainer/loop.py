@@ -371,8 +371,9 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
     trained_steps = max(step - start_step, 1)
     run_ms = training.elapsed_ms - training.resumed_ms  # this run's time, without a resumed run's earlier time
     tok_s = tokens_per_step * (step - start_step) / max(run_ms / 1000.0, 1e-9) if step > start_step else 0.0
-    # MFU: model FLOPs per second per process over the fp32 matrix-product ceiling measured here now.
-    ceiling_gflops = backend.matmul_gflops("float32", n=1024, seconds=0.25) if step > start_step else None
+    # MFU: model FLOPs per second per process over the matrix-product ceiling in the compute dtype,
+    # measured here now (an fp32 ceiling would put a bf16 GPU run far above 100%).
+    ceiling_gflops = backend.matmul_gflops(backend.compute_dtype, n=1024, seconds=0.25) if step > start_step else None
     mfu = tok_s * flops_token / world / (ceiling_gflops * 1e9) if ceiling_gflops else None
     peak, baseline = backend.peak_memory_bytes(), None
     if peak is None:  # the process's resident peak, and how much of it the process held before the run
@@ -390,7 +391,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "unigram_val_loss": uni_loss, "unigram_val_bpb": uni_bpb,
         "train_time_s": training.elapsed_ms / 1000.0, "step_avg_ms": run_ms / trained_steps, "tokens_per_s": tok_s,
         "flops_per_token": flops_token, "achieved_tflops": tok_s * flops_token / 1e12,
-        "matmul_gflops_fp32": ceiling_gflops, "mfu": mfu,
+        "matmul_gflops": ceiling_gflops, "mfu": mfu,
         "peak_memory_bytes": int(peak), "peak_memory_baseline_bytes": baseline, "peak_memory_estimate_bytes": run.plan.memory.estimate.total,
         "memory_budget_bytes": run.plan.memory.budget, "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,
