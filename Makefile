@@ -7,7 +7,7 @@
 #   make train-mlx     MLX (Metal on a Mac, its CPU backend on Linux)
 #   make sample        continue PROMPT="..." with a checkpoint (CHECKPOINT=..., BACKEND=torch|mlx)
 #   make parity        the cross-backend parity suite and its table
-#   make bench         tokens/s, step time, MFU and memory of both backends on this machine
+#   make bench         tokens/s, step time, MFU and memory of both backends here; ops, syncs, recompiles of a torch step
 #   make ablate-tying  the make-train preset tied and untied, side by side (ABLATE_MATCH_PARAMS=1: + matched)
 #   make analyze-tying the direct path of CHECKPOINT=... (symmetry, bigram bits, what tying saves)
 #   make doctor        versions, devices, BLAS, memory, §10 checks and speed here (runs/doctor.json)
@@ -113,9 +113,11 @@ parity: $(STAMP)
 
 # Training throughput of both backends on this machine: tokens/s, MFU and peak memory of a full
 # train step for a small config and the reference one; prints a table, writes bench/results.json.
+# Then the launch-bound costs of the torch step (aten ops, host syncs, recompiles; bench/launches.json).
 #   make bench ARGS="--configs base --settings torch-bf16,mlx-fp32-openblas"
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
+	$(PY) -m bench.launches --out bench/launches.json
 
 # For a new machine or a bug report, in under a minute: versions, devices, BLAS, the memory budget,
 # docs/spec.md §10's checks on every device and a few timed steps of the make-train model per backend.
