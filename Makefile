@@ -7,7 +7,7 @@
 #   make train-mlx     MLX (Metal on a Mac, its CPU backend on Linux; NPROC=2 or HOSTFILE=hosts.json: several processes)
 #   make sample        continue PROMPT="..." with a checkpoint (CHECKPOINT=..., BACKEND=torch|mlx)
 #   make parity        the cross-backend parity suite and its table
-#   make bench         tokens/s, step time, MFU and memory of both backends on this machine
+#   make bench         tokens/s, step time, MFU and memory of both backends here; ops, syncs, recompiles of a torch step
 #   make ablate-tying  the make-train preset tied and untied, side by side (ABLATE_MATCH_PARAMS=1: + matched)
 #   make analyze-tying the direct path of CHECKPOINT=... (symmetry, bigram bits, what tying saves)
 #   make doctor        versions, devices, BLAS, memory, §10 checks and speed here (runs/doctor.json)
@@ -128,9 +128,11 @@ parity: $(STAMP)
 
 # Training throughput of both backends on this machine: tokens/s, MFU and peak memory of a full
 # train step for a small config and the reference one; prints a table, writes bench/results.json.
+# Then the launch-bound costs of the torch step (aten ops, host syncs, recompiles; bench/launches.json).
 #   make bench ARGS="--configs base --settings torch-bf16,mlx-fp32-openblas"
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
+	$(PY) -m bench.launches --out bench/launches.json
 
 # Mutation testing (bench/mutants.py): each one-line mutant of bench/mutants_list.py is applied to a
 # fresh copy of the source tree and its few test files run there; prints a table and the kill rate,

@@ -195,7 +195,7 @@ class MLXSession:
         return total_loss, dict(tree_flatten(total_grads))
 
     def train_step(self, micro_batches: Sequence[Batch], lrs: dict[str, float], muon_momentum: float,
-                   step: int) -> float:
+                   step: int) -> mx.array:
         loss, grads = self.gradients(micro_batches)
         if self.ring is not None:
             loss, grads = self._mean_over_ranks(loss, grads)
@@ -206,7 +206,7 @@ class MLXSession:
                        bc1=mx.array(bc1, dtype=mx.float32), bc2=mx.array(bc2, dtype=mx.float32))
         self._update(grads, scalars)
         mx.eval(loss, self.model.parameters(), [opt.state for opt in self.optimizers.values()])
-        return float(loss)
+        return loss   # a 0-d array: the loop reads it with float() on log steps
 
     def _mean_over_ranks(self, loss: mx.array, grads: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array]]:
         """The loss and gradients averaged across ranks, evaluated before the update is built: every

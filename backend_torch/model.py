@@ -41,28 +41,35 @@ class Linear(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Half-split RoPE with positive rotation: a' = a cos - b sin, b' = a sin + b cos."""
+    """Half-split RoPE with positive rotation: a' = a cos - b sin, b' = a sin + b cos.
+
+    The cos/sin tables are buffers (not saved with the weights, not broadcast by DDP) built before
+    the forward ever runs (GPT.build_rotary at the training length): a compiled forward only slices
+    them, so it never writes module state and never recompiles. A longer sequence (sampling past
+    the training length) grows them, eagerly.
+    """
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         # float64, as MLX's (an fp32 inv_freq alone costs 1.8e-6 relative error in the tables at
         # T=1024), and kept on the CPU: mps has no float64. Only the fp32 tables go to the device.
         self.inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+        self.register_buffer("cos", torch.empty(0, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(0, head_dim // 2), persistent=False)
 
-    def cos_sin(self, T: int, device: torch.device, offset: int = 0):
-        n = T + offset
-        if self._cache is None or self._cache[0] < n or self._cache[1] != device:
-            # Angles in float64 so long sequences keep their precision; the tables are fp32.
-            t = torch.arange(n, dtype=torch.float64)
-            theta = torch.outer(t, self.inv_freq)                                # (n, hd/2)
-            self._cache = (n, device, theta.cos().float().to(device), theta.sin().float().to(device))
-        _, _, cos, sin = self._cache
-        return cos[offset:offset + T], sin[offset:offset + T]
+    def build(self, n: int) -> None:
+        """Tables for positions 0..n-1, on the buffers' device."""
+        # Angles in float64 so long sequences keep their precision; the tables are fp32.
+        theta = torch.outer(torch.arange(n, dtype=torch.float64), self.inv_freq)          # (n, hd/2)
+        self.cos = theta.cos().float().to(self.cos.device)
+        self.sin = theta.sin().float().to(self.sin.device)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         # x: (B, heads, T, hd) in fp32
-        cos, sin = self.cos_sin(x.size(-2), x.device, offset)
+        T = x.size(-2)
+        if self.cos.size(0) < T + offset:
+            self.build(T + offset)
+        cos, sin = self.cos[offset:offset + T], self.sin[offset:offset + T]
         half = x.size(-1) // 2
         a, b = x[..., :half], x[..., half:]
         return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
@@ -108,6 +115,24 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return torch.cat(outs, dim=3).view(B, H, T, hd)
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """F.scaled_dot_product_attention, causal (top-left) or with a boolean mask, on CUDA's fast kernels.
+
+    q (B, H, T, hd); k, v (B, K, S, hd); query head h reads KV head h // (H/K). enable_gqa keeps
+    K/V unexpanded, but CUDA's flash and memory-efficient kernels take it only for bf16/fp16
+    inputs without a mask; otherwise SDPA falls back to the math kernel, which materializes the
+    B·H·T·S fp32 probabilities. There K and V are expanded to the query heads instead (their
+    size times H/K), and the efficient kernels apply in every dtype and with a mask.
+    """
+    H, K = q.size(1), k.size(1)
+    if K != H and (mask is not None or q.dtype not in (torch.bfloat16, torch.float16)):
+        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+    gqa = k.size(1) != H
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec, compute_dtype: torch.dtype):
         super().__init__()
@@ -147,11 +172,10 @@ class CausalSelfAttention(nn.Module):
         if not fused:
             y = causal_attention(q, k, v, hd ** -0.5)
         elif cache is None or offset == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=(K != H))
+            y = sdpa_attention(q, k, v)
         else:
             S = k.size(2)
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=(K != H))
+            y = sdpa_attention(q, k, v, torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T))
         y = y.transpose(1, 2).reshape(B, T, H * hd)                         # (B, T, d)
         return self.proj(y)
 
@@ -220,6 +244,12 @@ class GPT(nn.Module):
     def export_weights(self) -> dict[str, np.ndarray]:
         params = dict(self.named_parameters())
         return {p.name: params[p.name].detach().float().cpu().numpy().copy() for p in param_table(self.spec)}
+
+    def build_rotary(self, seq_len: int) -> "GPT":
+        """The RoPE tables of every layer for seq_len positions, before any (compiled) forward reads them."""
+        for block in self.blocks:
+            block.attn.rotary.build(seq_len)
+        return self
 
     # -- forward --
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from backend_torch.model import GPT
-from backend_torch.optim import adam_update, clip_grad_norm, muon_step
+from backend_torch.optim import adam_update, clip_grad_norm, muon_step, newton_schulz
 from trainer.backend import checked_optimizer_state
 from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError
@@ -69,6 +69,17 @@ def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
     return Runtime(device, compute_dtype, compile_model, rank, local_rank, world_size)
 
 
+def tf32_off() -> None:
+    """fp32 means fp32 on CUDA (matrix products and cuDNN convolutions): the fp32 parity rows hold on
+    GPUs too. Through fp32_precision (torch >= 2.9); the allow_tf32 flags only where that is absent."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 class TorchSession:
     name = "torch"
 
@@ -83,13 +94,14 @@ class TorchSession:
         if rt.device.type == "cuda":
             torch.cuda.set_device(rt.device)
             self.device = f"cuda:{rt.local_rank} ({torch.cuda.get_device_name(rt.device)})"
-            torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: parity holds on GPUs too
-            torch.backends.cudnn.allow_tf32 = False
+            tf32_off()
         else:
             self.device = str(rt.device)
         if rt.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if rt.device.type == "cuda" else "gloo",
-                                    rank=rt.rank, world_size=rt.world_size)
+            # device_id binds NCCL's communicator to this rank's GPU at once (no guessing, no lazy init).
+            cuda = rt.device.type == "cuda"
+            dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rt.rank, world_size=rt.world_size,
+                                    device_id=rt.device if cuda else None)
         self.notes = [f"torch {torch.__version__} device:{self.device} compute_dtype:{self.compute_dtype} "
                       f"compile:{int(rt.compile)} world_size:{rt.world_size}"]
 
@@ -101,17 +113,23 @@ class TorchSession:
 
     def setup(self, spec: ModelSpec, cfg: TrainConfig) -> None:
         self.spec, self.cfg = spec, cfg
-        self.model = GPT(spec, DTYPES[self.compute_dtype]).to(self.torch_device)
+        self.model = GPT(spec, DTYPES[self.compute_dtype]).to(self.torch_device).build_rotary(cfg.train_seq_len)
         params = dict(self.model.named_parameters())
         self.table = param_table(spec)
         self.params = {p.name: params[p.name] for p in self.table}
+        self.matrix_names = [p.name for p in self.table if p.group == MATRIX]
+        # Newton-Schulz compiled whole (fullgraph), once per matrix shape, when the model is compiled.
+        self.orthogonalize = (torch.compile(newton_schulz, fullgraph=True, dynamic=False) if self.runtime.compile
+                              else newton_schulz)
         # Compile first, then wrap in DDP, as the reference trainer does. Evaluation uses the plain model.
         self.train_model = torch.compile(self.model) if self.runtime.compile else self.model
         if self.world_size > 1:
             ids = [self.runtime.local_rank] if self.torch_device.type == "cuda" else None
             # A 1-layer model has skip_weights of shape (0, d), which no forward reads: DDP must be
             # told, or it waits for that gradient forever.
-            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids,
+            # broadcast_buffers=False: the only buffers are the RoPE tables, the same on every rank;
+            # broadcasting them would be a collective before every forward.
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids, broadcast_buffers=False,
                                                        find_unused_parameters=spec.num_skip_weights == 0)
         self.load_optimizer_state({})
 
@@ -134,7 +152,10 @@ class TorchSession:
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.torch_device, non_blocking=True)
 
-    def train_step(self, micro_batches: Sequence, lrs: dict[str, float], muon_momentum: float, step: int) -> float:
+    def train_step(self, micro_batches: Sequence, lrs: dict[str, float], muon_momentum: float,
+                   step: int) -> torch.Tensor:
+        """Returns the mean loss as a 0-d device tensor: nothing here waits for the device (the loop
+        reads the loss on log steps only). With several ranks the loss rides in Muon's all-reduce."""
         n = len(micro_batches)
         total = torch.zeros((), device=self.torch_device)
         for i, (x, y) in enumerate(micro_batches):
@@ -145,31 +166,31 @@ class TorchSession:
                 (loss / n).backward()
             total += loss.detach()
         mean_loss = total / n
-        if self.world_size > 1:
-            dist.all_reduce(mean_loss, op=dist.ReduceOp.SUM)
-            mean_loss /= self.world_size
         if self.cfg.grad_clip_norm > 0:
-            clip_grad_norm(list(self.params.values()), self.cfg.grad_clip_norm)
-        self._optimizer_step(lrs, muon_momentum, t=step + 1)
-        return mean_loss.item()
+            clip_grad_norm([p.grad for p in self.params.values() if p.grad is not None], self.cfg.grad_clip_norm)
+        summed = self._optimizer_step(lrs, muon_momentum, t=step + 1,
+                                      also_sum=mean_loss.reshape(1) if self.world_size > 1 else None)
+        return mean_loss if summed is None else summed[0] / self.world_size
 
-    def _optimizer_step(self, lrs: dict[str, float], muon_momentum: float, t: int) -> None:
-        cfg = self.cfg
-        matrices = [p.name for p in self.table if p.group == MATRIX]
-        muon_step([self.params[n] for n in matrices], [self.state[f"{n}.momentum_buffer"] for n in matrices],
-                  lr=lrs[MATRIX], momentum=muon_momentum, steps=cfg.muon_backend_steps,
-                  dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size)
-        for p in self.table:
-            if p.group == MATRIX:
-                continue
-            param = self.params[p.name]
-            # A parameter the forward never reads has no .grad: its gradient is zero (as in MLX). This
-            # is skip_weights of a 1-layer model, shape (0, d).
-            grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            adam_update(param, grad, self.state[f"{p.name}.exp_avg"], self.state[f"{p.name}.exp_avg_sq"],
-                        lr=lrs[p.group], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps, t=t)
+    def _optimizer_step(self, lrs: dict[str, float], muon_momentum: float, t: int,
+                        also_sum: torch.Tensor | None = None) -> torch.Tensor | None:
+        cfg, state = self.cfg, self.state
+        matrices = [self.params[n] for n in self.matrix_names]
+        summed = muon_step(matrices, [p.grad for p in matrices],
+                           [state[f"{n}.momentum_buffer"] for n in self.matrix_names],
+                           lr=lrs[MATRIX], momentum=muon_momentum, steps=cfg.muon_backend_steps,
+                           dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size,
+                           orthogonalize=self.orthogonalize, also_sum=also_sum)
+        adam = [p for p in self.table if p.group != MATRIX]
+        # A parameter the forward never reads has no .grad: its gradient is zero (as in MLX). This
+        # is skip_weights of a 1-layer model, shape (0, d).
+        params = [self.params[p.name] for p in adam]
+        adam_update(params, [q.grad if q.grad is not None else torch.zeros_like(q) for q in params],
+                    [state[f"{p.name}.exp_avg"] for p in adam], [state[f"{p.name}.exp_avg_sq"] for p in adam],
+                    lrs=[lrs[p.group] for p in adam], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps, t=t)
         for param in self.params.values():
             param.grad = None
+        return summed
 
     @torch.no_grad()
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
@@ -198,15 +219,12 @@ class TorchSession:
             torch.mps.synchronize()
 
     def matmul_gflops(self, dtype: str = "float32", n: int = 2048, seconds: float = 1.0) -> float:
-        """GFLOP/s of an n x n product on this device: the ceiling MFU is measured against."""
+        """GFLOP/s of an n x n product in `dtype` on this device: the ceiling MFU is measured against.
+        Timed in loops of products with one synchronize per loop, so a GPU's queue stays full."""
         a = torch.randn(n, n, device=self.torch_device).to(DTYPES[dtype])
         b = torch.randn(n, n, device=self.torch_device).to(DTYPES[dtype])
-
-        def product():
-            a @ b
-            self.synchronize()
-
-        return measure_gflops(product, 2 * n ** 3, seconds)
+        out = torch.empty_like(a)
+        return measure_gflops(lambda: torch.mm(a, b, out=out), 2 * n ** 3, seconds, synchronize=self.synchronize)
 
     def device_memory_bytes(self) -> int:
         if self.torch_device.type == "cuda":

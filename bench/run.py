@@ -117,7 +117,7 @@ def run_row(name: str, config: str, warmup: int, timed: int) -> dict:
         loss = session.train_step([(x, y)], learning_rates(cfg, step, 0.0), momentum(cfg, step), step)
         session.synchronize()
         times.append(time.perf_counter() - t0)
-        losses.append(loss)
+        losses.append(float(loss))
     step_s, best_s = statistics.median(times[warmup:]), min(times[warmup:])
     fpt = flops_per_token(spec, cfg.train_seq_len)
     ceiling = {"float32": session.matmul_gflops("float32")}

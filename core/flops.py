@@ -47,16 +47,25 @@ def flops_per_token(spec: ModelSpec, seq_len: int) -> int:
     return 3 * forward_flops_per_token(spec, seq_len)
 
 
-def measure_gflops(run_once, flops: float, seconds: float = 1.0) -> float:
-    """Median GFLOP/s of `run_once()` (which must finish its work before returning) doing `flops`.
+def measure_gflops(run_once, flops: float, seconds: float = 1.0, synchronize=lambda: None) -> float:
+    """Median GFLOP/s of `run_once()` doing `flops`.
 
-    The backends time an n x n matrix product with it: the ceiling MFU is measured against.
+    The backends time an n x n matrix product with it: the ceiling MFU is measured against. Each
+    timing covers a loop of calls (about 20 ms) closed by one `synchronize()`, which waits for the
+    device: a GPU's queue stays full, as in training, and a sync's latency is spread over the loop.
     """
     run_once()  # the first call starts thread pools and allocates
+    synchronize()
+    t0 = time.perf_counter()
+    run_once()
+    synchronize()
+    calls = max(1, min(100, int(0.02 / max(time.perf_counter() - t0, 1e-9))))
     times = []
     start = time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < seconds and len(times) < 50):
         t0 = time.perf_counter()
-        run_once()
-        times.append(time.perf_counter() - t0)
+        for _ in range(calls):
+            run_once()
+        synchronize()
+        times.append((time.perf_counter() - t0) / calls)
     return flops / statistics.median(times) / 1e9

@@ -1,6 +1,7 @@
 """The small interface each backend implements for the one training loop (trainer/loop.py).
 
-Everything crosses this boundary as numpy arrays and Python floats, so the loop, the checkpoint,
+Everything crosses this boundary as numpy arrays and Python floats (the training loss as a device
+scalar, read with float() when the loop logs), so the loop, the checkpoint,
 the metric and the artifact are written once. Each backend has one class implementing it:
 backend_torch.session.TorchSession and backend_mlx.session.MLXSession.
 
@@ -23,6 +24,7 @@ from core.errors import CheckpointError
 from core.params import optimizer_slots, param_table
 
 Batch = tuple[np.ndarray, np.ndarray]   # (x, y) int arrays of shape (B, T)
+DeviceScalar = object                   # a 0-d torch tensor or mx.array; float() reads it (and waits)
 
 
 def checked_optimizer_state(spec: ModelSpec, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -70,11 +72,13 @@ class TrainerBackend(Protocol):
     def export_optimizer_state(self) -> dict[str, np.ndarray]: ...
 
     def train_step(self, micro_batches: Sequence[Batch], lrs: dict[str, float], muon_momentum: float,
-                   step: int) -> float:
+                   step: int) -> DeviceScalar:
         """One optimizer step over this rank's micro-batches; `step` = optimizer steps already done.
 
         Gradients are the mean over all micro-batches of all ranks. Returns the mean training loss
-        over all ranks.
+        over all ranks as a device scalar (a 0-d tensor or array) that `float()` reads: the step
+        queues its work and returns without waiting for the device, and the loop reads the losses
+        on log steps only (docs/spec.md §6).
         """
 
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:

@@ -205,6 +205,9 @@ class Training:
         self.max_ms = wallclock_cap_ms(run.cfg)
         self.stop_after: int | None = None               # set when the wall-clock cap is reached
         self.train_losses: list[float] = []
+        # The losses of the steps since the last read, as the backend returned them (device
+        # scalars): reading one waits for the device, so they are read on log steps only.
+        self.unread_losses: list = []
         self.val_loss = self.val_bpb = float("nan")
         self.last_checkpoint: Path | None = None
         # With several ranks the learning rate reads one clock all ranks share: the most advanced
@@ -257,21 +260,32 @@ class Training:
     def train_one_step(self) -> None:
         cfg, step = self.cfg, self.step
         clock_ms = self.now_ms() if self.backend.world_size == 1 else self.shared_clock_ms
-        loss = self.backend.train_step(next_micro_batches(cfg, self.loader), learning_rates(cfg, step, clock_ms),
-                                       momentum(cfg, step), step)
-        if not math.isfinite(loss):
-            raise TrainingError(f"step {step + 1}: the training loss is {loss}; lower the learning rates"
-                                + (f" (last checkpoint: {self.last_checkpoint})" if self.last_checkpoint else ""))
-        self.train_losses.append(loss)
+        self.unread_losses.append(self.backend.train_step(next_micro_batches(cfg, self.loader),
+                                                          learning_rates(cfg, step, clock_ms), momentum(cfg, step), step))
         self.step = step = step + 1
+        log_step = step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations
+        if log_step:
+            self.read_losses()
+        loss = self.train_losses[-1] if self.train_losses else float("nan")   # the last loss read
         train_ms = self.now_ms()
         tok_s = self.tokens_per_step * (step - self.start_step) / max((train_ms - self.resumed_ms) / 1000.0, 1e-9)
         self.progress.update(step, loss, tok_s)
-        if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
+        if log_step:
             self.log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
                      f"step_avg:{train_ms / step:.2f}ms tok/s:{tok_s:.0f} eta:{format_seconds(self.eta_s(train_ms))}")
             self.log.metric(kind="train", step=step, tokens=step * self.tokens_per_step, train_loss=loss,
                             train_time_ms=train_ms, tokens_per_s=tok_s)
+
+    def read_losses(self) -> None:
+        """The unread steps' losses as floats (this waits for the device); a non-finite one stops the
+        run, so it is found at the next log step, validation or checkpoint after it happened."""
+        first = self.step - len(self.unread_losses) + 1
+        values, self.unread_losses = [float(v) for v in self.unread_losses], []
+        for i, loss in enumerate(values):
+            if not math.isfinite(loss):
+                raise TrainingError(f"step {first + i}: the training loss is {loss}; lower the learning rates"
+                                    + (f" (last checkpoint: {self.last_checkpoint})" if self.last_checkpoint else ""))
+        self.train_losses.extend(values)
 
     def eta_s(self, train_ms: float) -> float:
         step_ms = (train_ms - self.resumed_ms) / max(self.step - self.start_step, 1)
@@ -283,6 +297,7 @@ class Training:
     def validate(self) -> None:
         run, cfg, step = self.run, self.cfg, self.step
         self.pause_clock()
+        self.read_losses()
         self.val_loss, self.val_bpb = evaluate(self.backend, run.val_tokens, run.tables, cfg)
         self.log(f"step:{step}/{cfg.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
                  f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / max(step, 1):.2f}ms")
@@ -317,6 +332,7 @@ class Training:
 
     def write_checkpoint(self) -> Path | None:
         run = self.run
+        self.read_losses()   # a non-finite loss stops the run before its weights are written
         if not run.master:
             return None
         path = run.run_dir / "checkpoints" / f"step_{self.step:06d}.safetensors"
@@ -359,8 +375,9 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
     trained_steps = max(step - start_step, 1)
     run_ms = training.elapsed_ms - training.resumed_ms  # this run's time, without a resumed run's earlier time
     tok_s = tokens_per_step * (step - start_step) / max(run_ms / 1000.0, 1e-9) if step > start_step else 0.0
-    # MFU: model FLOPs per second per process over the fp32 matrix-product ceiling measured here now.
-    ceiling_gflops = backend.matmul_gflops("float32", n=1024, seconds=0.25) if step > start_step else None
+    # MFU: model FLOPs per second per process over the matrix-product ceiling in the compute dtype,
+    # measured here now (an fp32 ceiling would put a bf16 GPU run far above 100%).
+    ceiling_gflops = backend.matmul_gflops(backend.compute_dtype, n=1024, seconds=0.25) if step > start_step else None
     mfu = tok_s * flops_token / world / (ceiling_gflops * 1e9) if ceiling_gflops else None
     peak, baseline = backend.peak_memory_bytes(), None
     if peak is None:  # the process's resident peak, and how much of it the process held before the run
@@ -378,7 +395,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "unigram_val_loss": uni_loss, "unigram_val_bpb": uni_bpb,
         "train_time_s": training.elapsed_ms / 1000.0, "step_avg_ms": run_ms / trained_steps, "tokens_per_s": tok_s,
         "flops_per_token": flops_token, "achieved_tflops": tok_s * flops_token / 1e12,
-        "matmul_gflops_fp32": ceiling_gflops, "mfu": mfu,
+        "matmul_gflops": ceiling_gflops, "mfu": mfu,
         "peak_memory_bytes": int(peak), "peak_memory_baseline_bytes": baseline, "peak_memory_estimate_bytes": run.plan.memory.estimate.total,
         "memory_budget_bytes": run.plan.memory.budget, "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,

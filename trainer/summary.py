@@ -20,8 +20,8 @@ def format_summary(s: dict) -> list[str]:
         f"{s['params_total']:,} as used, tying the head to the embedding saves {s['params_saved_by_tying']:,}",
         f"speed {s['tokens_per_s']:,.0f} tokens/s, {s['step_avg_ms']:.0f} ms/step, "
         f"{s['achieved_tflops'] * 1000:.1f} GFLOP/s of model FLOPs"
-        + (f", MFU {100 * s['mfu']:.1f}% of the fp32 matmul ceiling measured here "
-           f"({s['matmul_gflops_fp32']:.0f} GFLOP/s)" if s.get("mfu") else ""),
+        + (f", MFU {100 * s['mfu']:.1f}% of the {s['compute_dtype']} matmul ceiling measured here "
+           f"({s['matmul_gflops']:.0f} GFLOP/s)" if s.get("mfu") else ""),
         f"peak memory {s['peak_memory_bytes'] / 2**20:,.0f} MiB measured"
         + (f" ({(s['peak_memory_bytes'] - s['peak_memory_baseline_bytes']) / 2**20:,.0f} MiB above the process's "
            f"{s['peak_memory_baseline_bytes'] / 2**20:,.0f} MiB at start)" if s.get("peak_memory_baseline_bytes") else "")

@@ -52,26 +52,28 @@ def test_device_cpu_stays_on_the_cpu_when_cuda_is_there(cuda):
 
 @pytest.fixture
 def tf32_on():
-    """TF32 allowed for matrix products and cuDNN (cuDNN's default), then put back as it was."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    before = matmul.allow_tf32, cudnn.allow_tf32   # module properties: monkeypatch cannot restore them
-    matmul.allow_tf32 = cudnn.allow_tf32 = True
+    """TF32 allowed for matrix products and cuDNN convolutions, through the fp32_precision API (the
+    legacy allow_tf32 flags may not be mixed with it), then put back as it was."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision   # module properties: monkeypatch cannot restore them
+    matmul.fp32_precision = conv.fp32_precision = "tf32"
     yield
-    matmul.allow_tf32, cudnn.allow_tf32 = before
+    matmul.fp32_precision, conv.fp32_precision = before
 
 
 def test_a_torch_session_on_cuda_turns_tf32_off(cuda, tf32_on, monkeypatch):
     """The session's constructor is the one place that touches the GPU before setup: set_device and
     the device's name. With those two stubbed it runs here, and must leave TF32 off for matrix
-    products and cuDNN, whatever they were (fp32 means fp32: parity holds on GPUs too)."""
+    products and cuDNN, whatever they were (fp32 means fp32: parity holds on GPUs too), through the
+    current API."""
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Injected GPU")
     cfg = load_config([], environ=TINY | {"DEVICE": "cuda"})
     session = TorchSession(cfg, environ={"LOCAL_RANK": "1"})
     assert session.device == "cuda:1 (Injected GPU)" and session.device_kind == "cuda"
     assert (session.compute_dtype, session.compiled) == ("bfloat16", True)
-    assert torch.backends.cuda.matmul.allow_tf32 is False
-    assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
 
 
 def test_mps_is_opt_in_fp32_and_eager_by_default(mps):

@@ -45,8 +45,10 @@ def test_summary_says_whether_the_model_beats_the_baseline():
     assert "peak memory 1,024 MiB measured (768 MiB above the process's 256 MiB at start), 512 MiB estimated" in resident
     assert "WORSE" in "\n".join(format_summary(dict(s, val_bpb=3.0)))
     assert "MFU" not in text
-    assert "MFU 40.0% of the fp32 matmul ceiling measured here (250 GFLOP/s)" in "\n".join(
-        format_summary(dict(s, mfu=0.4, matmul_gflops_fp32=250.0)))
+    assert "MFU 40.0% of the float32 matmul ceiling measured here (250 GFLOP/s)" in "\n".join(
+        format_summary(dict(s, mfu=0.4, matmul_gflops=250.0)))
+    assert "MFU 40.0% of the bfloat16 matmul ceiling" in "\n".join(
+        format_summary(dict(s, mfu=0.4, matmul_gflops=250.0, compute_dtype="bfloat16")))
 
 
 def test_loss_plot_is_a_png(tmp_path):
