@@ -4,7 +4,6 @@ nothing written unless OUT= is given, and every bad input one line with exit sta
 
 import json
 
-import numpy as np
 import pytest
 
 import backend_mlx.eval as mlx_eval
