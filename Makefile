@@ -6,6 +6,7 @@
 #   make train-cpu     torch on the CPU        make train-cuda   torch on CUDA (NPROC=8 for 8 GPUs)
 #   make train-mlx     MLX (Metal on a Mac, its CPU backend on Linux; NPROC=2 or HOSTFILE=hosts.json: several processes)
 #   make sample        continue PROMPT="..." with a checkpoint (CHECKPOINT=..., BACKEND=torch|mlx)
+#   make eval          val_loss/val_bpb of CHECKPOINT=... or ARTIFACT=... (EVAL_STRIDE=64: sliding windows)
 #   make parity        the cross-backend parity suite and its table
 #   make bench         tokens/s, step time, MFU and memory of both backends here; ops, syncs, recompiles of a torch step
 #   make ablate-tying  the make-train preset tied and untied, side by side (ABLATE_MATCH_PARAMS=1: + matched)
@@ -37,7 +38,7 @@ PRESET := ITERATIONS=$${ITERATIONS:-500} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS
   TRAIN_LOG_EVERY=$${TRAIN_LOG_EVERY:-25} WARMDOWN_ITERS=$${WARMDOWN_ITERS:-150} \
   CHECKPOINT_EVERY=$${CHECKPOINT_EVERY:-100} MAX_WALLCLOCK_SECONDS=$${MAX_WALLCLOCK_SECONDS:-360}
 
-.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample clean-venv parity bench doctor ablate-tying analyze-tying pg-import pg-export mutants
+.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample eval clean-venv parity bench doctor ablate-tying analyze-tying pg-import pg-export mutants
 
 help:
 	@sed -n '/^[^#]/q;p' Makefile
@@ -122,6 +123,14 @@ BACKEND ?= torch
 sample: $(STAMP)
 	@case "$(BACKEND)" in torch|mlx) ;; *) echo "error: BACKEND=$(BACKEND): must be torch or mlx" >&2; exit 2;; esac
 	$(PY) -m backend_$(BACKEND).sample $(ARGS)
+
+# Evaluate a model file without training, in either backend (trainer/eval_file.py): one line with
+# val_loss and val_bpb; nothing written unless OUT=figures.json. Unset settings are the file's run's.
+#   make eval CHECKPOINT=runs/<run>/checkpoints/step_NNNNNN.safetensors [EVAL_STRIDE=64] [BACKEND=mlx]
+#   make eval ARTIFACT=runs/<run>/model.int8.zlib [DATA_PATH=... TOKENIZER_PATH=...] [OUT=eval.json]
+eval: $(STAMP)
+	@case "$(BACKEND)" in torch|mlx) ;; *) echo "error: BACKEND=$(BACKEND): must be torch or mlx" >&2; exit 2;; esac
+	$(PY) -m backend_$(BACKEND).eval $(ARGS)
 
 parity: $(STAMP)
 	$(PY) -m pytest -q tests/parity

@@ -273,7 +273,9 @@ class GPT(nn.Module):
             return losses.mean()
         if reduction == "sum":
             return losses.sum()
-        raise ValueError(f"reduction={reduction!r}: must be 'mean' or 'sum'")
+        if reduction == "none":
+            return losses
+        raise ValueError(f"reduction={reduction!r}: must be 'mean', 'sum' or 'none'")
 
     def __call__(self, ids: mx.array, targets: mx.array) -> mx.array:
         return self.loss(ids, targets)

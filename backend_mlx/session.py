@@ -224,6 +224,12 @@ class MLXSession:
             total += float(self._eval_loss(_ids(xc), _ids(yc)))   # float(): evaluates, sums in float64
         return total
 
+    def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per-token cross-entropies, chunk by chunk as eval_loss_sum, as float64 on the host."""
+        rows = [np.array(self.model.loss(_ids(xc), _ids(yc), reduction="none"), dtype=np.float64)
+                for xc, yc in chunks(x, y, self.cfg.mlx_max_microbatch_tokens)]
+        return np.concatenate(rows).reshape(np.shape(y))
+
     # -- the rest of the interface --
 
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:

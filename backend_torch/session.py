@@ -197,6 +197,11 @@ class TorchSession:
         losses = self.model.loss(self._to_device(x), self._to_device(y), reduction="none")
         return float(losses.to('cpu', torch.float64).sum().item())   # summed in float64 on the host: mps has none
 
+    @torch.no_grad()
+    def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        losses = self.model.loss(self._to_device(x), self._to_device(y), reduction="none")
+        return losses.to("cpu", torch.float64).numpy().reshape(np.shape(y))
+
     # -- distributed and housekeeping --
 
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:

@@ -150,6 +150,12 @@ class TrainConfig:
                                           "(the fewest that fit MEMORY_BUDGET_GB)", auto="int")
     # Validation and logging
     val_batch_size: int = setting(524288, "validation tokens per evaluation batch, over all ranks and accumulation steps (as the reference)")
+    eval_stride: int = setting(0, "sliding-window evaluation at the end of training (and in make eval): windows "
+                               "advance by this many tokens, each target scored once with at least window-stride "
+                               "tokens of context (0 = off: only the non-overlapping windows of the reference)")
+    eval_seq_len: int = setting(0, "window length of the sliding evaluation (0 = TRAIN_SEQ_LEN)")
+    eval_batch_seqs: int = setting(0, "windows per batch of the sliding evaluation on each rank "
+                                   "(0 = as many as the VAL_BATCH_SIZE batch holds tokens)")
     val_loss_every: int = setting(1000, "validate every N steps (0 = only at the end)")
     train_log_every: int = setting(200, "log the training loss every N steps")
     checkpoint_every: int = setting(0, "write a checkpoint every N steps (0 = only at the end)")
@@ -212,6 +218,7 @@ class TrainConfig:
             if getattr(self, name) != AUTO and getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
         non_negative = ("warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
+                        "eval_stride", "eval_seq_len", "eval_batch_seqs",
                         "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -219,6 +226,9 @@ class TrainConfig:
         for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be in [0, 1)")
+        if self.eval_stride > self.eval_window:
+            raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the window length "
+                              f"{self.eval_window} (EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); a longer stride skips targets")
         if self.mlx_max_microbatch_tokens <= 0:
             raise ConfigError(f"MLX_MAX_MICROBATCH_TOKENS={self.mlx_max_microbatch_tokens}: must be positive")
         parse_report_to(self.report_to)
@@ -235,6 +245,11 @@ class TrainConfig:
                 if message.startswith(name + "="):
                     message = env_name(name) + message[len(name):]
             raise ConfigError(message) from None
+
+    @property
+    def eval_window(self) -> int:
+        """L of the sliding evaluation: EVAL_SEQ_LEN, else TRAIN_SEQ_LEN."""
+        return self.eval_seq_len or self.train_seq_len
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -84,6 +84,10 @@ class TrainerBackend(Protocol):
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
         """Sum (not mean) of token cross-entropies of this batch, in nats, without gradients."""
 
+    def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The cross-entropy of every target of this batch, in nats, float64 of shape y.shape, without
+        gradients (the sliding evaluation keeps only each window's new targets)."""
+
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
         """Sum across ranks (identity on one process)."""
 

@@ -46,11 +46,11 @@ from trainer.backend import TrainerBackend
 from trainer.interrupt import InterruptFlag
 from trainer.plan import RunPlan, check_fits, make_plan
 from trainer.plot import plot_losses
-from trainer.progress import Progress, format_seconds
+from trainer.progress import EvalProgress, Progress, format_seconds
 from trainer.run_folder import RunLog, create_run_dir, make_run_dir, source_snapshot
 from trainer.tracking import check_trackers
 from trainer.summary import format_summary
-from trainer.validation import evaluate, train_token_counts
+from trainer.validation import evaluate, evaluate_sliding, train_token_counts
 
 
 @dataclass
@@ -298,7 +298,8 @@ class Training:
         run, cfg, step = self.run, self.cfg, self.step
         self.pause_clock()
         self.read_losses()
-        self.val_loss, self.val_bpb = evaluate(self.backend, run.val_tokens, run.tables, cfg)
+        self.val_loss, self.val_bpb = evaluate(self.backend, run.val_tokens, run.tables, cfg,
+                                               EvalProgress(f"val step {step}", run.master))
         self.log(f"step:{step}/{cfg.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
                  f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / max(step, 1):.2f}ms")
         self.log.metric(kind="val", step=step, tokens=step * self.tokens_per_step, val_loss=self.val_loss,
@@ -363,11 +364,25 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         log(f"serialized_model_int8_zlib:{len(blob)} bytes {artifact.size_report(len(blob))}")
     t_eval = time.perf_counter()
     backend.load_weights(artifact.unpack(blob))
-    rt_loss, rt_bpb = evaluate(backend, run.val_tokens, run.tables, cfg)
-    backend.load_weights(weights)
+    rt_loss, rt_bpb = evaluate(backend, run.val_tokens, run.tables, cfg, EvalProgress("roundtrip val", run.master))
     log(f"final_int8_zlib_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} "
         f"eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
     log(f"final_int8_zlib_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
+    sliding = {}
+    if cfg.eval_stride > 0:   # the same roundtrip weights, scored in sliding windows (docs/spec.md §7)
+        t_eval = time.perf_counter()
+        sl_loss, sl_bpb = evaluate_sliding(backend, run.val_tokens, run.tables, cfg,
+                                           EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
+        sliding = {"eval_stride": cfg.eval_stride, "eval_seq_len": cfg.eval_window,
+                   "roundtrip_sliding_val_loss": sl_loss, "roundtrip_sliding_val_bpb": sl_bpb,
+                   "sliding_eval_time_s": time.perf_counter() - t_eval}
+        log(f"final_int8_zlib_roundtrip_sliding val_loss:{sl_loss:.8f} val_bpb:{sl_bpb:.8f} "
+            f"stride:{cfg.eval_stride} seq_len:{cfg.eval_window} (standard val_bpb:{rt_bpb:.8f}) "
+            f"eval_time:{1000.0 * sliding['sliding_eval_time_s']:.0f}ms")
+        log.metric(kind="sliding_val", step=training.step, tokens=training.step * training.tokens_per_step,
+                   val_loss=sl_loss, val_bpb=sl_bpb, eval_stride=cfg.eval_stride, eval_seq_len=cfg.eval_window,
+                   weights="int8_zlib_roundtrip")
+    backend.load_weights(weights)
 
     step, start_step = training.step, training.start_step
     tokens_per_step, world = training.tokens_per_step, backend.world_size
@@ -400,7 +415,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "memory_budget_bytes": run.plan.memory.budget, "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,
         "artifact": str(artifact_path),
-    }
+    } | sliding
     if run.master:
         log.summary(summary)
         for line in format_summary(summary):

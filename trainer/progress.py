@@ -8,6 +8,7 @@ themselves carry tokens/s and the ETA.
 from __future__ import annotations
 
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -38,6 +39,46 @@ class Progress:
             self.bar.n = step
             self.bar.set_postfix_str(f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s", refresh=False)
             self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class EvalProgress:
+    """Progress of a long evaluation, so it never looks hung: on a terminal a bar (shown only after
+    `delay_s`, gone when done); elsewhere a `val_progress` line at most every `every_s` seconds.
+    Call it after each batch with (batches done, batches in all)."""
+
+    def __init__(self, label: str, enabled: bool, stream=None, every_s: float = 10.0, delay_s: float = 2.0,
+                 clock=time.perf_counter):
+        self.label, self.enabled, self.every_s, self.clock = label, enabled, every_s, clock
+        self.stream = stream or sys.stdout
+        self.tty = enabled and self.stream.isatty()
+        self.delay_s = delay_s
+        self.bar = None
+        self.t0 = self.last = clock()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            if self.bar is None:
+                self.bar = tqdm(total=total, unit="batch", desc=self.label, dynamic_ncols=True, file=self.stream,
+                                leave=False, delay=self.delay_s)
+            self.bar.n = done
+            self.bar.refresh()
+            if done >= total:
+                self.close()
+            return
+        now = self.clock()
+        if now - self.last >= self.every_s and done < total:
+            self.last = now
+            elapsed = now - self.t0
+            eta = elapsed * (total - done) / max(done, 1)
+            print(f"val_progress {self.label} batches:{done}/{total} ({100.0 * done / max(total, 1):.0f}%) "
+                  f"elapsed:{format_seconds(elapsed)} eta:{format_seconds(eta)}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -15,7 +15,9 @@ def format_summary(s: dict) -> list[str]:
         + (f"{beat:.4f} bits per byte better" if beat > 0 else f"{-beat:.4f} bits per byte WORSE (train longer)"),
         f"int8+zlib roundtrip val_bpb {s['roundtrip_val_bpb']:.4f}; artifact {s['artifact_bytes']:,} bytes "
         f"({100.0 * s['artifact_bytes'] / s['artifact_budget_bytes']:.1f}% of the "
-        f"{s['artifact_budget_bytes']:,}-byte budget)",
+        f"{s['artifact_budget_bytes']:,}-byte budget)"
+        + (f"; sliding (stride {s['eval_stride']}) val_bpb {s['roundtrip_sliding_val_bpb']:.4f}"
+           if "roundtrip_sliding_val_bpb" in s else ""),
         f"parameters {s['params_unique']:,} unique ({s['params_non_embedding']:,} non-embedding); "
         f"{s['params_total']:,} as used, tying the head to the embedding saves {s['params_saved_by_tying']:,}",
         f"speed {s['tokens_per_s']:,.0f} tokens/s, {s['step_avg_ms']:.0f} ms/step, "

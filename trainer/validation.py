@@ -3,28 +3,79 @@ unigram baseline's token counts."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from core.config import AUTO, TrainConfig
 from core.metrics import EvalAccumulator, token_bytes
+from data.eval_windows import plan_windows, rank_share, scored_mask, window_batches
 from data.stream import leading_shards, validation_batches
 from trainer.backend import TrainerBackend
 
 
-def evaluate(backend: TrainerBackend, val_tokens: np.ndarray, tables, cfg: TrainConfig) -> tuple[float, float]:
+OnBatch = Callable[[int, int], None]   # (batches done, batches in all) on this rank, after each batch
+
+
+def local_batch_tokens(cfg: TrainConfig, world_size: int) -> int:
+    """Tokens of one validation batch on each rank: VAL_BATCH_SIZE / (WORLD_SIZE x GRAD_ACCUM_STEPS)."""
+    accum = 1 if cfg.grad_accum_steps == AUTO else cfg.grad_accum_steps
+    return cfg.val_batch_size // (world_size * accum)
+
+
+def evaluate(backend: TrainerBackend, val_tokens: np.ndarray, tables, cfg: TrainConfig,
+             on_batch: OnBatch | None = None) -> tuple[float, float]:
     """(val_loss, val_bpb) over the whole validation set, summed across ranks.
 
     Each rank scores batches of VAL_BATCH_SIZE / (WORLD_SIZE x GRAD_ACCUM_STEPS) tokens, as the
     reference trainers do: the micro-steps that fit training's memory keep validation's small too.
     The batch size changes only how the sums are grouped, not what they add up to."""
-    accum = 1 if cfg.grad_accum_steps == AUTO else cfg.grad_accum_steps
-    local_tokens = max(cfg.val_batch_size // (backend.world_size * accum), cfg.train_seq_len)
-    batch_seqs = local_tokens // cfg.train_seq_len
+    batch_seqs = max(local_batch_tokens(cfg, backend.world_size), cfg.train_seq_len) // cfg.train_seq_len
+    total_seqs = (len(val_tokens) - 1) // cfg.train_seq_len
+    share = rank_share(total_seqs, backend.rank, backend.world_size)
+    n_batches = -(-len(share) // batch_seqs)
     loss_sum = tokens = n_bytes = 0.0
-    for x, y in validation_batches(val_tokens, cfg.train_seq_len, batch_seqs, backend.rank, backend.world_size):
+    batches = validation_batches(val_tokens, cfg.train_seq_len, batch_seqs, backend.rank, backend.world_size)
+    for i, (x, y) in enumerate(batches, start=1):
         loss_sum += backend.eval_loss_sum(x, y)
         tokens += y.size
         n_bytes += float(token_bytes(tables, x, y).sum())
+        if on_batch is not None:
+            on_batch(i, n_batches)
+    return _figures(backend, loss_sum, tokens, n_bytes)
+
+
+def sliding_batch_seqs(cfg: TrainConfig, world_size: int) -> int:
+    """Windows per sliding batch on each rank: EVAL_BATCH_SEQS, else as many as the standard batch
+    holds tokens (so the memory plan's validation batch still bounds it)."""
+    if cfg.eval_batch_seqs:
+        return cfg.eval_batch_seqs
+    return max(local_batch_tokens(cfg, world_size) // cfg.eval_window, 1)
+
+
+def evaluate_sliding(backend: TrainerBackend, val_tokens: np.ndarray, tables, cfg: TrainConfig,
+                     on_batch: OnBatch | None = None) -> tuple[float, float]:
+    """(val_loss, val_bpb) of the sliding windows of data/eval_windows.py (EVAL_STRIDE, window
+    EVAL_SEQ_LEN or TRAIN_SEQ_LEN) over the same N targets as evaluate(), summed across ranks.
+
+    The backend scores whole windows (per-token losses); only each window's new targets count, so
+    the sums are the same (up to float64 rounding) for any batch size and world size."""
+    plan = plan_windows(len(val_tokens) - 1, cfg.eval_window, cfg.eval_stride)
+    batch_seqs = sliding_batch_seqs(cfg, backend.world_size)
+    n_batches = -(-len(rank_share(plan.num_windows, backend.rank, backend.world_size)) // batch_seqs)
+    loss_sum = tokens = n_bytes = 0.0
+    batches = window_batches(val_tokens, plan, batch_seqs, backend.rank, backend.world_size)
+    for i, (x, y, first) in enumerate(batches, start=1):
+        scored = scored_mask(first, plan.seq_len)
+        loss_sum += float(backend.eval_token_losses(x, y)[scored].sum())
+        tokens += float(scored.sum())
+        n_bytes += float(token_bytes(tables, x, y)[scored].sum())
+        if on_batch is not None:
+            on_batch(i, n_batches)
+    return _figures(backend, loss_sum, tokens, n_bytes)
+
+
+def _figures(backend: TrainerBackend, loss_sum: float, tokens: float, n_bytes: float) -> tuple[float, float]:
     loss_sum, tokens, n_bytes = backend.all_reduce_sum([loss_sum, tokens, n_bytes])
     acc = EvalAccumulator()
     acc.add(loss_sum, int(tokens), int(n_bytes))

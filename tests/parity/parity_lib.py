@@ -233,6 +233,12 @@ ROWS = [
     # Same weights give the same artifact bytes (the §10 artifact row); here, the training tolerance.
     Row("trained_roundtrip", "roundtrip val_loss/val_bpb of the two 20-step runs' own artifacts", 1e-4,
         "<= 1e-4", False, expanded=False),
+    Row("sliding_val", "sliding-window val (EVAL_STRIDE), torch vs MLX, both attention paths", 1e-6,
+        "<= 1e-6", False),
+    Row("sliding_ref", "sliding-window val, each backend vs float64 reference windows", 1e-5,
+        "<= 1e-5", False),
+    Row("sliding_standard", "sliding val, stride = window, vs the standard val (EVAL_STRIDE=0)", 1e-6,
+        "<= 1e-6", False, expanded=False),
     Row("checkpoint", "checkpoint across backends: logits, continued losses, val", 1e-4, "<= 1e-5|1e-4|1e-6", False,
         expanded=False),
     # Data parallelism (docs/spec.md §6, §7): the same 20-step run by 2 MLX ranks under mlx.launch (ring)
