@@ -9,8 +9,9 @@ here is a one-line error too. A checkpoint holds its ModelSpec; an artifact hold
 its spec is read from their shapes (core.params.infer_spec), with what no shape holds (softcap,
 RoPE base, RMSNorm eps) from `settings`.
 
-To read another trainer's files, recognise them in `file_kind` and read them in `load_model_file`:
-nothing else needs to change.
+The Parameter Golf reference trainers' four files (interop/, docs/spec.md §13) are read too, given
+as either setting: their spec comes from their shapes, their RMSNorm epsilon is their script's, and
+RoPE is converted to ours, exactly as `make pg-import` does.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from core.checkpoint import META_KEY, load_checkpoint
 from core.config import ModelSpec, TrainConfig
 from core.errors import CheckpointError
 from core.params import infer_spec
+from interop import detect_kind, read_reference_file
 
 SETTING = {"checkpoint": "CHECKPOINT", "artifact": "ARTIFACT"}
 # What no tensor shape holds: an artifact's spec takes these from the settings.
@@ -39,7 +41,7 @@ UNSHAPED = ("tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init",
 class ModelFile:
     spec: ModelSpec
     weights: dict[str, np.ndarray]
-    kind: str                                   # "checkpoint" or "artifact"
+    kind: str                                   # "checkpoint", "artifact" or a reference kind (interop.KINDS)
     config: dict = field(default_factory=dict)  # the training run's settings, when the file holds them
 
 
@@ -67,7 +69,12 @@ def load_model_file(path: str | Path, kind: str, settings: TrainConfig) -> Model
         raise CheckpointError(f"{name}: no such file")
     found = file_kind(path)
     if found is None:
-        raise CheckpointError(f"{name}: not a twingpt checkpoint (.safetensors) or artifact (model.int8.zlib)")
+        reference = detect_kind(path)
+        if reference is None:
+            raise CheckpointError(f"{name}: not a twingpt checkpoint (.safetensors) or artifact (model.int8.zlib), "
+                                  "nor a Parameter Golf reference file")
+        model = read_reference_file(path, **{k: getattr(settings, k) for k in UNSHAPED if k != "norm_eps"})
+        return ModelFile(model.spec, model.weights, model.kind)
     if found != kind:
         raise CheckpointError(f"{name}: this file is a twingpt {found}; give it as {SETTING[found]}={path}")
     if kind == "checkpoint":
