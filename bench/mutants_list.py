@@ -20,6 +20,8 @@ TOKENIZER = ("tests/data/test_tokenizer.py",)
 MLX_MODEL = ("tests/mlx/test_mlx_model.py",)
 MLX_OPTIM = ("tests/mlx/test_mlx_optim.py", "tests/independent/test_adam_steps.py")
 TORCH_MODEL = ("tests/torch/test_torch_model.py",)
+TORCH_OPTIM = ("tests/torch/test_torch_optim.py", "tests/independent/test_adam_steps.py")
+EVAL_WINDOWS = ("tests/data/test_eval_windows.py",)
 WARMUP = ("tests/trainer/test_loop_paths.py::test_warmup_with_compile_on_leaves_every_step_loss_unchanged[mlx]",)
 RESUME = ("tests/test_trainers.py::test_resume_reproduces_the_uninterrupted_losses_exactly[mlx]",)
 CLOCK = ("tests/test_trainers.py::test_resume_continues_the_training_clock_of_the_checkpoint",)
@@ -208,4 +210,21 @@ MUTANTS = [
     Mutant("trainer-3", "trainer/tracking.py",
            "self.run.log(scalars(record), step=int(record[\"step\"]))",
            "self.run.log(scalars(record))", TRACKING),
+    # backend_torch/optim.py: the multi-tensor Adam and the stacked Muon
+    Mutant("torch-6", "backend_torch/optim.py",
+           "denom = torch._foreach_div(vs, 1 - beta2 ** t)          # v_hat",
+           "denom = torch._foreach_div(vs, 1 - beta2 ** (t + 1))    # v_hat", TORCH_OPTIM),
+    Mutant("torch-7", "backend_torch/optim.py",
+           "updates = torch._foreach_add(grads, bufs, alpha=momentum)   # Nesterov: g + momentum * buf",
+           "updates = torch._foreach_add(grads, bufs, alpha=1.0)", TORCH_OPTIM),
+    Mutant("torch-8", "backend_torch/optim.py",
+           "NS_COEFFS = (3.4445, -4.7750, 2.0315)",
+           "NS_COEFFS = (3.4445, -4.7750, 2.3015)", TORCH_OPTIM),
+    # data/eval_windows.py: the sliding-window plan (every target scored once)
+    Mutant("data-10", "data/eval_windows.py",
+           "first[1:] = L - (starts[1:] - starts[:-1])           # the window before ended at starts[k-1] + L",
+           "first[1:] = L - (starts[1:] - starts[:-1]) + 1", EVAL_WINDOWS),
+    Mutant("data-11", "data/eval_windows.py",
+           "starts = np.minimum(np.arange(count, dtype=np.int64) * stride, last)",
+           "starts = np.minimum(np.arange(count - 1, dtype=np.int64) * stride, last)", EVAL_WINDOWS),
 ]
