@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from core.errors import ConfigError
+from data.stream import rank_share
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,6 @@ def plan_windows(n_targets: int, seq_len: int, stride: int) -> WindowPlan:
     first = np.zeros(count, dtype=np.int64)
     first[1:] = L - (starts[1:] - starts[:-1])           # the window before ended at starts[k-1] + L
     return WindowPlan(n_targets, L, stride, starts, first)
-
-
-def rank_share(num_windows: int, rank: int, world_size: int) -> range:
-    """The contiguous windows rank r scores (as data.stream splits the non-overlapping sequences)."""
-    return range(num_windows * rank // world_size, num_windows * (rank + 1) // world_size)
 
 
 def window_batches(tokens: np.ndarray, plan: WindowPlan, batch_seqs: int, rank: int = 0,

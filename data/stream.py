@@ -157,15 +157,18 @@ def validation_batch_seqs(val_batch_size: int, seq_len: int, world_size: int = 1
     return seqs
 
 
+def rank_share(count: int, rank: int, world_size: int) -> range:
+    """The contiguous part of `count` validation sequences (or sliding windows) rank r scores."""
+    return range(count * rank // world_size, count * (rank + 1) // world_size)
+
+
 def validation_batches(tokens: np.ndarray, seq_len: int, batch_seqs: int, rank: int = 0,
                        world_size: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(x, y) int64 batches of at most batch_seqs non-overlapping windows of this rank's share."""
     if batch_seqs < 1:
         raise ConfigError(f"validation batch of {batch_seqs} sequences: must be at least 1")
-    total_seqs = (len(tokens) - 1) // seq_len
-    first = total_seqs * rank // world_size
-    end = total_seqs * (rank + 1) // world_size
-    for start in range(first, end, batch_seqs):
-        stop = min(start + batch_seqs, end)
+    share = rank_share((len(tokens) - 1) // seq_len, rank, world_size)
+    for start in range(share.start, share.stop, batch_seqs):
+        stop = min(start + batch_seqs, share.stop)
         local = tokens[start * seq_len:stop * seq_len + 1].astype(np.int64)
         yield local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)

@@ -9,8 +9,8 @@ import numpy as np
 
 from core.config import AUTO, TrainConfig
 from core.metrics import EvalAccumulator, token_bytes
-from data.eval_windows import plan_windows, rank_share, scored_mask, window_batches
-from data.stream import leading_shards, validation_batches
+from data.eval_windows import plan_windows, scored_mask, window_batches
+from data.stream import leading_shards, rank_share, validation_batches
 from trainer.backend import TrainerBackend
 
 

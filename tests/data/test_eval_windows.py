@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from core.errors import ConfigError
-from data.eval_windows import plan_windows, rank_share, scored_mask, window_batches
+from data.eval_windows import plan_windows, scored_mask, window_batches
+from data.stream import rank_share
 
 # (N, L, S): S dividing N - L and not, S = 1, S = L, N = L, N < L, N = 1.
 CASES = [(1000, 64, 16), (1000, 64, 20), (1001, 64, 64), (997, 64, 1), (64, 64, 8), (40, 64, 8), (1, 8, 3),
