@@ -192,10 +192,8 @@ class TorchSession:
             param.grad = None
         return summed
 
-    @torch.no_grad()
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
-        losses = self.model.loss(self._to_device(x), self._to_device(y), reduction="none")
-        return float(losses.to('cpu', torch.float64).sum().item())   # summed in float64 on the host: mps has none
+        return float(self.eval_token_losses(x, y).sum())   # summed in float64 on the host: mps has none
 
     @torch.no_grad()
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:

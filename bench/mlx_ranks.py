@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from backend_mlx.blas import ensure_fast_blas
+from bench.run import CONFIGS as MODELS
 from core.config import TrainConfig
 from core.init import init_weights
 from core.params import MATRIX, param_table
@@ -32,17 +33,14 @@ from core.params import MATRIX, param_table
 REPO = Path(__file__).resolve().parents[1]
 # (model settings, train_batch_tokens): the make-train preset and the reference BASE model (one
 # 1024-token sequence per rank a step: the bytes do not depend on the tokens).
-CONFIGS = {
-    "preset": (dict(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256), 8192),
-    "base": (dict(num_layers=9, model_dim=512, num_heads=8, num_kv_heads=4, train_seq_len=1024), 2048),
-}
+CONFIGS = {"preset": (MODELS["preset"], 8192), "base": (MODELS["base"], 2048)}
 
 
 def payload_bytes(cfg: TrainConfig) -> int:
     """What one rank hands to all-reduce in a step, from the parameter table (docs/spec.md §2)."""
     table = param_table(cfg.model_spec())
-    grads = sum(4 * int(np.prod(p.shape)) for p in table)
-    muon = sum(4 * int(np.prod(p.shape)) for p in table if p.group == MATRIX)
+    grads = sum(4 * p.numel for p in table)
+    muon = sum(4 * p.numel for p in table if p.group == MATRIX)
     return grads + muon + 4 + 3 * 8   # + the fp32 loss + the stop check's three float64
 
 
