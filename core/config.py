@@ -379,17 +379,21 @@ class _ArgumentParserRaising(argparse.ArgumentParser):
 
 
 def parse_settings(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
-                   prog: str | None = None, description: str | None = None):
+                   prog: str | None = None, description: str | None = None, pass_on: bool = False):
     """A settings dataclass of a command other than the trainers (sampling, the tying analysis):
-    flag > environment (the field's name in capitals) > default; `--help` prints every setting."""
+    flag > environment (the field's name in capitals) > default; `--help` prints every setting.
+
+    With pass_on=True the command also takes the trainers' settings (make eval): flags that are not
+    `cls`'s, and --help, are left for load_config, and (settings, those flags) is returned."""
     environ = os.environ if environ is None else environ
-    parser = _ArgumentParserRaising(prog=prog, allow_abbrev=False, description=description,
+    parser = _ArgumentParserRaising(prog=prog, allow_abbrev=False, description=description, add_help=not pass_on,
                                     epilog="Each flag can also be set as the environment variable named in "
                                            "capitals; a flag wins.")
     for f in fields(cls):
         parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name),
                             help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"))
-    args = parser.parse_args(list(argv) if argv is not None else [])
+    argv = list(argv) if argv is not None else []
+    args, rest = parser.parse_known_args(argv) if pass_on else (parser.parse_args(argv), [])
     values = {}
     for f in fields(cls):
         raw = getattr(args, f.name)
@@ -397,7 +401,7 @@ def parse_settings(cls, argv: Sequence[str] | None = None, environ: Mapping[str,
             raw = environ.get(env_name(f.name))
         if raw is not None:
             values[f.name] = parse_value(f.name, raw, str(f.type))
-    return cls(**values)
+    return (cls(**values), rest) if pass_on else cls(**values)
 
 
 def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,

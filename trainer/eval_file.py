@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from core.config import env_name, flag_name, load_config, setting
+from core.config import env_name, load_config, parse_settings, setting
 from core.errors import ConfigError, DatasetError, exit_on_user_error
 from core.files import write_bytes_atomic
 from core.metrics import build_byte_tables
@@ -48,14 +48,7 @@ class EvalFileSettings:
 def parse_eval_settings(argv: Sequence[str], environ: Mapping[str, str], prog: str):
     """(EvalFileSettings, path, kind, TrainConfig): --checkpoint/--artifact/--out (or CHECKPOINT,
     ARTIFACT, OUT), every trainer setting from flags > environment > the file's run > defaults."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
-    for name in ("checkpoint", "artifact", "out"):
-        parser.add_argument(flag_name(name), dest=name, default=None)
-    known, rest = parser.parse_known_args(list(argv))
-    settings = EvalFileSettings(**{name: getattr(known, name) if getattr(known, name) is not None
-                                   else environ.get(env_name(name), "") for name in ("checkpoint", "artifact", "out")})
+    settings, rest = parse_settings(EvalFileSettings, argv, environ, prog, pass_on=True)
     if "--help" in rest or "-h" in rest:
         print(__doc__.strip(), "\n\nSettings besides --checkpoint, --artifact and --out: those of the trainers:")
         load_config(["--help"], environ={}, prog=prog)   # prints them and exits
