@@ -36,8 +36,10 @@ OTHER_SETTINGS = ("tests/independent/test_validation_independent.py::"
                   "test_make_eval_of_an_artifact_from_a_run_with_other_settings_matches_the_reference",)
 EVAL_FILE = ("tests/trainer/test_eval_file.py",)
 EVAL_REFERENCE = ("tests/interop/test_eval_reference_files.py",)
-TYING = ("tests/trainer/test_tying.py",)
-FILES = ("tests/core/test_files.py", "tests/data/test_shards.py")
+TYING = tuple(f"tests/trainer/test_tying.py::{t}" for t in (
+    "test_the_direct_path_is_the_models_forward_with_every_block_silent_under_a_real_softcap",
+    "test_the_figures_recover_a_known_asymmetric_bigram_table", "test_symmetric_bigram_counts_have_no_data_asymmetry"))
+FILES = ("tests/core/test_files.py",)
 
 MUTANTS = [
     # core/schedule.py: the learning-rate and momentum schedules
