@@ -101,7 +101,7 @@ class TorchSession:
             self.device = str(rt.device)
         if rt.world_size > 1 and not dist.is_initialized():
             # device_id binds NCCL's communicator to this rank's GPU at once (no guessing, no lazy init).
-            # timeout: a collective a failed or hung peer never joins raises after COLLECTIVE_TIMEOUT_SECONDS
+            # timeout: a collective a failed or hung peer never joins fails after COLLECTIVE_TIMEOUT_SECONDS (60)
             # (gloo at once; NCCL through its watchdog) instead of torch's 10 to 30 minutes.
             cuda = rt.device.type == "cuda"
             dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rt.rank, world_size=rt.world_size,

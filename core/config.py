@@ -204,7 +204,7 @@ class TrainConfig:
                                             "(0.8 of free CUDA memory, 0.75 of Metal's working set, 0.6 of RAM)",
                                             auto="float")
     # Several processes
-    collective_timeout_seconds: float = setting(600.0, "several ranks: a collective (all-reduce, barrier) that makes no "
+    collective_timeout_seconds: float = setting(60.0, "several ranks: a collective (all-reduce, barrier) that makes no "
                                                 "progress for this many seconds ends the run with a one-line error "
                                                 "(a peer that failed, was killed or hangs)")
     plan: bool = setting(False, "print the resolved run (device, dtype, micro-steps, memory estimate vs budget) "
