@@ -12,6 +12,11 @@ MLX's ring connects rank r to rank r+1 (the last rank to rank 0), retrying a ref
 few times (about 30 s), but a rank waits for the connection from its left neighbour forever. A
 peer that never starts is therefore bounded here: SIGALRM interrupts the wait after
 MLX_CONNECT_TIMEOUT seconds (default 60), and the failure is one line naming the address.
+
+Once connected, a collective waits for its peers forever: a peer that failed, was killed or hangs
+(MLX has open reports of ring all_sum deadlocks) would hold the run until someone kills it. Every
+wait on a collective is therefore guarded: a watchdog thread ends the process with one line when one
+makes no progress for COLLECTIVE_TIMEOUT_SECONDS (mx.eval releases the GIL while it waits).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import hashlib
 import json
 import os
 import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -135,6 +144,42 @@ def init_ring(environ=os.environ):
     return group
 
 
+class Watchdog:
+    """Ends the process, with one line on stderr and exit status 1, when a guarded wait lasts longer
+    than `seconds`: the one way out of a collective blocked inside MLX, which no signal interrupts."""
+
+    def __init__(self, seconds: float, prefix: str):
+        self.seconds, self.prefix = seconds, prefix
+        self.deadline: float | None = None
+        self.what = ""
+        self.changed = threading.Condition()
+        threading.Thread(target=self._watch, name="collective-watchdog", daemon=True).start()
+
+    @contextmanager
+    def guard(self, what: str):
+        with self.changed:
+            self.deadline, self.what = time.monotonic() + self.seconds, what
+            self.changed.notify()
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.deadline = None
+
+    def _watch(self) -> None:
+        with self.changed:
+            while True:
+                if self.deadline is None:
+                    self.changed.wait()
+                elif time.monotonic() >= self.deadline:
+                    sys.stderr.write(f"error: {self.prefix}: {self.what} made no progress for {self.seconds:g} s "
+                                     "(COLLECTIVE_TIMEOUT_SECONDS); a peer has failed, was killed or hangs\n")
+                    sys.stderr.flush()
+                    os._exit(1)
+                else:
+                    self.changed.wait(self.deadline - time.monotonic())
+
+
 class Ring:
     """The collectives of one data-parallel run (world_size > 1)."""
 
@@ -147,6 +192,19 @@ class Ring:
         # Payload handed to the all-reduces so far (a ring sends 2(N-1)/N of it from each rank); counted
         # as the graphs are built, so under mx.compile the compiled update's share counts once.
         self.bytes_reduced = 0
+        self.watchdog: Watchdog | None = None
+
+    def set_timeout(self, seconds: float) -> None:
+        """Every later wait() that lasts longer than `seconds` ends the process (COLLECTIVE_TIMEOUT_SECONDS)."""
+        self.watchdog = Watchdog(seconds, f"rank {self.rank} of {self.world_size}")
+
+    def wait(self, what: str, *arrays) -> None:
+        """mx.eval(*arrays), which runs collectives, under the watchdog once a timeout is set."""
+        if self.watchdog is None:
+            mx.eval(*arrays)
+            return
+        with self.watchdog.guard(what):
+            mx.eval(*arrays)
 
     def all_sum(self, x: mx.array) -> mx.array:
         self.bytes_reduced += x.nbytes
@@ -165,7 +223,9 @@ class Ring:
         x = mx.array([float(v) for v in values], dtype=mx.float64)
         reduce = mx.distributed.all_sum if op == "sum" else mx.distributed.all_max
         self.bytes_reduced += x.nbytes
-        return reduce(x, group=self.group, stream=mx.cpu).tolist()
+        result = reduce(x, group=self.group, stream=mx.cpu)
+        self.wait(f"an all-reduce ({op})", result)
+        return result.tolist()
 
     def check_same_settings(self, settings: dict) -> None:
         """Every rank must train with the same settings (PER_HOST_SETTINGS aside) from the same resume

@@ -26,6 +26,7 @@ import platform
 import resource
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import numpy as np
 from core import artifact
 from core.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
 from core.config import ModelSpec, TrainConfig, load_config
-from core.errors import TrainingError, exit_on_user_error
+from core.errors import RankError, TrainingError, UserError, exit_on_user_error
 from core.flops import flops_per_token
 from core.init import init_weights
 from core.metrics import build_byte_tables, unigram_baseline
@@ -462,6 +463,13 @@ def main(prog: str, make_session, argv=None) -> TrainResult:
         if cfg.plan:
             return print_plan(cfg, session)
         return run_training(cfg, session)
+    except Exception as err:
+        if session.world_size == 1 or isinstance(err, UserError):
+            raise
+        # One rank failed alone (out of memory, a bug): its traceback, then one line naming the rank,
+        # the last a launcher relays. Its peers' collectives then fail or time out.
+        traceback.print_exc()
+        raise RankError(f"rank {session.rank} of {session.world_size}: {type(err).__name__}: {err}") from None
     finally:
         session.close()
 

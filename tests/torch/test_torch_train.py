@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.errors import ConfigError
-from trainer_helpers import REPO, tiny_env, train
+from trainer_helpers import REPO, TORCHRUN, fault_script, run_until, tiny_env, train
 
 
 def test_two_ranks_with_gloo_and_two_accumulation_steps_match_one_rank_with_four(tiny_dataset, tmp_path):
@@ -62,3 +62,13 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(device, tiny_dataset, t
     with pytest.raises(ConfigError, match=ABSENT_MESSAGE[device]):
         train("torch", tiny_env(tiny_dataset, tmp_path, DEVICE=device))
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_error_in_one_rank_ends_the_whole_job_within_a_minute_in_one_line(tiny_dataset, tmp_path):
+    # Rank 1 fails alone at step 3 (as out of memory would); rank 0 is then in a collective it never
+    # completes. Before: rank 1 waited in close()'s barrier, rank 0 in its all-reduce, until killed.
+    script = fault_script(tmp_path, "torch", rank=1, step=3, fault="raise")
+    env = tiny_env(tiny_dataset, tmp_path, ITERATIONS=1000, RUN_ID="fault")
+    proc, seconds = run_until([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script)], env, timeout=90)
+    assert proc.returncode not in (0, None) and seconds < 60, (seconds, proc.stderr[-3000:])
+    assert "error: rank 1 of 2: RuntimeError: injected fault at step 3" in proc.stderr.splitlines()
