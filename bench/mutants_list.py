@@ -34,8 +34,12 @@ DDP_ACCUM = ("tests/torch/test_torch_train.py::test_two_ranks_with_gloo_and_two_
 VALIDATION = ("tests/independent/test_validation_independent.py", "tests/trainer/test_sliding_eval.py")
 OTHER_SETTINGS = ("tests/independent/test_validation_independent.py::"
                   "test_make_eval_of_an_artifact_from_a_run_with_other_settings_matches_the_reference",)
-EVAL_FILE = ("tests/trainer/test_eval_file.py",)
-EVAL_REFERENCE = ("tests/interop/test_eval_reference_files.py",)
+EVAL_FILE_TESTS = "tests/trainer/test_eval_file.py::"
+EVAL_ARTIFACT = (EVAL_FILE_TESTS + "test_an_artifact_is_scored_as_the_checkpoint_of_its_weights",)
+EVAL_OVERRIDE = (EVAL_FILE_TESTS + "test_a_setting_given_beats_the_files_run",)
+EVAL_BAD_INPUT = (EVAL_FILE_TESTS + "test_bad_inputs_are_one_line_errors_with_exit_status_2",)
+EVAL_CHECKPOINT = (EVAL_FILE_TESTS + "test_a_checkpoint_gives_the_same_figures_in_both_backends_and_writes_only_out",)
+EVAL_REFERENCE = ("tests/interop/test_eval_reference_files.py::test_eval_of_a_reference_artifact_equals_eval_of_its_import[torch-int8]",)
 TYING = tuple(f"tests/trainer/test_tying.py::{t}" for t in (
     "test_the_direct_path_is_the_models_forward_with_every_block_silent_under_a_real_softcap",
     "test_the_figures_recover_a_known_asymmetric_bigram_table", "test_symmetric_bigram_counts_have_no_data_asymmetry"))
@@ -332,20 +336,20 @@ MUTANTS = [
     # trainer/eval_file.py and trainer/model_files.py: make eval of a file, with its run's settings
     Mutant("eval-1", "trainer/eval_file.py",
            "INHERITED = (\"data_path\", \"tokenizer_path\", \"train_seq_len\", \"val_batch_size\", *UNSHAPED)",
-           "INHERITED = (\"data_path\", \"tokenizer_path\", \"val_batch_size\", *UNSHAPED)", EVAL_FILE),
+           "INHERITED = (\"data_path\", \"tokenizer_path\", \"val_batch_size\", *UNSHAPED)", EVAL_ARTIFACT),
     Mutant("eval-2", "trainer/eval_file.py",
            "INHERITED = (\"data_path\", \"tokenizer_path\", \"train_seq_len\", \"val_batch_size\", *UNSHAPED)",
            "INHERITED = (\"data_path\", \"tokenizer_path\", \"train_seq_len\", \"val_batch_size\")",
            OTHER_SETTINGS),
     Mutant("eval-3", "trainer/eval_file.py",
            "cfg = load_config(rest, environ={**inherited, **environ}, prog=prog)",
-           "cfg = load_config(rest, environ={**environ, **inherited}, prog=prog)", EVAL_FILE),
+           "cfg = load_config(rest, environ={**environ, **inherited}, prog=prog)", EVAL_OVERRIDE),
     Mutant("eval-4", "trainer/eval_file.py",
            "if bool(settings.checkpoint) == bool(settings.artifact):",
-           "if not settings.checkpoint and not settings.artifact:", EVAL_FILE),
+           "if not settings.checkpoint and not settings.artifact:", EVAL_BAD_INPUT),
     Mutant("eval-5", "trainer/eval_file.py",
            "\"eval_stride\": cfg.eval_stride, \"eval_seq_len\": seq_len, \"targets\": int(len(val_tokens) - 1),",
-           "\"eval_stride\": cfg.eval_stride, \"eval_seq_len\": seq_len, \"targets\": int(len(val_tokens)),", EVAL_FILE),
+           "\"eval_stride\": cfg.eval_stride, \"eval_seq_len\": seq_len, \"targets\": int(len(val_tokens)),", EVAL_CHECKPOINT),
     Mutant("files-model-1", "trainer/model_files.py",
            "UNSHAPED = (\"tied_embed_init_std\", \"logit_softcap\", \"rope_base\", \"qk_gain_init\", \"norm_eps\")",
            "UNSHAPED = (\"tied_embed_init_std\", \"logit_softcap\", \"qk_gain_init\", \"norm_eps\")", OTHER_SETTINGS),
@@ -357,13 +361,13 @@ MUTANTS = [
            "UNSHAPED = (\"tied_embed_init_std\", \"logit_softcap\", \"rope_base\", \"qk_gain_init\")", OTHER_SETTINGS),
     Mutant("files-model-4", "trainer/model_files.py",
            "if 2 <= n < 100_000_000 and head[8:9] == b\"{\":", "if 2 <= n < 100_000_000 and head[8:9] == b\"[\":",
-           EVAL_FILE),
+           EVAL_BAD_INPUT),
     Mutant("files-model-5", "trainer/model_files.py",
            "model = read_reference_file(path, **{k: getattr(settings, k) for k in UNSHAPED if k != \"norm_eps\"})",
            "model = read_reference_file(path, **{k: getattr(settings, k) for k in UNSHAPED})", EVAL_REFERENCE),
     Mutant("files-model-6", "trainer/model_files.py",
            "elif kind == \"artifact\" and (path.parent / \"config.json\").is_file():",
-           "elif kind == \"artifact\" and (path.parent.parent / \"config.json\").is_file():", EVAL_FILE),
+           "elif kind == \"artifact\" and (path.parent.parent / \"config.json\").is_file():", EVAL_ARTIFACT),
     # trainer/tying.py: the direct-path analysis
     Mutant("tying-1", "trainer/tying.py",
            "return c * np.tanh(raw / c)            # §4 step 5", "return raw", TYING),
