@@ -336,7 +336,7 @@ MUTANTS = [
     # trainer/eval_file.py and trainer/model_files.py: make eval of a file, with its run's settings
     Mutant("eval-1", "trainer/eval_file.py",
            "INHERITED = (\"data_path\", \"tokenizer_path\", \"train_seq_len\", \"val_batch_size\", *UNSHAPED)",
-           "INHERITED = (\"data_path\", \"tokenizer_path\", \"val_batch_size\", *UNSHAPED)", EVAL_ARTIFACT),
+           "INHERITED = (\"data_path\", \"tokenizer_path\", \"val_batch_size\", *UNSHAPED)", EVAL_OVERRIDE),
     Mutant("eval-2", "trainer/eval_file.py",
            "INHERITED = (\"data_path\", \"tokenizer_path\", \"train_seq_len\", \"val_batch_size\", *UNSHAPED)",
            "INHERITED = (\"data_path\", \"tokenizer_path\", \"train_seq_len\", \"val_batch_size\")",
