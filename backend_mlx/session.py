@@ -27,7 +27,7 @@ from core.memory import eager_eval, machine_ram_bytes
 from core.params import MATRIX, param_groups, param_shapes
 
 from backend_mlx.blas import blas_note
-from backend_mlx.distributed import Ring, init_ring
+from backend_mlx.distributed import Ring, init_ring, local_ranks
 from backend_mlx.model import GPT
 from backend_mlx.optim import Adam, Muon, clip_grad_norm
 
@@ -55,6 +55,7 @@ class MLXSession:
     name = "mlx"
     rank = 0
     world_size = 1
+    local_ranks = 1
 
     def __init__(self):
         on_gpu = mx.default_device().type == mx.gpu
@@ -70,6 +71,7 @@ class MLXSession:
         self.ring = Ring(group) if group is not None else None
         if self.ring is not None:
             self.rank, self.world_size = self.ring.rank, self.ring.world_size
+            self.local_ranks = local_ranks()
 
     # -- building --
 
@@ -81,8 +83,9 @@ class MLXSession:
             self.ring.check_same_settings(cfg.to_dict())
         if self.device_kind == "metal" and cfg.memory_budget_gb != AUTO:
             # As mlx-lm does: keep the run's memory wired (resident) so macOS does not page it out
-            # under pressure; never more than the plan's budget or Metal's recommended working set.
-            limit = min(int(cfg.memory_budget_gb * 2**30), self.device_memory_bytes())
+            # under pressure; never more than the plan's budget or this rank's share of Metal's
+            # recommended working set (local ranks each wiring the whole can panic the kernel).
+            limit = min(int(cfg.memory_budget_gb * 2**30), self.device_memory_bytes() // self.local_ranks)
             if hasattr(mx, "set_wired_limit"):
                 mx.set_wired_limit(limit)
         if not on_gpu:

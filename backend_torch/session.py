@@ -38,6 +38,7 @@ class Runtime:
     rank: int
     local_rank: int
     world_size: int
+    local_ranks: int       # processes sharing this device: torchrun's local ranks on the CPU, 1 on a GPU each
 
 
 def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
@@ -68,7 +69,8 @@ def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
     # inductor's cache), so it pays only after ~250 (bf16) or ~400 (fp32) steps, more than the
     # small CPU presets and the tests run. `make bench` measures it again.
     compile_model = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
-    return Runtime(device, compute_dtype, compile_model, rank, local_rank, world_size)
+    local_ranks = int(environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    return Runtime(device, compute_dtype, compile_model, rank, local_rank, world_size, local_ranks)
 
 
 def tf32_off() -> None:
@@ -88,7 +90,7 @@ class TorchSession:
     def __init__(self, cfg: TrainConfig, environ=os.environ):
         rt = resolve_runtime(cfg, environ)
         self.runtime = rt
-        self.rank, self.world_size = rt.rank, rt.world_size
+        self.rank, self.world_size, self.local_ranks = rt.rank, rt.world_size, rt.local_ranks
         self.compute_dtype = rt.compute_dtype
         self.compiled = rt.compile
         self.torch_device = rt.device
