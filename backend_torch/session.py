@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from backend_torch.model import GPT
 from backend_torch.optim import adam_update, clip_grad_norm, muon_step, newton_schulz
+from backend_torch.precision import tf32_off
 from trainer.backend import checked_optimizer_state
 from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError, TrainingError
@@ -71,17 +72,6 @@ def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
     compile_model = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
     local_ranks = int(environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     return Runtime(device, compute_dtype, compile_model, rank, local_rank, world_size, local_ranks)
-
-
-def tf32_off() -> None:
-    """fp32 means fp32 on CUDA (matrix products and cuDNN convolutions): the fp32 parity rows hold on
-    GPUs too. Through fp32_precision (torch >= 2.9); the allow_tf32 flags only where that is absent."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
 
 
 class TorchSession:
