@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from backend_torch.attention_kernels import (DESCRIPTIONS, FLASH_MIN_CAPABILITY, attention_kernel,
+                                             pin_cuda_kernel, use_kernel)
 from backend_torch.model import GPT
 from backend_torch.optim import adam_update, clip_grad_norm, muon_step, newton_schulz
 from backend_torch.precision import tf32_off
@@ -40,6 +42,7 @@ class Runtime:
     local_rank: int
     world_size: int
     local_ranks: int       # processes sharing this device: torchrun's local ranks on the CPU, 1 on a GPU each
+    attention: str         # the attention kernel (backend_torch/attention_kernels.py)
 
 
 def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
@@ -62,8 +65,14 @@ def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
         device = torch.device("mps")
     else:
         device = torch.device("cpu")
-    # bf16 by default on CUDA only: mps's bf16 support depends on the macOS version, fp32 is safe.
-    compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if use_cuda else "float32")
+    # bf16 by default on CUDA from sm80 (Ampere) on, as the reference; older GPUs have no bf16 tensor
+    # cores (and no flash kernel): fp32 there. mps's bf16 support depends on the macOS version: fp32.
+    capability = torch.cuda.get_device_capability(device) if use_cuda else None
+    bf16_ok = capability is not None and capability >= FLASH_MIN_CAPABILITY
+    if cfg.compute_dtype == "bfloat16" and use_cuda and not bf16_ok:
+        raise ConfigError(f"COMPUTE_DTYPE=bfloat16: this GPU (sm_{capability[0]}{capability[1]}) has no bf16 tensor "
+                          "cores; use COMPUTE_DTYPE=float32 or auto")
+    compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if bf16_ok else "float32")
     # torch.compile pays on CUDA. On the CPU it stays off unless asked for (COMPILE=1): measured on
     # 2 cores at 2,048 tokens a step, BASE in bf16 ran 0.79 s a step compiled against 1.08 s eager
     # and fp32 2.72 s against 2.90 s, but the first step took 70-80 s to compile (4 s from
@@ -71,7 +80,14 @@ def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
     # small CPU presets and the tests run. `make bench` measures it again.
     compile_model = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
     local_ranks = int(environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    return Runtime(device, compute_dtype, compile_model, rank, local_rank, world_size, local_ranks)
+    return Runtime(device, compute_dtype, compile_model, rank, local_rank, world_size, local_ranks,
+                   attention_kernel(device.type, capability, compute_dtype))
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Token ids onto the device. non_blocking only to CUDA: a host-to-mps copy that does not wait can
+    read the numpy buffer after it is freed (open torch issues)."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device, non_blocking=device.type == "cuda")
 
 
 class TorchSession:
@@ -89,6 +105,7 @@ class TorchSession:
             torch.cuda.set_device(rt.device)
             self.device = f"cuda:{rt.local_rank} ({torch.cuda.get_device_name(rt.device)})"
             tf32_off()
+            pin_cuda_kernel(rt.attention)
         else:
             self.device = str(rt.device)
         if rt.world_size > 1 and not dist.is_initialized():
@@ -100,7 +117,8 @@ class TorchSession:
                                     device_id=rt.device if cuda else None,
                                     timeout=timedelta(seconds=cfg.collective_timeout_seconds))
         self.notes = [f"torch {torch.__version__} device:{self.device} compute_dtype:{self.compute_dtype} "
-                      f"compile:{int(rt.compile)} world_size:{rt.world_size}"]
+                      f"compile:{int(rt.compile)} world_size:{rt.world_size} attention:{rt.attention} "
+                      f"({DESCRIPTIONS[rt.attention]})"]
 
     def runtime_choices(self, cfg: TrainConfig) -> tuple[str, bool]:
         """(compute dtype, compiled), chosen by resolve_runtime (the memory plan reads them)."""
@@ -111,6 +129,7 @@ class TorchSession:
     def setup(self, spec: ModelSpec, cfg: TrainConfig) -> None:
         self.spec, self.cfg = spec, cfg
         self.model = GPT(spec, DTYPES[self.compute_dtype]).to(self.torch_device).build_rotary(cfg.train_seq_len)
+        use_kernel(self.model, self.runtime.attention)
         params = dict(self.model.named_parameters())
         self.table = param_table(spec)
         self.params = {p.name: params[p.name] for p in self.table}
@@ -147,7 +166,7 @@ class TorchSession:
     # -- training --
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.torch_device, non_blocking=True)
+        return to_device(a, self.torch_device)
 
     def train_step(self, micro_batches: Sequence, lrs: dict[str, float], muon_momentum: float,
                    step: int) -> torch.Tensor:
@@ -195,7 +214,8 @@ class TorchSession:
     @torch.no_grad()
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         losses = self.model.loss(self._to_device(x), self._to_device(y), reduction="none")
-        return losses.to("cpu", torch.float64).numpy().reshape(np.shape(y))
+        # To the host first, then float64: mps has no float64, and .to("cpu", torch.float64) casts on the device.
+        return losses.float().cpu().numpy().astype(np.float64).reshape(np.shape(y))
 
     # -- distributed and housekeeping --
 
