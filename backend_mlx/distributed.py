@@ -36,11 +36,28 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from core.errors import ConfigError, UserError
+from core.files import file_sha256
 
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
 # Settings that may differ between hosts: where files are, and what each device's memory decides.
 PER_HOST_SETTINGS = {"data_path", "tokenizer_path", "out_dir", "run_id", "resume_from", "device", "compile",
                      "mlx_max_microbatch_tokens", "mlx_eager_eval", "memory_budget_gb", "plan"}
+
+
+def replica_settings(settings: dict) -> dict:
+    """What every rank must share to train the same replica: every setting but PER_HOST_SETTINGS,
+    and the bytes of the RESUME_FROM file (its path may differ between hosts, its content must not:
+    a rank resumed from other weights, or another step, would train apart silently)."""
+    shared = {k: v for k, v in settings.items() if k not in PER_HOST_SETTINGS}
+    if settings.get("resume_from"):
+        shared["resume_from_sha256"] = file_sha256(settings["resume_from"])
+    return shared
+
+
+def settings_digest(settings: dict) -> int:
+    """48 bits of the SHA-256 of replica_settings(settings): exact in float64, so one all-reduce compares them."""
+    text = json.dumps(replica_settings(settings), sort_keys=True)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big")
 
 
 class DistributedError(UserError):
@@ -220,14 +237,15 @@ class Ring:
         return result.tolist()
 
     def check_same_settings(self, settings: dict) -> None:
-        """Every rank must train with the same settings (PER_HOST_SETTINGS aside): ssh passes no
+        """Every rank must train with the same settings (PER_HOST_SETTINGS aside) from the same resume
+        file, if any (replica_settings): there is no broadcast of weights. ssh passes no
         environment variables to another host, so `ITERATIONS=500 HOSTFILE=... make train-mlx` would
         otherwise train the remote ranks with other settings, silently."""
-        shared = {k: v for k, v in settings.items() if k not in PER_HOST_SETTINGS}
-        digest = int.from_bytes(hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).digest()[:6], "big")
-        highest, negated_lowest = self.all_reduce([digest, -digest], "max")   # 48 bits: exact in float64
+        digest = settings_digest(settings)
+        highest, negated_lowest = self.all_reduce([digest, -digest], "max")
         if highest != digest or -negated_lowest != digest:
-            raise ConfigError(f"rank {self.rank} of {self.world_size}: the ranks were given different settings; "
+            raise ConfigError(f"rank {self.rank} of {self.world_size}: the ranks were given different settings "
+                              "(or RESUME_FROM files of different content); "
                               "on several hosts give them as flags (ARGS=...), in a CONFIG file or in the "
                               "hostfile's \"envs\": environment variables reach local ranks only")
 

@@ -284,9 +284,11 @@ class Training:
         values, self.unread_losses = [float(v) for v in self.unread_losses], []
         for i, loss in enumerate(values):
             if not math.isfinite(loss):
-                raise TrainingError(f"step {first + i}: the training loss is {loss}; lower the learning rates"
-                                    + (f" (last checkpoint: {self.last_checkpoint})" if self.last_checkpoint else ""))
+                raise TrainingError(f"step {first + i}: the training loss is {loss}; {self.divergence_advice()}")
         self.train_losses.extend(values)
+
+    def divergence_advice(self) -> str:
+        return "lower the learning rates" + (f" (last checkpoint: {self.last_checkpoint})" if self.last_checkpoint else "")
 
     def eta_s(self, train_ms: float) -> float:
         step_ms = (train_ms - self.resumed_ms) / max(self.step - self.start_step, 1)
@@ -335,11 +337,17 @@ class Training:
     def write_checkpoint(self) -> Path | None:
         run = self.run
         self.read_losses()   # a non-finite loss stops the run before its weights are written
+        # The last update can make the weights non-finite after a finite loss (the loss was computed
+        # before it): checked on every rank, as the replicas hold the same weights and stop together.
+        weights = self.backend.export_weights()
+        for name, w in weights.items():
+            if not np.isfinite(w).all():
+                raise TrainingError(f"step {self.step}: the weights are not finite ({name}); {self.divergence_advice()}")
         if not run.master:
             return None
         path = run.run_dir / "checkpoints" / f"step_{self.step:06d}.safetensors"
         save_checkpoint(path, spec=run.spec, config=self.cfg.to_dict(), step=self.step,
-                        weights=self.backend.export_weights(), optimizer_state=self.backend.export_optimizer_state(),
+                        weights=weights, optimizer_state=self.backend.export_optimizer_state(),
                         data_state=self.loader.state(), backend=self.backend.name,
                         extra={"train_time_ms": self.elapsed_ms, "run_id": run.run_id})
         self.log(f"checkpoint:{path}")

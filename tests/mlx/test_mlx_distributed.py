@@ -160,7 +160,8 @@ def test_ranks_given_different_settings_refuse_to_train(tiny_dataset, tmp_path, 
     outs = [p.communicate(timeout=60) for p in ranks]
     assert [p.returncode for p in ranks] == [2, 2]
     for r, (_, err) in enumerate(outs):
-        assert err.strip() == (f"error: rank {r} of 2: the ranks were given different settings; on several hosts "
+        assert err.strip() == (f"error: rank {r} of 2: the ranks were given different settings (or RESUME_FROM "
+                               "files of different content); on several hosts "
                                "give them as flags (ARGS=...), in a CONFIG file or in the hostfile's \"envs\": "
                                "environment variables reach local ranks only")
 

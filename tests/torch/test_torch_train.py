@@ -13,23 +13,31 @@ from core.errors import ConfigError
 from trainer_helpers import REPO, TORCHRUN, fault_script, run_until, tiny_env, train
 
 
-def test_two_ranks_with_gloo_match_one_rank_with_two_accumulation_steps(tiny_dataset, tmp_path):
+def test_two_ranks_with_gloo_and_two_accumulation_steps_match_one_rank_with_four(tiny_dataset, tmp_path):
+    # Two micro-steps a rank: DDP's no_sync on the first, the gradient all-reduce on the last. Syncing
+    # after the first micro-step instead leaves each rank its own last micro-batch: replicas apart.
     base = tiny_env(tiny_dataset, tmp_path, ITERATIONS=4)
     one = subprocess.run([sys.executable, "-m", "backend_torch.train"], cwd=REPO, capture_output=True, text=True,
-                         env=os.environ | base | {"RUN_ID": "one", "GRAD_ACCUM_STEPS": "2"})
+                         env=os.environ | base | {"RUN_ID": "one", "GRAD_ACCUM_STEPS": "4"})
     assert one.returncode == 0, one.stderr
     torchrun = Path(sys.executable).with_name("torchrun")
     two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "backend_torch.train"],
-                         cwd=REPO, capture_output=True, text=True, env=os.environ | base | {"RUN_ID": "two"})
+                         cwd=REPO, capture_output=True, text=True,
+                         env=os.environ | base | {"RUN_ID": "two", "GRAD_ACCUM_STEPS": "2"})
     assert two.returncode == 0, two.stderr[-3000:]
 
     def losses(run_id):
         lines = (tmp_path / "runs" / run_id / "metrics.jsonl").read_text().splitlines()
         return [r["train_loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
 
+    def summary(run_id):
+        return json.loads((tmp_path / "runs" / run_id / "summary.json").read_text())
+
     assert len(losses("two")) == 4
     assert losses("two") == pytest.approx(losses("one"), rel=1e-5)
-    assert "world_size:2" in (tmp_path / "runs" / "two" / "log.txt").read_text()
+    assert summary("two")["val_loss"] == pytest.approx(summary("one")["val_loss"], rel=1e-6)
+    log = (tmp_path / "runs" / "two" / "log.txt").read_text()
+    assert "world_size:2" in log and "grad_accum_steps:2" in log
 
 
 def test_two_ranks_train_a_one_layer_model(tiny_dataset, tmp_path):
