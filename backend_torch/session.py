@@ -7,6 +7,7 @@ CPU tests run the very code a GPU run executes, with only these choices differen
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -85,6 +86,15 @@ def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
                    attention_kernel(device.type, capability, compute_dtype))
 
 
+def nccl_device_id(torch_version: str, device: torch.device) -> torch.device | None:
+    """init_process_group's device_id: this rank's GPU, as the reference passes it (eager NCCL init;
+    without it torch guesses the GPU from the rank, and lazily-created communicators have hung
+    all-reduces, pytorch#142356), except on torch after 2.6.0 and before 2.7.1, where passing it makes
+    NCCL 2.26 hang at random during communication (pytorch#153960, worked around in 2.7.1)."""
+    version = tuple(int(part) for part in re.findall(r"\d+", torch_version)[:3])
+    return None if (2, 6, 0) < version < (2, 7, 1) else device
+
+
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     """Token ids onto the device. non_blocking only to CUDA: a host-to-mps copy that does not wait can
     read the numpy buffer after it is freed (open torch issues)."""
@@ -110,12 +120,13 @@ class TorchSession:
         else:
             self.device = str(rt.device)
         if rt.world_size > 1 and not dist.is_initialized():
-            # device_id binds NCCL's communicator to this rank's GPU at once (no guessing, no lazy init).
+            # device_id binds NCCL's communicator to this rank's GPU at once (no guessing, no lazy init),
+            # as the reference does; not on the torch versions where it hangs NCCL (nccl_device_id).
             # timeout: a collective a failed or hung peer never joins fails after COLLECTIVE_TIMEOUT_SECONDS (60)
             # (gloo at once; NCCL through its watchdog) instead of torch's 10 to 30 minutes.
             cuda = rt.device.type == "cuda"
             dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rt.rank, world_size=rt.world_size,
-                                    device_id=rt.device if cuda else None,
+                                    device_id=nccl_device_id(torch.__version__, rt.device) if cuda else None,
                                     timeout=timedelta(seconds=cfg.collective_timeout_seconds))
         self.notes = [f"torch {torch.__version__} device:{self.device} compute_dtype:{self.compute_dtype} "
                       f"compile:{int(rt.compile)} world_size:{rt.world_size} attention:{rt.attention} "

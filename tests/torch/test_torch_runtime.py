@@ -189,3 +189,13 @@ def test_mps_copies_block_and_validation_reaches_float64_on_the_host(monkeypatch
     torch_session.to_device(x, torch.device("mps"))
     torch_session.to_device(x, torch.device("cuda", 0))
     assert copies == [{"non_blocking": False}, {"non_blocking": True}]
+
+
+def test_nccl_gets_the_device_id_except_on_the_torch_versions_where_it_hangs():
+    from backend_torch.session import nccl_device_id
+
+    gpu = torch.device("cuda", 3)
+    for version in ("2.5.1+cu124", "2.6.0", "2.7.1", "2.9.0", "2.14.1+cu130"):
+        assert nccl_device_id(version, gpu) == gpu, version
+    for version in ("2.6.1", "2.7.0+cu126"):
+        assert nccl_device_id(version, gpu) is None, version
