@@ -267,7 +267,13 @@ class MLXSession:
             info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
             return int(info["max_recommended_working_set_size"])
         if self.device_kind == "cuda":
-            return int(mx.device_info().get("memory_size", 0)) or machine_ram_bytes()
+            # MLX's CUDA build reports free_memory and total_memory (not Metal's memory_size): the free
+            # memory, as torch's mem_get_info gives the CUDA budget.
+            info = mx.device_info()
+            for key in ("free_memory", "total_memory", "memory_size"):
+                if info.get(key):
+                    return int(info[key])
+            return machine_ram_bytes()
         return machine_ram_bytes()
 
     def peak_memory_bytes(self) -> int | None:

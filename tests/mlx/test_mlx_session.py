@@ -202,3 +202,16 @@ def test_local_ranks_are_the_ring_hosts_at_this_rank_address(tmp_path):
     hostfile.write_text('[["10.0.0.1:5000"], ["10.0.0.1:5001"], ["10.0.0.2:5000"]]')
     assert [local_ranks({"MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)}) for r in range(3)] == [2, 2, 1]
     assert local_ranks({}) == 1
+
+
+def test_mlx_on_cuda_budgets_from_the_gpu_memory_its_device_info_reports(monkeypatch):
+    """MLX's CUDA build reports free_memory and total_memory, not Metal's memory_size; the budget must
+    come from the GPU, not fall back to host RAM."""
+    info = {"device_name": "NVIDIA H100 80GB HBM3", "architecture": "sm_90",
+            "free_memory": 70 * 2**30, "total_memory": 80 * 2**30}
+    monkeypatch.setattr(mx, "device_info", lambda *args: info, raising=False)
+    session = MLXSession()
+    session.device_kind = "cuda"
+    assert session.device_memory_bytes() == 70 * 2**30
+    del info["free_memory"]
+    assert session.device_memory_bytes() == 80 * 2**30
