@@ -21,8 +21,8 @@ from core.errors import ConfigError
 from core.sizes import GIB
 from trainer.backend import TrainerBackend
 
-# torch on Apple's GPU: SDPA like CUDA's (nothing T x T kept), and a budget like Metal's (unified memory).
-ESTIMATE_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mps": "cuda"}
+# torch on Apple's GPU: SDPA's math path (T x T probabilities kept), and a budget like Metal's (unified memory).
+ESTIMATE_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mps": "mps"}
 BUDGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mps": "metal"}
 DEVICE_MEMORY = {"cpu": "RAM", "cuda": "free CUDA memory", "metal": "Metal's recommended working set",
                  "mps": "Metal's recommended working set"}
