@@ -63,6 +63,9 @@ class MLXSession:
         metal = on_gpu and mx.metal.is_available()   # an MLX CUDA build's GPU is not Metal
         self.device = ("mlx gpu (Metal)" if metal else "mlx gpu (CUDA)") if on_gpu else "mlx cpu"
         self.device_kind = ("metal" if metal else "cuda") if on_gpu else "cpu"
+        # backend_mlx/model.py: mx.fast's attention on a GPU (MLX runs it unfused while training on Metal).
+        self.attention = ("mx.fast scaled_dot_product_attention" + (" (unfused while training)" if metal else "")
+                          if on_gpu else "blocked causal attention (CPU)")
         self.compute_dtype = ""
         self.notes: list[str] = []
         self.compiled = False
@@ -284,10 +287,10 @@ class MLXSession:
         return None
 
     def close(self) -> None:
-        # mlx.launch stops every rank as soon as one exits with an error, so a rank waits here for
-        # rank 0 to finish writing: after a normal end, and after an interruption or a diverged loss
+        # A rank leaving early can look like a failure to its peers, so a rank waits here for rank 0
+        # to finish writing: after a normal end, and after an interruption or a diverged loss
         # (TrainingError), which every rank raises after the same step. Not after an error of one
-        # rank alone: its peers are not coming, and mlx.launch ends them.
+        # rank alone: its peers are not coming; they end at the collective watchdog (distributed.py).
         in_flight = sys.exc_info()[1]
         if self.ring is not None and (in_flight is None or isinstance(in_flight, TrainingError)):
             self.ring.barrier()

@@ -112,6 +112,7 @@ class TorchSession:
         self.compiled = rt.compile
         self.torch_device = rt.device
         self.device_kind = rt.device.type   # "cpu", "cuda" or "mps"
+        self.attention = f"{rt.attention}: {DESCRIPTIONS[rt.attention]}"
         if rt.device.type == "cuda":
             torch.cuda.set_device(rt.device)
             self.device = f"cuda:{rt.local_rank} ({torch.cuda.get_device_name(rt.device)})"

@@ -57,6 +57,7 @@ class TrainerBackend(Protocol):
     notes: list[str]     # lines the loop writes to the log at start (BLAS in use, compile, ...)
     compiled: bool       # whether the train step is compiled (the loop's warmup steps exist to prime it)
     local_ranks: int     # processes of this run sharing this device (local CPU or Mac ranks): they split its memory
+    attention: str       # the attention kernel a training step runs on this device (make doctor shows it)
 
     def runtime_choices(self, cfg: TrainConfig) -> tuple[str, bool]:
         """(compute dtype, compiled) the session uses for `cfg`; known before setup, for the memory plan."""

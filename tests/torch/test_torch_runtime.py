@@ -199,3 +199,22 @@ def test_nccl_gets_the_device_id_except_on_the_torch_versions_where_it_hangs():
         assert nccl_device_id(version, gpu) == gpu, version
     for version in ("2.6.1", "2.7.0+cu126"):
         assert nccl_device_id(version, gpu) is None, version
+
+
+def test_the_process_group_times_out_after_collective_timeout_seconds(cuda, monkeypatch):
+    """A collective that a failed or hung peer never joins must fail after COLLECTIVE_TIMEOUT_SECONDS,
+    not torch's default 10 minutes (NCCL) or 30 (gloo); NCCL is bound to this rank's GPU."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Injected GPU")
+    torchrun = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    TorchSession(load_config([], environ=TINY | {"DEVICE": "cuda", "COLLECTIVE_TIMEOUT_SECONDS": "7"}), environ=torchrun)
+    TorchSession(load_config([], environ=TINY | {"DEVICE": "cpu"}), environ=torchrun)
+    assert [(c["backend"], c["timeout"], c["device_id"]) for c in calls] == [
+        ("nccl", timedelta(seconds=7), torch.device("cuda", 1)), ("gloo", timedelta(seconds=60), None)]
