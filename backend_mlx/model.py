@@ -180,9 +180,12 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = Linear(spec.model_dim, spec.hidden_dim, compute_dtype)
         self.proj = Linear(spec.hidden_dim, spec.model_dim, compute_dtype)
+        self.negative_slope = spec.mlp_negative_slope
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.proj(mx.square(nn.relu(self.fc(x))))
+        h = self.fc(x)
+        h = nn.relu(h) if self.negative_slope == 0 else nn.leaky_relu(h, self.negative_slope)
+        return self.proj(mx.square(h))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,22 +193,37 @@ class MLP(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 class Block(nn.Module):
-    def __init__(self, spec: ModelSpec, compute_dtype: mx.Dtype):
+    def __init__(self, spec: ModelSpec, compute_dtype: mx.Dtype, layer: int):
         super().__init__()
         d = spec.model_dim
         self.eps = spec.norm_eps
+        self.ln_scale = 1.0 / (layer + 1) ** 0.5 if spec.ln_scale else 1.0   # docs/spec.md §4.7
         self.attn = CausalSelfAttention(spec, compute_dtype)
         self.mlp = MLP(spec, compute_dtype)
         self.attn_scale = mx.zeros((d,))
         self.mlp_scale = mx.zeros((d,))
         self.resid_mix = mx.zeros((2, d))
 
+    def norm(self, x: mx.array) -> mx.array:
+        x = rms_norm(x, self.eps)
+        return x if self.ln_scale == 1.0 else x * self.ln_scale
+
     def __call__(self, x: mx.array, x0: mx.array, cache: dict | None = None) -> mx.array:
         mix = self.resid_mix
         x = mix[0] * x + mix[1] * x0                                        # fp32 residual stream
-        x = x + self.attn_scale * self.attn(rms_norm(x, self.eps), cache).astype(mx.float32)
-        x = x + self.mlp_scale * self.mlp(rms_norm(x, self.eps)).astype(mx.float32)
+        x = x + self.attn_scale * self.attn(self.norm(x), cache).astype(mx.float32)
+        x = x + self.mlp_scale * self.mlp(self.norm(x)).astype(mx.float32)
         return x
+
+    def parallel(self, lane0: mx.array, lane1: mx.array, x0: mx.array, resid: mx.array,
+                 post: mx.array, cache: dict | None = None) -> tuple[mx.array, mx.array]:
+        """The two-lane form (docs/spec.md §4.9): attention reads lane 0 mixed with x0, the MLP reads
+        lane 1; lane k becomes resid[k] lane_k + post[0, k] attn + post[1, k] mlp. fp32 lanes."""
+        mix = self.resid_mix
+        a = self.attn_scale * self.attn(self.norm(mix[0] * lane0 + mix[1] * x0), cache).astype(mx.float32)
+        m = self.mlp_scale * self.mlp(self.norm(lane1)).astype(mx.float32)
+        return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,9 +240,16 @@ class GPT(nn.Module):
         # Tied: the head is tok_emb.weight itself (one array); there is no lm_head at all.
         self.lm_head = None if spec.tie_embeddings else Linear(spec.model_dim, spec.vocab_size, compute_dtype)
         self.skip_weights = mx.zeros((spec.num_skip_weights, spec.model_dim))
-        self.blocks = [Block(spec, compute_dtype) for _ in range(spec.num_layers)]
-        self.num_encoder_layers = spec.num_encoder_layers
-        self.num_decoder_layers = spec.num_decoder_layers
+        self.blocks = [Block(spec, compute_dtype, i) for i in range(spec.num_layers)]
+        # record options: blocks and layout (docs/spec.md §4.8-§4.10)
+        if spec.skip_gates_enabled:
+            self.skip_gates = mx.zeros((spec.num_skip_weights, spec.model_dim))
+        if spec.parallel_start_layer:
+            self.parallel_post_lambdas = mx.zeros((spec.num_layers, 2, 2))
+            self.parallel_resid_lambdas = mx.zeros((spec.num_layers, 2))
+        # Whether the layers loop (NUM_LOOPS > 0): the trainer switches it on at ENABLE_LOOPING_AT, a
+        # checkpoint records it. A compiled function traces one value: the session compiles one per value.
+        self.looping = False
 
     # -- weights in and out, by the names of docs/spec.md §2 --
 
@@ -243,19 +268,44 @@ class GPT(nn.Module):
 
     # -- forward --
 
+    def add_skip(self, x: mx.array, skip: mx.array, j: int) -> mx.array:
+        """U-Net skip j: x + w_j skip, or with gates lerp(w_j skip, x, sigmoid(g_j)) (§4.8)."""
+        scaled = self.skip_weights[j] * skip
+        if not self.spec.skip_gates_enabled:
+            return x + scaled
+        return scaled + mx.sigmoid(self.skip_gates[j]) * (x - scaled)
+
     def logits(self, ids: mx.array, caches: list | None = None) -> mx.array:
-        """(B, T) integer ids -> (B, T, V) fp32 logits."""
+        """(B, T) integer ids -> (B, T, V) fp32 logits. `caches`: one per block call (a looped
+        block runs, and caches, once per pass), see num_block_calls."""
+        spec = self.spec
         x = rms_norm(self.tok_emb(ids), self.eps)                            # (B, T, d)
         x0 = x
+        encoder, decoder = spec.layer_order(self.looping)
+        calls = iter(caches) if caches is not None else None
         skips = []
-        for i in range(self.num_encoder_layers):
-            x = self.blocks[i](x, x0, None if caches is None else caches[i])
+        for i in encoder:
+            x = self.blocks[i](x, x0, None if calls is None else next(calls))
             skips.append(x)
-        for j in range(self.num_decoder_layers):
-            if skips:
-                x = x + self.skip_weights[j] * skips.pop()
-            i = self.num_encoder_layers + j
-            x = self.blocks[i](x, x0, None if caches is None else caches[i])
+        lanes = None                     # (lane0, lane1) once the parallel decoder has begun
+        for j, i in enumerate(decoder):
+            parallel = 0 < spec.parallel_start_layer <= i
+            if parallel and lanes is None:
+                lanes = (x, x)
+            if skips and j < spec.num_skip_weights:
+                if parallel:
+                    lanes = (self.add_skip(lanes[0], skips.pop(), j), lanes[1])
+                else:
+                    x = self.add_skip(x, skips.pop(), j)
+            cache = None if calls is None else next(calls)
+            if parallel:
+                lanes = self.blocks[i].parallel(*lanes, x0, self.parallel_resid_lambdas[i],
+                                                self.parallel_post_lambdas[i], cache)
+            else:
+                x = self.blocks[i](x, x0, cache)
+        if lanes is not None:
+            lane = spec.parallel_final_lane
+            x = 0.5 * (lanes[0] + lanes[1]) if lane == "mean" else lanes[0] if lane == "attn" else lanes[1]
         h = rms_norm(x, self.eps)
         if self.lm_head is None:
             raw = h.astype(self.compute_dtype) @ self.tok_emb.weight.astype(self.compute_dtype).T
@@ -263,6 +313,10 @@ class GPT(nn.Module):
             raw = self.lm_head(h)                                            # (B, T, V)
         c = self.spec.logit_softcap
         return c * mx.tanh(raw.astype(mx.float32) / c)
+
+    def num_block_calls(self) -> int:
+        """Blocks run by one forward (the caches a sampler gives logits)."""
+        return sum(map(len, self.spec.layer_order(self.looping)))
 
     def loss(self, ids: mx.array, targets: mx.array, reduction: str = "mean") -> mx.array:
         logits = self.logits(ids)

@@ -59,19 +59,38 @@ class ModelSpec:
     model_dim: int = setting(512, "residual width d")
     num_heads: int = setting(8, "query heads H")
     num_kv_heads: int = setting(4, "key/value heads K (H % K == 0; K < H is grouped-query attention)")
-    mlp_mult: int = setting(2, "MLP hidden width as a multiple of d")
+    mlp_mult: int | float = setting(2, "MLP hidden width as a multiple of d (a float allowed: hidden = int(mlp_mult*d))")
     tie_embeddings: bool = setting(True, "use the token embedding as the output head")
     tied_embed_init_std: float = setting(0.005, "std of the tied embedding's normal init")
     logit_softcap: float = setting(30.0, "logits = c*tanh(raw/c)")
     rope_base: float = setting(10000.0, "RoPE base frequency")
     qk_gain_init: float = setting(1.5, "initial per-head gain applied to normed, rotated queries")
     norm_eps: float = setting(1e-6, "RMSNorm epsilon (both backends and the reference)")
+    # record options: blocks and layout (docs/spec.md §4.6-§4.10); each is off by default
+    mlp_negative_slope: float = setting(0.0, "MLP activation leaky_relu(x, slope)^2 (0: relu^2, the baseline; "
+                                             "the record: 0.5)")
+    ln_scale: bool = setting(False, "scale each block's normed attention and MLP inputs by 1/sqrt(layer+1)")
+    skip_gates_enabled: bool = setting(False, "gated U-Net skips: x = lerp(w*skip, x, sigmoid(gate)) instead of x + w*skip")
+    parallel_start_layer: int = setting(0, "decoder layers from this index on run as two parallel lanes "
+                                           "(attention, MLP) with learned mixing (0 = off; the record: 8)")
+    parallel_final_lane: str = setting("mean", "the hidden state the parallel lanes end in: mean, attn or mlp",
+                                       choices=("mean", "attn", "mlp"))
+    num_loops: int = setting(0, "extra passes through layers LOOP_START..LOOP_END once looping is on "
+                                "(0 = off; the record: 2)")
+    loop_start: int = setting(3, "first layer of the looped segment (with NUM_LOOPS > 0)")
+    loop_end: int = setting(5, "last layer of the looped segment, inclusive (with NUM_LOOPS > 0)")
 
     def __post_init__(self):
-        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult"):
+        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r}: must be a positive integer")
+        m = self.mlp_mult
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or int(m * self.model_dim) <= 0:
+            raise ConfigError(f"mlp_mult={m!r}: must be a positive number (hidden width int(mlp_mult*model_dim) >= 1)")
+        if isinstance(m, float) and m.is_integer():   # 4.0 is 4: the same spec, and the same checkpoint
+            object.__setattr__(self, "mlp_mult", int(m))
+        self._check_layout()
         for name in ("tied_embed_init_std", "logit_softcap", "rope_base", "norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -87,6 +106,40 @@ class ModelSpec:
                 f"model_dim={self.model_dim}: head_dim = model_dim/num_heads = {self.head_dim} must be even (RoPE)"
             )
 
+    def _check_layout(self) -> None:
+        if not isinstance(self.mlp_negative_slope, (int, float)) or not math.isfinite(self.mlp_negative_slope):
+            raise ConfigError(f"mlp_negative_slope={self.mlp_negative_slope!r}: must be a finite number")
+        if self.parallel_final_lane not in ("mean", "attn", "mlp"):
+            raise ConfigError(f"parallel_final_lane={self.parallel_final_lane!r}: must be one of mean, attn, mlp")
+        for name in ("parallel_start_layer", "num_loops", "loop_start", "loop_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r}: must be a non-negative integer")
+        L = self.num_layers
+        if self.parallel_start_layer >= L:
+            raise ConfigError(f"parallel_start_layer={self.parallel_start_layer}: must be below num_layers={L} "
+                              "(layers 0..num_layers-1; 0 = off)")
+        if self.num_loops:
+            if not self.loop_start <= self.loop_end < L:
+                raise ConfigError(f"loop_end={self.loop_end}: the looped segment loop_start={self.loop_start}.."
+                                  f"loop_end={self.loop_end} must lie within layers 0..{L - 1} (num_layers={L})")
+            if 0 < self.parallel_start_layer <= self.loop_end:
+                raise ConfigError(f"parallel_start_layer={self.parallel_start_layer}: must be after the looped segment "
+                                  f"(loop_end={self.loop_end}) when num_loops > 0")
+
+    def layer_order(self, looping: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(encoder, decoder) block indices in the order they run (docs/spec.md §4.10). Looping on:
+        the segment loop_start..loop_end runs 1 + num_loops times, and the whole sequence is split in
+        half again; off (or num_loops = 0): the first num_layers//2 blocks, then the rest."""
+        L = self.num_layers
+        if looping and self.num_loops:
+            segment = list(range(self.loop_start, self.loop_end + 1))
+            order = list(range(self.loop_start)) + segment * (self.num_loops + 1) + list(range(self.loop_end + 1, L))
+        else:
+            order = list(range(L))
+        half = len(order) // 2
+        return tuple(order[:half]), tuple(order[half:])
+
     # Derived sizes (docs/spec.md §2 notation).
     @property
     def head_dim(self) -> int:
@@ -98,7 +151,7 @@ class ModelSpec:
 
     @property
     def hidden_dim(self) -> int:
-        return self.mlp_mult * self.model_dim
+        return int(self.mlp_mult * self.model_dim)
 
     @property
     def num_encoder_layers(self) -> int:
@@ -110,7 +163,9 @@ class ModelSpec:
 
     @property
     def num_skip_weights(self) -> int:
-        return min(self.num_encoder_layers, self.num_decoder_layers)
+        """One per skip connection of the longest layer order (the looped one when NUM_LOOPS > 0)."""
+        encoder, decoder = self.layer_order(looping=True)
+        return min(len(encoder), len(decoder))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -168,13 +223,25 @@ class TrainConfig:
     model_dim: int = setting(512, ModelSpec.__dataclass_fields__["model_dim"].metadata["help"])
     num_heads: int = setting(8, ModelSpec.__dataclass_fields__["num_heads"].metadata["help"])
     num_kv_heads: int = setting(4, ModelSpec.__dataclass_fields__["num_kv_heads"].metadata["help"])
-    mlp_mult: int = setting(2, ModelSpec.__dataclass_fields__["mlp_mult"].metadata["help"])
+    mlp_mult: int | float = setting(2, ModelSpec.__dataclass_fields__["mlp_mult"].metadata["help"])
     tie_embeddings: bool = setting(True, ModelSpec.__dataclass_fields__["tie_embeddings"].metadata["help"])
     tied_embed_init_std: float = setting(0.005, ModelSpec.__dataclass_fields__["tied_embed_init_std"].metadata["help"])
     logit_softcap: float = setting(30.0, ModelSpec.__dataclass_fields__["logit_softcap"].metadata["help"])
     rope_base: float = setting(10000.0, ModelSpec.__dataclass_fields__["rope_base"].metadata["help"])
     qk_gain_init: float = setting(1.5, ModelSpec.__dataclass_fields__["qk_gain_init"].metadata["help"])
     norm_eps: float = setting(1e-6, ModelSpec.__dataclass_fields__["norm_eps"].metadata["help"])
+    # record options: blocks and layout (see ModelSpec)
+    mlp_negative_slope: float = setting(0.0, ModelSpec.__dataclass_fields__["mlp_negative_slope"].metadata["help"])
+    ln_scale: bool = setting(False, ModelSpec.__dataclass_fields__["ln_scale"].metadata["help"])
+    skip_gates_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["skip_gates_enabled"].metadata["help"])
+    parallel_start_layer: int = setting(0, ModelSpec.__dataclass_fields__["parallel_start_layer"].metadata["help"])
+    parallel_final_lane: str = setting("mean", ModelSpec.__dataclass_fields__["parallel_final_lane"].metadata["help"],
+                                       choices=("mean", "attn", "mlp"))
+    num_loops: int = setting(0, ModelSpec.__dataclass_fields__["num_loops"].metadata["help"])
+    loop_start: int = setting(3, ModelSpec.__dataclass_fields__["loop_start"].metadata["help"])
+    loop_end: int = setting(5, ModelSpec.__dataclass_fields__["loop_end"].metadata["help"])
+    enable_looping_at: float = setting(0.0, "fraction of training (of ITERATIONS, or of MAX_WALLCLOCK_SECONDS when "
+                                            "capped, whichever is further) after which the layers loop (NUM_LOOPS > 0)")
     # Optimizers
     embed_lr: float = setting(0.6, "Adam learning rate of the embedding when untied")
     head_lr: float = setting(0.008, "Adam learning rate of the untied output head")
@@ -229,6 +296,8 @@ class TrainConfig:
         if self.eval_stride > self.eval_window:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the window length "
                               f"{self.eval_window} (EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); a longer stride skips targets")
+        if not 0.0 <= self.enable_looping_at <= 1.0:
+            raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at}: must be a fraction of training in [0, 1]")
         if self.mlx_max_microbatch_tokens <= 0:
             raise ConfigError(f"MLX_MAX_MICROBATCH_TOKENS={self.mlx_max_microbatch_tokens}: must be positive")
         parse_report_to(self.report_to)
@@ -295,6 +364,9 @@ def parse_value(field_name: str, raw: Any, kind: str) -> Any:
             return AUTO
         kind = kind[:-len("|auto")]
     label = f"{env_name(field_name)}={raw!r}"
+    if kind == "int | float":   # a number: an int when it is whole (MLP_MULT=4.0 is 4), else a float
+        value = parse_value(field_name, raw, "float")
+        return int(value) if value.is_integer() else value
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
@@ -335,7 +407,7 @@ def _field_kinds() -> dict[str, str]:
         if f.metadata.get("auto"):
             kinds[f.name] = f.metadata["auto"] + "|auto"
         else:
-            kinds[f.name] = {"bool": "bool", "int": "int", "float": "float"}.get(str(f.type), "str")
+            kinds[f.name] = {"bool": "bool", "int": "int", "float": "float", "int | float": "int | float"}.get(str(f.type), "str")
     return kinds
 
 

@@ -55,33 +55,77 @@ def attn(x, w, prefix, spec: ModelSpec):
     return y @ w[prefix + "proj.weight"].T
 
 
-def mlp(x, w, prefix):
-    return np.square(np.maximum(x @ w[prefix + "fc.weight"].T, 0.0)) @ w[prefix + "proj.weight"].T
+def mlp(x, w, prefix, spec: ModelSpec):
+    h = x @ w[prefix + "fc.weight"].T
+    h = np.where(h > 0, h, spec.mlp_negative_slope * h)   # leaky ReLU; slope 0 is the baseline's ReLU
+    return np.square(h) @ w[prefix + "proj.weight"].T
+
+
+def ln_scale(i, spec: ModelSpec):
+    """The factor on block i's normed inputs (§4.7): 1/sqrt(i+1) with LN_SCALE, else 1."""
+    return 1.0 / np.sqrt(i + 1) if spec.ln_scale else 1.0
 
 
 def block(x, x0, w, i, spec: ModelSpec):
     p = f"blocks.{i}."
     mix = w[p + "resid_mix"]
     x = mix[0] * x + mix[1] * x0
-    x = x + w[p + "attn_scale"] * attn(rms_norm(x, spec.norm_eps), w, p + "attn.", spec)
-    x = x + w[p + "mlp_scale"] * mlp(rms_norm(x, spec.norm_eps), w, p + "mlp.")
+    s = ln_scale(i, spec)
+    x = x + w[p + "attn_scale"] * attn(rms_norm(x, spec.norm_eps) * s, w, p + "attn.", spec)
+    x = x + w[p + "mlp_scale"] * mlp(rms_norm(x, spec.norm_eps) * s, w, p + "mlp.", spec)
     return x
 
 
-def logits(spec: ModelSpec, weights, ids):
-    """float64 logits (B, T, V) from a dict of weights and integer ids (B, T)."""
+def parallel_block(lane0, lane1, x0, w, i, spec: ModelSpec):
+    """Block i of the two-lane decoder (§4.9): attention reads lane 0 (mixed with x0), the MLP reads
+    lane 1, and each lane keeps lambda_resid of itself plus a learned share of both outputs."""
+    p = f"blocks.{i}."
+    mix = w[p + "resid_mix"]
+    s = ln_scale(i, spec)
+    a = w[p + "attn_scale"] * attn(rms_norm(mix[0] * lane0 + mix[1] * x0, spec.norm_eps) * s, w, p + "attn.", spec)
+    m = w[p + "mlp_scale"] * mlp(rms_norm(lane1, spec.norm_eps) * s, w, p + "mlp.", spec)
+    resid, post = w["parallel_resid_lambdas"][i], w["parallel_post_lambdas"][i]   # (2,), (2, 2)
+    return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+            resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+
+
+def add_skip(x, skip, w, j, spec: ModelSpec):
+    """The U-Net skip j (§4.8): x + w_j skip, or with gates lerp(w_j skip, x, sigmoid(g_j))."""
+    scaled = w["skip_weights"][j] * skip
+    if not spec.skip_gates_enabled:
+        return x + scaled
+    g = 1.0 / (1.0 + np.exp(-w["skip_gates"][j]))
+    return scaled + g * (x - scaled)
+
+
+def logits(spec: ModelSpec, weights, ids, looping: bool = False):
+    """float64 logits (B, T, V) from a dict of weights and integer ids (B, T); `looping`: whether
+    the layers loop (§4.10; only with NUM_LOOPS > 0)."""
     w = {name: np.asarray(value, dtype=np.float64) for name, value in weights.items()}
     ids = np.asarray(ids)
     x = rms_norm(w["tok_emb.weight"][ids], spec.norm_eps)                              # (B, T, d)
     x0 = x
+    encoder, decoder = spec.layer_order(looping)
     skips = []
-    for i in range(spec.num_encoder_layers):
+    for i in encoder:
         x = block(x, x0, w, i, spec)
         skips.append(x)
-    for j in range(spec.num_decoder_layers):
-        if skips:
-            x = x + w["skip_weights"][j] * skips.pop()
-        x = block(x, x0, w, spec.num_encoder_layers + j, spec)
+    lanes = None                     # (lane0, lane1) once the parallel decoder has begun
+    for j, i in enumerate(decoder):
+        parallel = 0 < spec.parallel_start_layer <= i
+        if parallel and lanes is None:
+            lanes = (x, x)
+        if skips and j < spec.num_skip_weights:
+            if parallel:
+                lanes = (add_skip(lanes[0], skips.pop(), w, j, spec), lanes[1])
+            else:
+                x = add_skip(x, skips.pop(), w, j, spec)
+        if parallel:
+            lanes = parallel_block(*lanes, x0, w, i, spec)
+        else:
+            x = block(x, x0, w, i, spec)
+    if lanes is not None:
+        x = {"mean": 0.5 * (lanes[0] + lanes[1]), "attn": lanes[0], "mlp": lanes[1]}[spec.parallel_final_lane]
     h = rms_norm(x, spec.norm_eps)
     head = w["tok_emb.weight"] if spec.tie_embeddings else w["lm_head.weight"]
     raw = h @ head.T                                                                   # (B, T, V)
@@ -97,11 +141,11 @@ def cross_entropy(z, targets):
     return log_norm - picked
 
 
-def token_losses(spec: ModelSpec, weights, ids, targets):
+def token_losses(spec: ModelSpec, weights, ids, targets, looping: bool = False):
     """float64 cross-entropy of every target token, shape (B, T)."""
-    return cross_entropy(logits(spec, weights, ids), targets)
+    return cross_entropy(logits(spec, weights, ids, looping), targets)
 
 
-def loss(spec: ModelSpec, weights, ids, targets) -> float:
+def loss(spec: ModelSpec, weights, ids, targets, looping: bool = False) -> float:
     """Mean token cross-entropy (nats)."""
-    return float(np.mean(token_losses(spec, weights, ids, targets)))
+    return float(np.mean(token_losses(spec, weights, ids, targets, looping)))
