@@ -277,7 +277,7 @@ class GPT(nn.Module):
 
     def logits(self, ids: mx.array, caches: list | None = None) -> mx.array:
         """(B, T) integer ids -> (B, T, V) fp32 logits. `caches`: one per block call (a looped
-        block runs, and caches, once per pass), see num_block_calls."""
+        block runs, and caches, once per pass): ModelSpec.block_calls."""
         spec = self.spec
         x = rms_norm(self.tok_emb(ids), self.eps)                            # (B, T, d)
         x0 = x
@@ -313,10 +313,6 @@ class GPT(nn.Module):
             raw = self.lm_head(h)                                            # (B, T, V)
         c = self.spec.logit_softcap
         return c * mx.tanh(raw.astype(mx.float32) / c)
-
-    def num_block_calls(self) -> int:
-        """Blocks run by one forward (the caches a sampler gives logits)."""
-        return sum(map(len, self.spec.layer_order(self.looping)))
 
     def loss(self, ids: mx.array, targets: mx.array, reduction: str = "mean") -> mx.array:
         logits = self.logits(ids)

@@ -287,7 +287,7 @@ class GPT(nn.Module):
 
     def logits(self, ids: torch.Tensor, caches: list | None = None) -> torch.Tensor:
         """(B, T) integer ids -> (B, T, V) fp32 logits. `caches`: one per block call (a looped
-        block runs, and caches, once per pass), see num_block_calls."""
+        block runs, and caches, once per pass): ModelSpec.block_calls."""
         spec = self.spec
         x = rms_norm(self.tok_emb(ids), self.eps)                            # (B, T, d)
         x0 = x
@@ -323,10 +323,6 @@ class GPT(nn.Module):
             raw = self.lm_head(h)                                            # (B, T, V)
         c = self.spec.logit_softcap
         return c * torch.tanh(raw.float() / c)
-
-    def num_block_calls(self) -> int:
-        """Blocks run by one forward (the caches a sampler gives logits)."""
-        return sum(map(len, self.spec.layer_order(self.looping)))
 
     def loss(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         logits = self.logits(ids)

@@ -140,6 +140,10 @@ class ModelSpec:
         half = len(order) // 2
         return tuple(order[:half]), tuple(order[half:])
 
+    def block_calls(self, looping: bool) -> int:
+        """Blocks one forward runs (a looped block counts once per pass): the caches a sampler keeps."""
+        return sum(map(len, self.layer_order(looping)))
+
     # Derived sizes (docs/spec.md §2 notation).
     @property
     def head_dim(self) -> int:

@@ -91,8 +91,9 @@ LastLogits = Callable[[np.ndarray, list], np.ndarray]  # ((1, T) int64 ids, cach
 
 
 class KVCacheDecoder:
-    """prefill/step over a GPT's logits(ids, caches): one cache dict per layer, whose "offset" (the
-    number of positions already cached) the caller advances after each call."""
+    """prefill/step over a GPT's logits(ids, caches): one cache dict per block call (per layer, and
+    per pass of a looped layer), whose "offset" (the number of positions already cached) the caller
+    advances after each call."""
 
     def __init__(self, last_logits: LastLogits, num_layers: int):
         self.last_logits = last_logits
@@ -203,7 +204,7 @@ def run_sampling(settings: SampleSettings, make_last_logits: Callable, backend: 
                  out=None, err=None) -> SampleResult:
     """Load, generate, print the text on `out` (stdout) and one summary line on `err` (stderr).
 
-    `make_last_logits(spec, weights)` builds the backend's model and returns its LastLogits; it is
+    `make_last_logits(spec, weights, looping=...)` builds the backend's model and returns its LastLogits; it is
     called only once the checkpoint, tokenizer and prompt are known to be good.
     """
     out = sys.stdout if out is None else out
@@ -212,7 +213,8 @@ def run_sampling(settings: SampleSettings, make_last_logits: Callable, backend: 
     ckpt = load_checkpoint(path)
     sp = load_tokenizer_for(ckpt, settings.tokenizer_path)
     prompt_ids = encode_prompt(sp, settings.prompt)
-    decoder = KVCacheDecoder(make_last_logits(ckpt.spec, ckpt.weights), ckpt.spec.num_layers)
+    decoder = KVCacheDecoder(make_last_logits(ckpt.spec, ckpt.weights, looping=ckpt.looping),
+                             ckpt.spec.block_calls(ckpt.looping))
     start = time.perf_counter()
     new_ids = generate(decoder, prompt_ids, settings.max_new_tokens, settings.temperature,
                        settings.top_k, settings.seed)
