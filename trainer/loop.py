@@ -406,7 +406,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
 
     step, start_step = training.step, training.start_step
     tokens_per_step, world = training.tokens_per_step, backend.world_size
-    flops_token = flops_per_token(spec, cfg.train_seq_len)
+    flops_token = flops_per_token(spec, cfg.train_seq_len, looping=spec.num_loops > 0)
     trained_steps = max(step - start_step, 1)
     run_ms = training.elapsed_ms - training.resumed_ms  # this run's time, without a resumed run's earlier time
     tok_s = tokens_per_step * (step - start_step) / max(run_ms / 1000.0, 1e-9) if step > start_step else 0.0
