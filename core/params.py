@@ -16,6 +16,7 @@ from core.config import ModelSpec
 CONTROL_PATTERNS = (
     "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
     "q_gain", "skip_weight", "skip_weights",
+    "attn_gate_w", "smear_gate", "smear_lambda",   # record options: attention (docs/spec.md §4.3, §4.4)
 )
 
 # Optimizer groups (docs/spec.md §6).
@@ -62,6 +63,9 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
     if not spec.tie_embeddings:
         table.append(ParamInfo("lm_head.weight", (V, d), "zeros", HEAD))
     table.append(ParamInfo("skip_weights", (spec.num_skip_weights, d), "ones", SCALAR))
+    if spec.smear_gate_enabled:   # docs/spec.md §4.4
+        table += [ParamInfo("smear_gate.weight", (1, spec.gate_window), "zeros", SCALAR),
+                  ParamInfo("smear_lambda", (1,), "zeros", SCALAR)]
     for i in range(spec.num_layers):
         p = f"blocks.{i}."
         table += [
@@ -70,6 +74,12 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
             ParamInfo(p + "attn.c_v.weight", (kv, d), "linear_uniform", MATRIX),
             ParamInfo(p + "attn.proj.weight", (d, d), "zeros", MATRIX),
             ParamInfo(p + "attn.q_gain", (H,), "const", SCALAR, spec.qk_gain_init),
+        ]
+        if spec.sparse_attn_gate_enabled:   # docs/spec.md §4.3
+            std = spec.sparse_attn_gate_init_std
+            table.append(ParamInfo(p + "attn.attn_gate_w", (H, spec.gate_window), "normal" if std else "zeros",
+                                   SCALAR, std))
+        table += [
             ParamInfo(p + "mlp.fc.weight", (F, d), "linear_uniform", MATRIX),
             ParamInfo(p + "mlp.proj.weight", (d, F), "zeros", MATRIX),
             ParamInfo(p + "attn_scale", (d,), "ones", SCALAR),
