@@ -305,10 +305,7 @@ class TrainConfig:
     def model_spec(self) -> ModelSpec:
         names = [f.name for f in fields(ModelSpec)]
         try:
-            values = {name: getattr(self, name) for name in names}
-            if self.rope_yarn and not self.rope_train_seq_len:   # ROPE_TRAIN_SEQ_LEN=0: the training length
-                values["rope_train_seq_len"] = self.train_seq_len
-            return ModelSpec(**values)
+            return ModelSpec(**{name: self.spec_value(name) for name in names})
         except ConfigError as e:
             # Name the setting as the user typed it: NUM_HEADS, not num_heads.
             message = str(e)
@@ -316,6 +313,13 @@ class TrainConfig:
                 if message.startswith(name + "="):
                     message = env_name(name) + message[len(name):]
             raise ConfigError(message) from None
+
+    def spec_value(self, name: str):
+        """The value of ModelSpec field `name` this run's model gets (ROPE_TRAIN_SEQ_LEN=0 under ROPE_YARN
+        is TRAIN_SEQ_LEN)."""
+        if name == "rope_train_seq_len" and self.rope_yarn and not self.rope_train_seq_len:
+            return self.train_seq_len
+        return getattr(self, name)
 
     @property
     def eval_window(self) -> int:

@@ -153,8 +153,9 @@ def infer_spec(weights: dict, *, source: str = "weights", **settings) -> ModelSp
     """The ModelSpec whose parameter table `weights` match, read from the tensor shapes.
 
     Every size is in a shape: V and d in tok_emb, L in the block count, H in q_gain, K in c_k's
-    rows over the head width, the MLP multiple in fc, tying in lm_head's absence. What no shape
-    holds (logit_softcap, rope_base, norm_eps, ...) comes from `settings` or the defaults. Used by
+    rows over the head width, the MLP multiple in fc, tying in lm_head's absence, the sparse attention
+    and smear gates in their presence and GATE_WINDOW in their width. What no shape holds
+    (logit_softcap, rope_base, norm_eps, XSA_LAST_N, ROPE_DIMS, ...) comes from `settings` or the defaults. Used by
     everything that reads weights without a spec: our artifact and the reference trainers' files.
     """
     from core.errors import CheckpointError
@@ -174,8 +175,14 @@ def infer_spec(weights: dict, *, source: str = "weights", **settings) -> ModelSp
     if not head_dim or kv_rows % head_dim or hidden % model_dim:
         raise CheckpointError(f"{source}: shapes tok_emb {(vocab_size, model_dim)}, q_gain {(num_heads,)}, "
                               f"c_k {(kv_rows, model_dim)}, fc {(hidden, model_dim)} fit no model spec")
+    # The gates of docs/spec.md §4.3-§4.4 are there or not, and their width is GATE_WINDOW.
+    gates = {"sparse_attn_gate_enabled": "blocks.0.attn.attn_gate_w" in weights,
+             "smear_gate_enabled": "smear_gate.weight" in weights}
+    for name in ("blocks.0.attn.attn_gate_w", "smear_gate.weight"):
+        if name in weights:
+            gates["gate_window"] = shape(name)[-1]
     spec = ModelSpec(**{**settings, "vocab_size": vocab_size, "num_layers": num_layers, "model_dim": model_dim,
                         "num_heads": num_heads, "num_kv_heads": kv_rows // head_dim,
-                        "mlp_mult": hidden // model_dim, "tie_embeddings": "lm_head.weight" not in weights})
+                        "mlp_mult": hidden // model_dim, "tie_embeddings": "lm_head.weight" not in weights, **gates})
     check_weights(spec, weights, source=source)
     return spec

@@ -34,7 +34,10 @@ from interop import detect_kind, read_reference_file
 
 SETTING = {"checkpoint": "CHECKPOINT", "artifact": "ARTIFACT"}
 # What no tensor shape holds: an artifact's spec takes these from the settings.
-UNSHAPED = ("tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "norm_eps")
+UNSHAPED = ("tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "norm_eps",
+            # record options: attention (docs/spec.md §4.1-§4.5) that no tensor shows
+            "xsa_last_n", "rope_dims", "rope_yarn", "rope_train_seq_len", "sparse_attn_gate_scale",
+            "doc_attention_enabled")
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ def load_model_file(path: str | Path, kind: str, settings: TrainConfig) -> Model
         if reference is None:
             raise CheckpointError(f"{name}: not a twingpt checkpoint (.safetensors) or artifact (model.int8.zlib), "
                                   "nor a Parameter Golf reference file")
-        model = read_reference_file(path, **{k: getattr(settings, k) for k in UNSHAPED if k != "norm_eps"})
+        model = read_reference_file(path, **{k: settings.spec_value(k) for k in UNSHAPED if k != "norm_eps"})
         return ModelFile(model.spec, model.weights, model.kind)
     if found != kind:
         raise CheckpointError(f"{name}: this file is a twingpt {found}; give it as {SETTING[found]}={path}")
@@ -81,7 +84,7 @@ def load_model_file(path: str | Path, kind: str, settings: TrainConfig) -> Model
         ckpt = load_checkpoint(path)
         return ModelFile(ckpt.spec, ckpt.weights, kind, dict(ckpt.config))
     weights = artifact.load_artifact(path)
-    spec = infer_spec(weights, source=f"artifact {path}", **{k: getattr(settings, k) for k in UNSHAPED})
+    spec = infer_spec(weights, source=f"artifact {path}", **{k: settings.spec_value(k) for k in UNSHAPED})
     return ModelFile(spec, weights, kind)
 
 

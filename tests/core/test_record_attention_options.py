@@ -1,0 +1,109 @@
+"""The record's attention options as settings (docs/spec.md §4.1-§4.5): off by default, their parameters
+and init, and every inconsistent value a one-line ConfigError naming the setting (exit 2 from a trainer)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.config import ModelSpec, load_config
+from core.errors import ConfigError
+from core.init import init_weights
+from core.params import SCALAR, param_table
+
+REPO = Path(__file__).resolve().parents[2]
+OPTIONS = ("xsa_last_n", "rope_dims", "rope_yarn", "rope_train_seq_len", "sparse_attn_gate_enabled",
+           "sparse_attn_gate_scale", "sparse_attn_gate_init_std", "smear_gate_enabled", "gate_window",
+           "doc_attention_enabled")
+
+
+def test_every_option_is_off_by_default_and_adds_no_parameter():
+    cfg = load_config([], environ={})
+    spec = cfg.model_spec()
+    assert (spec.xsa_last_n, spec.rope_dims, spec.rope_yarn, spec.sparse_attn_gate_enabled,
+            spec.smear_gate_enabled, spec.doc_attention_enabled) == (0, 0, False, False, False, False)
+    assert spec.rotary_dims == spec.head_dim and spec.rope_base_for(10 ** 6) == spec.rope_base
+    names = [p.name for p in param_table(spec)]
+    assert not [n for n in names if "gate" in n or "smear" in n]
+    # The options that add no parameter leave the table and the initial weights as they were.
+    on = ModelSpec(xsa_last_n=3, rope_dims=16, doc_attention_enabled=True)
+    a, b = init_weights(ModelSpec(), 5), init_weights(on, 5)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_gate_parameters_names_shapes_groups_and_init():
+    spec = ModelSpec(num_layers=2, sparse_attn_gate_enabled=True, smear_gate_enabled=True, gate_window=12)
+    table = {p.name: p for p in param_table(spec)}
+    assert table["blocks.1.attn.attn_gate_w"].shape == (8, 12)
+    assert table["smear_gate.weight"].shape == (1, 12) and table["smear_lambda"].shape == (1,)
+    for name in ("blocks.0.attn.attn_gate_w", "smear_gate.weight", "smear_lambda"):
+        assert table[name].group == SCALAR and table[name].keep_float, name   # Adam, fp32 in the artifact
+    w = init_weights(spec, 1)
+    assert not w["blocks.0.attn.attn_gate_w"].any() and not w["smear_gate.weight"].any() and not w["smear_lambda"].any()
+    drawn = init_weights(ModelSpec(num_layers=2, sparse_attn_gate_enabled=True, sparse_attn_gate_init_std=0.5,
+                                   gate_window=300), 1)["blocks.0.attn.attn_gate_w"]
+    assert 0.45 < drawn.std() < 0.55
+
+
+def test_yarn_grows_the_base_past_the_training_length():
+    spec = ModelSpec(rope_dims=16, rope_yarn=True, rope_train_seq_len=1024)
+    assert spec.rope_base_for(1024) == spec.rope_base
+    assert spec.rope_base_for(2048) == pytest.approx(spec.rope_base * 2 ** (16 / 14))
+    # ROPE_TRAIN_SEQ_LEN=0 (the default) is the run's TRAIN_SEQ_LEN.
+    assert load_config([], environ={"ROPE_YARN": "1", "TRAIN_SEQ_LEN": "256"}).model_spec().rope_train_seq_len == 256
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ROPE_DIMS": "7"}, "ROPE_DIMS=7: must be even"),
+    ({"ROPE_DIMS": "66"}, "ROPE_DIMS=66: must be even and at most head_dim=64"),
+    ({"ROPE_DIMS": "-2"}, "ROPE_DIMS=-2: must be a non-negative integer"),
+    ({"XSA_LAST_N": "10"}, "XSA_LAST_N=10: more than num_layers=9"),
+    ({"XSA_LAST_N": "-1"}, "XSA_LAST_N=-1: must be a non-negative integer"),
+    ({"SPARSE_ATTN_GATE_ENABLED": "1", "GATE_WINDOW": "513"}, "GATE_WINDOW=513: must be in 1..model_dim=512"),
+    ({"SMEAR_GATE_ENABLED": "1", "GATE_WINDOW": "0"}, "GATE_WINDOW=0: must be in 1..model_dim=512"),
+    ({"SPARSE_ATTN_GATE_INIT_STD": "-0.1"}, "SPARSE_ATTN_GATE_INIT_STD=-0.1: must not be negative"),
+    ({"ROPE_YARN": "1", "ROPE_DIMS": "2"}, "ROPE_DIMS=2: ROPE_YARN needs at least 4 rotated dims"),
+])
+def test_inconsistent_options_are_one_line_errors_naming_the_setting(env, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([], environ=env)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_trainer_given_a_bad_option_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "ROPE_DIMS": "7", "OUT_DIR": str(tmp_path / "runs")}
+    out = subprocess.run([sys.executable, "-m", "backend_torch.train"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: ROPE_DIMS=7: must be even and at most head_dim=64 (0 = all)"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_artifact_and_a_checkpoint_give_back_every_option(tmp_path):
+    """An artifact holds tensors only: the gates (and GATE_WINDOW) are read from them, the rest of the
+    options from the settings; a checkpoint holds its whole spec."""
+    from core.artifact import save_artifact
+    from core.checkpoint import save_checkpoint
+    from core.init import random_weights
+    from trainer.model_files import load_model_file
+
+    env = {"NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "XSA_LAST_N": "2",
+           "ROPE_DIMS": "4", "ROPE_YARN": "1", "TRAIN_SEQ_LEN": "64", "SPARSE_ATTN_GATE_ENABLED": "1",
+           "SPARSE_ATTN_GATE_SCALE": "0.5", "SMEAR_GATE_ENABLED": "1", "GATE_WINDOW": "6",
+           "DOC_ATTENTION_ENABLED": "1"}
+    cfg = load_config([], environ=env)
+    spec = cfg.model_spec()
+    weights = random_weights(spec, 0)
+    save_artifact(tmp_path / "model.int8.zlib", weights)
+    got = load_model_file(tmp_path / "model.int8.zlib", "artifact", cfg)
+    assert got.spec == spec
+    # Settings without the gates: the tensors still say they are there, and how wide.
+    plain = load_config([], environ={k: v for k, v in env.items()
+                                             if k not in ("SPARSE_ATTN_GATE_ENABLED", "SMEAR_GATE_ENABLED", "GATE_WINDOW")})
+    assert load_model_file(tmp_path / "model.int8.zlib", "artifact", plain).spec == spec
+    assert np.array_equal(got.weights["smear_lambda"], weights["smear_lambda"])   # fp32 control, exact
+    save_checkpoint(tmp_path / "c.safetensors", spec=spec, config=cfg, step=0, weights=weights, optimizer_state={},
+                    data_state={})
+    assert load_model_file(tmp_path / "c.safetensors", "checkpoint", load_config([], environ={})).spec == spec
