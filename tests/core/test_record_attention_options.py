@@ -107,3 +107,34 @@ def test_an_artifact_and_a_checkpoint_give_back_every_option(tmp_path):
     save_checkpoint(tmp_path / "c.safetensors", spec=spec, config=cfg, step=0, weights=weights, optimizer_state={},
                     data_state={})
     assert load_model_file(tmp_path / "c.safetensors", "checkpoint", load_config([], environ={})).spec == spec
+
+
+def test_partial_rope_of_a_record_file_converts_by_negating_rows_r_half_to_r():
+    """The record's partial RoPE rotates the first r dims of a head by -θ, half-split (pairs i, i + r/2).
+    interop's flip negates rows r/2 .. r-1 of each head of c_q and c_k: our +θ rotation of the flipped
+    weights gives the record's scores exactly."""
+    from core import reference
+    from interop.conventions import flip_rope_halves
+
+    spec = ModelSpec(vocab_size=8, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=6)
+    hd, r, T = spec.head_dim, spec.rotary_dims, 12
+    rng = np.random.default_rng(0)
+    w = {"blocks.0.attn.c_q.weight": rng.standard_normal((32, 32)),
+         "blocks.0.attn.c_k.weight": rng.standard_normal((16, 32))}
+    x = rng.standard_normal((T, 32))
+
+    def record_rope(v):   # written from the record's definition: a cos + b sin, -a sin + b cos
+        theta = np.arange(T)[:, None] * spec.rope_base ** (-np.arange(0, r, 2) / r)[None, :]
+        a, b = v[..., :r // 2], v[..., r // 2:r]
+        return np.concatenate([a * np.cos(theta) + b * np.sin(theta), -a * np.sin(theta) + b * np.cos(theta),
+                               v[..., r:]], axis=-1)
+
+    def scores(weights, rotate):
+        q = (x @ weights["blocks.0.attn.c_q.weight"].T).reshape(T, 2, hd).transpose(1, 0, 2)
+        k = (x @ weights["blocks.0.attn.c_k.weight"].T).reshape(T, 1, hd).transpose(1, 0, 2)
+        return rotate(reference.rms_norm(q, 1e-6)) @ rotate(reference.rms_norm(k, 1e-6)).transpose(0, 2, 1)
+
+    ours = scores(flip_rope_halves(spec, w), lambda v: reference.rope(v, spec.rope_base, r))
+    np.testing.assert_allclose(ours, scores(w, record_rope), rtol=1e-5, atol=1e-5)
+    unflipped = scores(w, lambda v: reference.rope(v, spec.rope_base, r))
+    assert np.abs(unflipped - scores(w, record_rope)).max() > 1e-2
