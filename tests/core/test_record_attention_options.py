@@ -138,3 +138,14 @@ def test_partial_rope_of_a_record_file_converts_by_negating_rows_r_half_to_r():
     np.testing.assert_allclose(ours, scores(w, record_rope), rtol=1e-5, atol=1e-5)
     unflipped = scores(w, lambda v: reference.rope(v, spec.rope_base, r))
     assert np.abs(unflipped - scores(w, record_rope)).max() > 1e-2
+
+
+def test_flop_count_adds_the_gate_products_and_nothing_for_the_other_options():
+    from core.flops import flops_per_token, matmul_params
+
+    base = ModelSpec()
+    assert flops_per_token(ModelSpec(xsa_last_n=9, rope_dims=16, doc_attention_enabled=True), 1024) \
+        == flops_per_token(base, 1024)
+    gated = ModelSpec(sparse_attn_gate_enabled=True, smear_gate_enabled=True, gate_window=12)
+    gate_params = sum(p.numel for p in param_table(gated) if "gate" in p.name)   # the gates' weight matrices
+    assert matmul_params(gated) - matmul_params(base) == gate_params == 9 * 8 * 12 + 12
