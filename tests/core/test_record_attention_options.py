@@ -149,3 +149,22 @@ def test_flop_count_adds_the_gate_products_and_nothing_for_the_other_options():
     gated = ModelSpec(sparse_attn_gate_enabled=True, smear_gate_enabled=True, gate_window=12)
     gate_params = sum(p.numel for p in param_table(gated) if "gate" in p.name)   # the gates' weight matrices
     assert matmul_params(gated) - matmul_params(base) == gate_params == 9 * 8 * 12 + 12
+
+
+def test_memory_plan_counts_what_the_options_keep():
+    from core.memory import estimate_peak
+
+    def acts(spec, device="cpu"):
+        return estimate_peak(spec, backend="torch", device=device, compute_dtype="float32",
+                             micro_batch_tokens=4096, seq_len=1024).activations
+
+    base = ModelSpec()
+    assert acts(ModelSpec(rope_dims=16, rope_yarn=True, rope_train_seq_len=1024)) == acts(base)
+    N, d = 4096, base.model_dim
+    # XSA in 3 layers: the fp32 output, the unit values and their dot products of each.
+    assert acts(ModelSpec(xsa_last_n=3)) - acts(base) == 3 * N * (d + base.kv_dim + base.num_heads) * 4
+    assert acts(ModelSpec(sparse_attn_gate_enabled=True)) > acts(base)
+    assert acts(ModelSpec(smear_gate_enabled=True)) > acts(base)
+    # Document masks cost memory only where a fused kernel takes them as a T x T mask.
+    assert acts(ModelSpec(doc_attention_enabled=True)) == acts(base)
+    assert acts(ModelSpec(doc_attention_enabled=True), "cuda") > acts(base, "cuda")
