@@ -25,6 +25,9 @@ from core.errors import ConfigError
 
 
 AUTO = "auto"
+# Every document of every twingpt dataset starts with this token id (data/tokenizer.py; the Parameter
+# Golf FineWeb shards too): the document boundary of SMEAR_GATE_ENABLED and DOC_ATTENTION_ENABLED.
+BOS_ID = 1
 TRACKERS = ("tensorboard", "wandb")   # the experiment trackers REPORT_TO may name (trainer/tracking.py)
 
 
@@ -66,6 +69,22 @@ class ModelSpec:
     rope_base: float = setting(10000.0, "RoPE base frequency")
     qk_gain_init: float = setting(1.5, "initial per-head gain applied to normed, rotated queries")
     norm_eps: float = setting(1e-6, "RMSNorm epsilon (both backends and the reference)")
+    # record options: attention (docs/spec.md §4.1-§4.5); every one off by default
+    xsa_last_n: int = setting(0, "exclusive self-attention in the last N layers: each head's output loses its "
+                              "component along its own token's value (0 = off)")
+    rope_dims: int = setting(0, "partial RoPE: rotate only the first ROPE_DIMS dims of each head, even, at most "
+                             "head_dim (0 = all)")
+    rope_yarn: bool = setting(False, "RoPE base grows with a sequence longer than ROPE_TRAIN_SEQ_LEN (YaRN-style)")
+    rope_train_seq_len: int = setting(0, "the length ROPE_YARN scales from (0 = TRAIN_SEQ_LEN)")
+    sparse_attn_gate_enabled: bool = setting(False, "sigmoid gate per head on the attention output, from the "
+                                             "first GATE_WINDOW dims of the attention input")
+    sparse_attn_gate_scale: float = setting(1.0, "the sparse gate's logit multiplier")
+    sparse_attn_gate_init_std: float = setting(0.0, "std of the sparse gate weights' normal init (0 = zeros)")
+    smear_gate_enabled: bool = setting(False, "add a gated share of the previous token's embedding to each "
+                                       "token's (never across BOS)")
+    gate_window: int = setting(12, "input dims of the sparse attention gate and the smear gate")
+    doc_attention_enabled: bool = setting(False, "attention never crosses a BOS (id 1): each token attends "
+                                          "only within its own document of the packed sequence")
     # record options: blocks and layout (docs/spec.md §4.6-§4.10); each is off by default
     mlp_negative_slope: float = setting(0.0, "MLP activation leaky_relu(x, slope)^2 (0: relu^2, the baseline; "
                                              "the record: 0.5)")
@@ -105,6 +124,31 @@ class ModelSpec:
             raise ConfigError(
                 f"model_dim={self.model_dim}: head_dim = model_dim/num_heads = {self.head_dim} must be even (RoPE)"
             )
+        self._check_attention_options()
+
+    def _check_attention_options(self):
+        """The record's attention options (docs/spec.md §4.1-§4.5)."""
+        for name in ("xsa_last_n", "rope_dims", "rope_train_seq_len", "gate_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r}: must be a non-negative integer")
+        for name in ("sparse_attn_gate_scale", "sparse_attn_gate_init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r}: must be a finite number")
+        if self.sparse_attn_gate_init_std < 0:
+            raise ConfigError(f"sparse_attn_gate_init_std={self.sparse_attn_gate_init_std}: must not be negative")
+        if self.xsa_last_n > self.num_layers:
+            raise ConfigError(f"xsa_last_n={self.xsa_last_n}: more than num_layers={self.num_layers}")
+        if self.rope_dims % 2 or self.rope_dims > self.head_dim:
+            raise ConfigError(f"rope_dims={self.rope_dims}: must be even and at most head_dim={self.head_dim} "
+                              "(0 = all)")
+        if self.rope_yarn and self.rotary_dims < 4:
+            raise ConfigError(f"rope_dims={self.rope_dims}: ROPE_YARN needs at least 4 rotated dims")
+        if self.rope_yarn and self.rope_train_seq_len == 0:
+            raise ConfigError("rope_train_seq_len=0: ROPE_YARN needs the length it scales from")
+        if (self.sparse_attn_gate_enabled or self.smear_gate_enabled) and not 1 <= self.gate_window <= self.model_dim:
+            raise ConfigError(f"gate_window={self.gate_window}: must be in 1..model_dim={self.model_dim}")
 
     def _check_layout(self) -> None:
         if not isinstance(self.mlp_negative_slope, (int, float)) or not math.isfinite(self.mlp_negative_slope):
@@ -148,6 +192,19 @@ class ModelSpec:
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        """r of docs/spec.md §4.2: the dims of each head that RoPE rotates."""
+        return self.rope_dims or self.head_dim
+
+    def rope_base_for(self, n: int) -> float:
+        """docs/spec.md §4.2: the RoPE base of a sequence of n positions (ROPE_YARN grows it past
+        ROPE_TRAIN_SEQ_LEN by (n/L)^(r/(r-2)))."""
+        r, L = self.rotary_dims, self.rope_train_seq_len
+        if self.rope_yarn and n > L:
+            return self.rope_base * (n / L) ** (r / (r - 2))
+        return self.rope_base
 
     @property
     def kv_dim(self) -> int:
@@ -234,6 +291,17 @@ class TrainConfig:
     rope_base: float = setting(10000.0, ModelSpec.__dataclass_fields__["rope_base"].metadata["help"])
     qk_gain_init: float = setting(1.5, ModelSpec.__dataclass_fields__["qk_gain_init"].metadata["help"])
     norm_eps: float = setting(1e-6, ModelSpec.__dataclass_fields__["norm_eps"].metadata["help"])
+    # record options: attention (see ModelSpec)
+    xsa_last_n: int = setting(0, ModelSpec.__dataclass_fields__["xsa_last_n"].metadata["help"])
+    rope_dims: int = setting(0, ModelSpec.__dataclass_fields__["rope_dims"].metadata["help"])
+    rope_yarn: bool = setting(False, ModelSpec.__dataclass_fields__["rope_yarn"].metadata["help"])
+    rope_train_seq_len: int = setting(0, ModelSpec.__dataclass_fields__["rope_train_seq_len"].metadata["help"])
+    sparse_attn_gate_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["sparse_attn_gate_enabled"].metadata["help"])
+    sparse_attn_gate_scale: float = setting(1.0, ModelSpec.__dataclass_fields__["sparse_attn_gate_scale"].metadata["help"])
+    sparse_attn_gate_init_std: float = setting(0.0, ModelSpec.__dataclass_fields__["sparse_attn_gate_init_std"].metadata["help"])
+    smear_gate_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["smear_gate_enabled"].metadata["help"])
+    gate_window: int = setting(12, ModelSpec.__dataclass_fields__["gate_window"].metadata["help"])
+    doc_attention_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["doc_attention_enabled"].metadata["help"])
     # record options: blocks and layout (see ModelSpec)
     mlp_negative_slope: float = setting(0.0, ModelSpec.__dataclass_fields__["mlp_negative_slope"].metadata["help"])
     ln_scale: bool = setting(False, ModelSpec.__dataclass_fields__["ln_scale"].metadata["help"])
@@ -317,7 +385,7 @@ class TrainConfig:
     def model_spec(self) -> ModelSpec:
         names = [f.name for f in fields(ModelSpec)]
         try:
-            return ModelSpec(**{name: getattr(self, name) for name in names})
+            return ModelSpec(**{name: self.spec_value(name) for name in names})
         except ConfigError as e:
             # Name the setting as the user typed it: NUM_HEADS, not num_heads.
             message = str(e)
@@ -325,6 +393,13 @@ class TrainConfig:
                 if message.startswith(name + "="):
                     message = env_name(name) + message[len(name):]
             raise ConfigError(message) from None
+
+    def spec_value(self, name: str):
+        """The value of ModelSpec field `name` this run's model gets (ROPE_TRAIN_SEQ_LEN=0 under ROPE_YARN
+        is TRAIN_SEQ_LEN)."""
+        if name == "rope_train_seq_len" and self.rope_yarn and not self.rope_train_seq_len:
+            return self.train_seq_len
+        return getattr(self, name)
 
     @property
     def eval_window(self) -> int:

@@ -13,6 +13,13 @@ Forward, per token, with N = matmul_params(spec) and T = seq_len:
                              (4·L·d·T forward, 12·L·d·T trained) counts the whole T×T square;
                              a causal mask leaves only the (T+1)/2 keys at or before each query.
 
+The record's attention options (docs/spec.md §4.1-§4.5): the sparse attention gate is a product of
+GATE_WINDOW inputs to H outputs per layer, and the smear gate one of GATE_WINDOW inputs to 1, so both
+are in N. XSA (~4·d per layer and token), the sigmoids and partial RoPE are O(d): not counted.
+Document-aware attention keeps the causal count: an upper bound, and what the CPU kernels and SDPA
+with a mask run (they compute the masked scores too); a varlen kernel would skip the other
+documents' keys.
+
 Training (forward + backward, the backward costing twice the forward): 3x the forward,
 
     flops_per_token = 6·N + 6·L·d·(T+1)
@@ -36,7 +43,9 @@ def matmul_params(spec: ModelSpec, looping: bool = False) -> int:
     """Weights used in a matrix product per token: the blocks' matrices (once per block call) plus the output head."""
     d, kv, F = spec.model_dim, spec.kv_dim, spec.hidden_dim
     per_layer = d * d + 2 * kv * d + d * d + 2 * F * d   # c_q, c_k + c_v, attn.proj, mlp.fc + mlp.proj
-    return spec.block_calls(looping) * per_layer + spec.vocab_size * d
+    gates = spec.num_heads * spec.gate_window if spec.sparse_attn_gate_enabled else 0   # per block call
+    head = spec.gate_window if spec.smear_gate_enabled else 0
+    return spec.block_calls(looping) * (per_layer + gates) + head + spec.vocab_size * d
 
 
 def attention_flops_per_token(spec: ModelSpec, seq_len: int, looping: bool = False) -> int:

@@ -212,6 +212,24 @@ def _layout_kept_per_layer(c: int, N: int, spec: ModelSpec) -> int:
     return extra
 
 
+def _record_attention_kept(spec: ModelSpec, N: int, seq_len: int, c: int, fused: bool) -> int:
+    """Bytes the record's attention options (docs/spec.md §4.1-§4.5) add to what the blocks keep, over
+    all layers and the embedding; counted from the model files, not measured. XSA keeps the fp32
+    attention output and the unit values; the sparse gate its fp32 input window, the gate and the
+    ungated fp32 output; the smear gate the embedding and its shifted copy; document attention on the
+    fused paths its (B, 1, T, T) boolean mask per layer, and on CUDA SDPA's bias in the compute dtype."""
+    d, kv, H, f32 = spec.model_dim, spec.kv_dim, spec.num_heads, 4
+    per_layer = 0
+    kept = spec.xsa_last_n * N * (d + kv + H) * f32
+    if spec.sparse_attn_gate_enabled:
+        per_layer += N * (spec.gate_window + H + d) * f32
+    if spec.doc_attention_enabled and fused:
+        per_layer += N * seq_len * (1 + c)
+    if spec.smear_gate_enabled:
+        kept += 2 * N * d * f32 + N * spec.gate_window * f32
+    return kept + spec.num_layers * per_layer
+
+
 def _mlx_attention_transient(c: int, N: int, spec: ModelSpec, T: int, P32: int, grad: bool) -> int:
     """The attention's working set on MLX's CPU backend, on top of what is kept (fitted, see module doc).
 
@@ -276,6 +294,7 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
         acts = calls * (_kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs
                         + _layout_kept_per_layer(c, N, spec))
         acts += N * d * 4                                   # the embedding (the first norm's input)
+        acts += _record_attention_kept(spec, N, seq_len, c, fused)
         # The head: the final norm's input and output (the head's input, in the compute dtype), the
         # tanh output and the log-softmax / logits, fp32.
         logits = N * d * 4 + N * d * c + 2 * NV

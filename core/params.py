@@ -16,6 +16,7 @@ from core.config import ModelSpec
 CONTROL_PATTERNS = (
     "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
     "q_gain", "skip_weight", "skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas",
+    "attn_gate_w", "smear_gate", "smear_lambda",   # record options: attention (docs/spec.md §4.3, §4.4)
 )
 
 # The initial weight of each lane's own residual in the parallel decoder (docs/spec.md §4.9), the record's.
@@ -73,6 +74,9 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
         L = spec.num_layers
         table.append(ParamInfo("parallel_post_lambdas", (L, 2, 2), "ones", SCALAR))
         table.append(ParamInfo("parallel_resid_lambdas", (L, 2), "const", SCALAR, PARALLEL_RESID_INIT))
+    if spec.smear_gate_enabled:   # docs/spec.md §4.4
+        table += [ParamInfo("smear_gate.weight", (1, spec.gate_window), "zeros", SCALAR),
+                  ParamInfo("smear_lambda", (1,), "zeros", SCALAR)]
     for i in range(spec.num_layers):
         p = f"blocks.{i}."
         table += [
@@ -81,6 +85,12 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
             ParamInfo(p + "attn.c_v.weight", (kv, d), "linear_uniform", MATRIX),
             ParamInfo(p + "attn.proj.weight", (d, d), "zeros", MATRIX),
             ParamInfo(p + "attn.q_gain", (H,), "const", SCALAR, spec.qk_gain_init),
+        ]
+        if spec.sparse_attn_gate_enabled:   # docs/spec.md §4.3
+            std = spec.sparse_attn_gate_init_std
+            table.append(ParamInfo(p + "attn.attn_gate_w", (H, spec.gate_window), "normal" if std else "zeros",
+                                   SCALAR, std))
+        table += [
             ParamInfo(p + "mlp.fc.weight", (F, d), "linear_uniform", MATRIX),
             ParamInfo(p + "mlp.proj.weight", (d, F), "zeros", MATRIX),
             ParamInfo(p + "attn_scale", (d,), "ones", SCALAR),
@@ -155,9 +165,10 @@ def infer_spec(weights: dict, *, source: str = "weights", **settings) -> ModelSp
 
     Every size is in a shape: V and d in tok_emb, L in the block count, H in q_gain, K in c_k's
     rows over the head width, the MLP multiple in fc (a float when fc's rows are no multiple of d),
-    tying in lm_head's absence, gated skips in skip_gates' presence. What no shape holds
-    (logit_softcap, rope_base, norm_eps, the loop and lane settings, ...) comes from `settings` or
-    the defaults. Used by
+    tying in lm_head's absence, gated skips in skip_gates' presence, the sparse attention and smear
+    gates in their presence and GATE_WINDOW in their width. What no shape holds (logit_softcap,
+    rope_base, norm_eps, XSA_LAST_N, ROPE_DIMS, the loop and lane settings, ...) comes from
+    `settings` or the defaults. Used by
     everything that reads weights without a spec: our artifact and the reference trainers' files.
     """
     from core.errors import CheckpointError, ConfigError
@@ -178,9 +189,16 @@ def infer_spec(weights: dict, *, source: str = "weights", **settings) -> ModelSp
     if not head_dim or kv_rows % head_dim or int(mlp_mult * model_dim) != hidden:
         raise CheckpointError(f"{source}: shapes tok_emb {(vocab_size, model_dim)}, q_gain {(num_heads,)}, "
                               f"c_k {(kv_rows, model_dim)}, fc {(hidden, model_dim)} fit no model spec")
+    # The gates of docs/spec.md §4.3-§4.4 are there or not, and their width is GATE_WINDOW.
+    gates = {"sparse_attn_gate_enabled": "blocks.0.attn.attn_gate_w" in weights,
+             "smear_gate_enabled": "smear_gate.weight" in weights}
+    for name in ("blocks.0.attn.attn_gate_w", "smear_gate.weight"):
+        if name in weights:
+            gates["gate_window"] = shape(name)[-1]
     shaped = {"vocab_size": vocab_size, "num_layers": num_layers, "model_dim": model_dim, "num_heads": num_heads,
               "num_kv_heads": kv_rows // head_dim, "mlp_mult": mlp_mult,
-              "tie_embeddings": "lm_head.weight" not in weights, "skip_gates_enabled": "skip_gates" in weights}
+              "tie_embeddings": "lm_head.weight" not in weights, "skip_gates_enabled": "skip_gates" in weights,
+              **gates}
     try:
         spec = ModelSpec(**{**settings, **shaped})
     except ConfigError as err:   # the settings do not fit the shapes (LOOP_END past these layers, ...)
