@@ -3,8 +3,9 @@
     cpu    "blocked"    backend_torch/model.py causal_attention (faster than SDPA on the CPU)
     cuda   "flash"      sm80+ in bf16: FlashAttention-2, the reference trainer's only kernel; grouped
                         K/V heads read in place (enable_gqa, which only flash takes without a fallback)
-           "efficient"  below sm80 (no flash there) or in fp32 (flash has none): the memory-efficient
-                        kernel, K/V expanded to the query heads; nothing T x T kept, as with flash
+           "efficient"  below sm80 (no flash there), in fp32 (flash has none) or with a mask
+                        (DOC_ATTENTION_ENABLED; flash takes none): the memory-efficient kernel, K/V
+                        expanded to the query heads; nothing T x T kept, as with flash
     mps    "math"       torch trains on mps through SDPA's math path: the B x H x T x T probabilities
                         are kept for the backward (the memory plan counts them); K/V expanded
 
@@ -27,13 +28,15 @@ DESCRIPTIONS = {
 }
 
 
-def attention_kernel(device_type: str, capability: tuple[int, int] | None, compute_dtype: str) -> str:
-    """The kernel of a training run on this device; capability: CUDA's (major, minor), else None."""
+def attention_kernel(device_type: str, capability: tuple[int, int] | None, compute_dtype: str,
+                     masked: bool = False) -> str:
+    """The kernel of a training run on this device; capability: CUDA's (major, minor), else None;
+    masked: training attention takes a mask (DOC_ATTENTION_ENABLED)."""
     if device_type == "cpu":
         return "blocked"
     if device_type == "mps":
         return "math"
-    if capability >= FLASH_MIN_CAPABILITY and compute_dtype == "bfloat16":
+    if capability >= FLASH_MIN_CAPABILITY and compute_dtype == "bfloat16" and not masked:
         return "flash"
     return "efficient"
 

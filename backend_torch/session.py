@@ -83,7 +83,7 @@ def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
     compile_model = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
     local_ranks = int(environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     return Runtime(device, compute_dtype, compile_model, rank, local_rank, world_size, local_ranks,
-                   attention_kernel(device.type, capability, compute_dtype))
+                   attention_kernel(device.type, capability, compute_dtype, masked=cfg.doc_attention_enabled))
 
 
 def nccl_device_id(torch_version: str, device: torch.device) -> torch.device | None:
@@ -161,6 +161,10 @@ class TorchSession:
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids, broadcast_buffers=False,
                                                        find_unused_parameters=spec.num_skip_weights == 0)
         self.load_optimizer_state({})
+
+    def set_looping(self, active: bool) -> None:
+        # torch.compile guards on the attribute: the looped forward is a second graph, not a recompile per step.
+        self.model.looping = bool(active) and self.spec.num_loops > 0
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         self.model.load_weights(weights)

@@ -291,3 +291,18 @@ def test_torch_on_mps_plans_for_the_math_attention_it_runs():
     val_mps = est(backend="torch", device="mps", tokens=T, val_batch_tokens=seqs * T)
     val_cuda = est(backend="torch", device="cuda", tokens=T, val_batch_tokens=seqs * T)
     assert val_mps.phase == "validation" and val_mps.transient >= 2 * seqs * H * T * T * 4 > val_cuda.transient
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_every_block_and_layout_option_adds_memory_and_looping_counts_each_pass(backend):
+    from dataclasses import replace
+
+    base = ModelSpec(num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=256)
+    kw = dict(backend=backend, device="cpu", compute_dtype="float32", micro_batch_tokens=2048, seq_len=256)
+    plain = estimate_peak(base, **kw).activations
+    for option in (dict(mlp_negative_slope=0.5), dict(ln_scale=True), dict(skip_gates_enabled=True),
+                   dict(parallel_start_layer=4), dict(mlp_mult=2.5)):
+        assert estimate_peak(replace(base, **option), **kw).activations > plain, option
+    looped = estimate_peak(replace(base, num_loops=2, loop_start=1, loop_end=2), **kw).activations
+    embedding = 2048 * 64 * 4
+    assert looped - embedding == pytest.approx((6 + 4) / 6 * (plain - embedding))

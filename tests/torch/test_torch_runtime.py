@@ -113,6 +113,8 @@ def test_cuda_picks_bf16_and_flash_from_sm80_and_pins_sdpa_to_one_kernel(cuda, m
     assert f"attention:{kernel}" in session.notes[0]
     fp32 = resolve_runtime(load_config([], environ=TINY | {"DEVICE": "cuda", "COMPUTE_DTYPE": "float32"}), {})
     assert fp32.attention == "efficient"    # flash has no fp32
+    documents = resolve_runtime(load_config([], environ=TINY | {"DEVICE": "cuda", "DOC_ATTENTION_ENABLED": "1"}), {})
+    assert documents.attention == "efficient"   # flash takes no mask
     if capability < (8, 0):
         with pytest.raises(ConfigError, match=f"COMPUTE_DTYPE=bfloat16: this GPU \\(sm_{capability[0]}{capability[1]}\\) "
                                               "has no bf16 tensor cores"):
