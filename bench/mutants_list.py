@@ -28,6 +28,7 @@ CLOCK = ("tests/test_trainers.py::test_resume_continues_the_training_clock_of_th
 TRACKING = ("tests/trainer/test_tracking.py",)
 CAP = ("tests/trainer/test_loop_paths.py::test_the_wallclock_cap_stops_an_mlx_run_warming_down_by_time",)
 REFERENCE_FILES = ("tests/interop/test_reference_files.py", "tests/interop/test_bad_files.py")
+RECORD_ATTENTION = ("tests/parity/test_parity_record_attention.py",)
 PG_IMPORT = ("tests/interop/test_make_targets.py::test_make_pg_import_keeps_the_source_runs_softcap_and_rope_base",)
 RING = ("tests/mlx/test_mlx_ring.py",)
 DDP_ACCUM = ("tests/torch/test_torch_train.py::test_two_ranks_with_gloo_and_two_accumulation_steps_match_one_rank_with_four",)
@@ -388,4 +389,19 @@ MUTANTS = [
     Mutant("files-6", "core/files.py",
            "fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f\".{path.name}.\", suffix=\".tmp\")",
            "fd, tmp = tempfile.mkstemp(prefix=f\".{path.name}.\", suffix=\".tmp\")", FILES),
+    # The record's attention options (docs/spec.md §4.1-§4.5), one in each layer of their realisation
+    Mutant("record-attn-1", "backend_torch/model.py",
+           "return e + (ids != BOS_ID)[..., None] * g * previous", "return e + g * previous", RECORD_ATTENTION),
+    Mutant("record-attn-2", "backend_mlx/model.py",
+           "seen = (seen & (docs[:, S - T + start:S - T + stop, None] == docs[:, None, :keys]))[:, None]",
+           "seen = seen[None, None]", RECORD_ATTENTION),
+    Mutant("record-attn-3", "backend_torch/model.py",
+           "unit = F.normalize(v.float(), dim=-1)[:, :, None]                       # v / max(|v|, 1e-12)",
+           "unit = v.float()[:, :, None]", RECORD_ATTENTION),
+    Mutant("record-attn-4", "core/reference.py",
+           "g = 1.0 / (1.0 + np.exp(-spec.sparse_attn_gate_scale * (x[..., :spec.gate_window] @ w[prefix + \"attn_gate_w\"].T)))",
+           "g = 1.0 / (1.0 + np.exp(-(x[..., :spec.gate_window] @ w[prefix + \"attn_gate_w\"].T)))", RECORD_ATTENTION),
+    Mutant("record-attn-5", "core/config.py",
+           "return self.rope_base * (n / L) ** (r / (r - 2))", "return self.rope_base * (n / L) ** (r / (r - 1))",
+           ("tests/core/test_record_attention_options.py",)),
 ]
