@@ -413,7 +413,8 @@ MUTANTS = [
     Mutant("memory-1", "core/memory.py",
            "acts = calls * (_kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs",
            "acts = (_kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs", MEMORY_BAND),
-    Mutant("memory-2", "core/memory.py", "D = N * d * 4", "D = N * d * 2", MEMORY_BAND),
+    Mutant("memory-2", "core/memory.py",
+           "acts, logits = acts + a, logits + lg", "acts, logits = max(acts, a), max(logits, lg)", MEMORY_BAND),
     Mutant("memory-3", "core/memory.py", "if mlx and not mlx_eager_eval:", "if mlx:", EAGER_BOUND),
     Mutant("memory-4", "backend_mlx/session.py", "if eager:", "if False:", EAGER_BOUND),
     # trainer/plan.py: the budget and the resolved run
