@@ -50,7 +50,9 @@ DIVERGENCE = ("tests/trainer/test_divergence.py::test_a_nan_loss_between_log_ste
 MEASURED = "tests/core/test_memory_measured.py::"
 MEMORY_BAND = (MEASURED + "test_the_estimate_is_within_the_band_of_the_measured_peak[mlx lazy]",)
 EAGER_BOUND = (MEASURED + "test_mlx_eager_eval_bounds_the_step_to_one_chunk",)
-PLAN = ("tests/trainer/test_plan.py",)
+PLAN_FIT = ("tests/trainer/test_plan.py::test_a_run_that_cannot_fit_is_one_line_before_anything_is_written[mlx]",)
+PLAN_BUDGET = ("tests/trainer/test_plan.py::test_the_auto_budget_is_the_documented_share_of_the_machine",)
+PLAN_AUTO = ("tests/trainer/test_plan.py::test_auto_micro_steps_fit_the_budget_and_train_as_the_same_value_written_out[mlx]",)
 SPEC_TOLERANCES = ("tests/parity/test_spec_tolerances.py",)
 
 MUTANTS = [
@@ -418,14 +420,14 @@ MUTANTS = [
     Mutant("memory-3", "core/memory.py", "if mlx and not mlx_eager_eval:", "if mlx:", EAGER_BOUND),
     Mutant("memory-4", "backend_mlx/session.py", "if eager:", "if False:", EAGER_BOUND),
     # trainer/plan.py: the budget and the resolved run
-    Mutant("plan-1", "trainer/plan.py", "if not m.fits:", "if False:", PLAN),
+    Mutant("plan-1", "trainer/plan.py", "if not m.fits:", "if False:", PLAN_FIT),
     Mutant("plan-2", "trainer/plan.py",
            "return int(cfg.memory_budget_gb * GIB), f\"MEMORY_BUDGET_GB={cfg.memory_budget_gb:g}\"",
-           "return int(cfg.memory_budget_gb * 1e9), f\"MEMORY_BUDGET_GB={cfg.memory_budget_gb:g}\"", PLAN),
-    Mutant("plan-3", "trainer/plan.py", "kind = BUDGET_DEVICE[backend.device_kind]", "kind = \"cuda\"", PLAN),
+           "return int(cfg.memory_budget_gb * 1e9), f\"MEMORY_BUDGET_GB={cfg.memory_budget_gb:g}\"", PLAN_BUDGET),
+    Mutant("plan-3", "trainer/plan.py", "kind = BUDGET_DEVICE[backend.device_kind]", "kind = \"cuda\"", PLAN_BUDGET),
     Mutant("plan-4", "trainer/plan.py",
            "resolved = cfg.replace(grad_accum_steps=plan.grad_accum_steps, mlx_eager_eval=plan.mlx_eager_eval,",
-           "resolved = cfg.replace(grad_accum_steps=1, mlx_eager_eval=plan.mlx_eager_eval,", PLAN),
+           "resolved = cfg.replace(grad_accum_steps=1, mlx_eager_eval=plan.mlx_eager_eval,", PLAN_AUTO),
     # bench/doctor.py: make doctor's tolerances are docs/spec.md §10's
     Mutant("doctor-1", "bench/doctor.py",
            "TOLERANCES = {\"logits\": 1e-5, \"grads\": 1e-4, \"optim_step\": 1e-5}",
