@@ -38,12 +38,22 @@ def parse_report_to(value: str) -> list[str]:
     return names
 
 
-def setting(default, help: str, *, choices: Sequence[str] | None = None, auto: str | None = None):
+# The role of each model setting (the `role` of its `setting`): what a file of weights tells of it,
+# and whether a resumed run must keep it.
+SHAPES = "shapes"         # the weights' shapes follow it: read back from the tensors (core.params.infer_spec)
+INIT_ONLY = "init_only"   # only the initial weights follow it: a resumed run may change it
+UNSHAPED = "unshaped"     # what the model computes follows it, no shape does: weights alone do not hold it
+ROLES = (SHAPES, INIT_ONLY, UNSHAPED)
+
+
+def setting(default, help: str, *, choices: Sequence[str] | None = None, auto: str | None = None,
+            role: str | None = None):
     """A dataclass field with its help text (and allowed values) in the metadata, as mlx-lm does.
 
     `auto` names the field's kind ("int", "float" or "bool") when it also accepts the word "auto":
-    a value the run resolves itself (the memory plan, trainer/plan.py)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "auto": auto})
+    a value the run resolves itself (the memory plan, trainer/plan.py). `role` (one of ROLES) is
+    what a model setting is to the weights; every ModelSettings field has one."""
+    return field(default=default, metadata={"help": help, "choices": choices, "auto": auto, "role": role})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,21 +61,36 @@ def setting(default, help: str, *, choices: Sequence[str] | None = None, auto: s
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """The shape of the GPT (docs/spec.md §2-§4). Validated on construction."""
+class ModelSettings:
+    """The model's settings, declared once: ModelSpec (validated, with its derived sizes) and TrainConfig
+    (whose flags and environment variables they also are) both inherit them. A new model option is one
+    `setting(default, help, role=...)` line here, OFF by default."""
 
-    vocab_size: int = setting(1024, "tokenizer vocabulary size V")
-    num_layers: int = setting(9, "transformer blocks L (first L//2 encoder, rest decoder)")
-    model_dim: int = setting(512, "residual width d")
-    num_heads: int = setting(8, "query heads H")
-    num_kv_heads: int = setting(4, "key/value heads K (H % K == 0; K < H is grouped-query attention)")
-    mlp_mult: int = setting(2, "MLP hidden width as a multiple of d")
-    tie_embeddings: bool = setting(True, "use the token embedding as the output head")
-    tied_embed_init_std: float = setting(0.005, "std of the tied embedding's normal init")
-    logit_softcap: float = setting(30.0, "logits = c*tanh(raw/c)")
-    rope_base: float = setting(10000.0, "RoPE base frequency")
-    qk_gain_init: float = setting(1.5, "initial per-head gain applied to normed, rotated queries")
-    norm_eps: float = setting(1e-6, "RMSNorm epsilon (both backends and the reference)")
+    vocab_size: int = setting(1024, "tokenizer vocabulary size V", role=SHAPES)
+    num_layers: int = setting(9, "transformer blocks L (first L//2 encoder, rest decoder)", role=SHAPES)
+    model_dim: int = setting(512, "residual width d", role=SHAPES)
+    num_heads: int = setting(8, "query heads H", role=SHAPES)
+    num_kv_heads: int = setting(4, "key/value heads K (H % K == 0; K < H is grouped-query attention)", role=SHAPES)
+    mlp_mult: int = setting(2, "MLP hidden width as a multiple of d", role=SHAPES)
+    tie_embeddings: bool = setting(True, "use the token embedding as the output head", role=SHAPES)
+    tied_embed_init_std: float = setting(0.005, "std of the tied embedding's normal init", role=INIT_ONLY)
+    logit_softcap: float = setting(30.0, "logits = c*tanh(raw/c)", role=UNSHAPED)
+    rope_base: float = setting(10000.0, "RoPE base frequency", role=UNSHAPED)
+    qk_gain_init: float = setting(1.5, "initial per-head gain applied to normed, rotated queries", role=INIT_ONLY)
+    norm_eps: float = setting(1e-6, "RMSNorm epsilon (both backends and the reference)", role=UNSHAPED)
+
+
+def model_fields(*roles: str) -> tuple[str, ...]:
+    """Names of the model settings with one of `roles` (all of them when none is given), in order."""
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown role(s) {sorted(unknown)}; roles are {ROLES}")
+    return tuple(f.name for f in fields(ModelSettings) if not roles or f.metadata["role"] in roles)
+
+
+@dataclass(frozen=True)
+class ModelSpec(ModelSettings):
+    """The shape of the GPT (docs/spec.md §2-§4): the model settings, validated on construction."""
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult"):
@@ -129,8 +154,9 @@ class ModelSpec:
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a training run. Field `num_layers` is env NUM_LAYERS and flag --num-layers."""
+class TrainConfig(ModelSettings):
+    """Every setting of a training run: the model's (inherited from ModelSettings) and the run's.
+    Field `num_layers` is env NUM_LAYERS and flag --num-layers."""
 
     # Data and bookkeeping
     data_path: str = setting("", "dataset folder of *_train_*.bin / *_val_*.bin shards "
@@ -162,19 +188,6 @@ class TrainConfig:
     resume_from: str = setting("", "checkpoint to continue from (weights, optimizer, step, data position)")
     report_to: str = setting("", "experiment trackers that also get every train/val record, the config and the "
                              "summary (rank 0): comma-separated tensorboard, wandb (offline); empty = none")
-    # Model (see ModelSpec)
-    vocab_size: int = setting(1024, ModelSpec.__dataclass_fields__["vocab_size"].metadata["help"])
-    num_layers: int = setting(9, ModelSpec.__dataclass_fields__["num_layers"].metadata["help"])
-    model_dim: int = setting(512, ModelSpec.__dataclass_fields__["model_dim"].metadata["help"])
-    num_heads: int = setting(8, ModelSpec.__dataclass_fields__["num_heads"].metadata["help"])
-    num_kv_heads: int = setting(4, ModelSpec.__dataclass_fields__["num_kv_heads"].metadata["help"])
-    mlp_mult: int = setting(2, ModelSpec.__dataclass_fields__["mlp_mult"].metadata["help"])
-    tie_embeddings: bool = setting(True, ModelSpec.__dataclass_fields__["tie_embeddings"].metadata["help"])
-    tied_embed_init_std: float = setting(0.005, ModelSpec.__dataclass_fields__["tied_embed_init_std"].metadata["help"])
-    logit_softcap: float = setting(30.0, ModelSpec.__dataclass_fields__["logit_softcap"].metadata["help"])
-    rope_base: float = setting(10000.0, ModelSpec.__dataclass_fields__["rope_base"].metadata["help"])
-    qk_gain_init: float = setting(1.5, ModelSpec.__dataclass_fields__["qk_gain_init"].metadata["help"])
-    norm_eps: float = setting(1e-6, ModelSpec.__dataclass_fields__["norm_eps"].metadata["help"])
     # Optimizers
     embed_lr: float = setting(0.6, "Adam learning rate of the embedding when untied")
     head_lr: float = setting(0.008, "Adam learning rate of the untied output head")
@@ -235,7 +248,7 @@ class TrainConfig:
         self.model_spec()  # validates the model settings too
 
     def model_spec(self) -> ModelSpec:
-        names = [f.name for f in fields(ModelSpec)]
+        names = model_fields()
         try:
             return ModelSpec(**{name: getattr(self, name) for name in names})
         except ConfigError as e:
@@ -362,20 +375,18 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-def build_arg_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
-    parser.add_argument("--config", default=None, help="JSON file of settings (env CONFIG)")
-    for f in fields(TrainConfig):
+class _ArgumentParserRaising(argparse.ArgumentParser):
+    def error(self, message):  # one-line error instead of usage + exit
+        raise ConfigError(message)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of the settings dataclass `cls`, with its help and default."""
+    for f in fields(cls):
         # A true/false setting's flag alone means true: --plan is --plan 1.
         flag_alone = {"nargs": "?", "const": "1"} if str(f.type) == "bool" else {}
         parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name), **flag_alone,
                             help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"))
-    return parser
-
-
-class _ArgumentParserRaising(argparse.ArgumentParser):
-    def error(self, message):  # one-line error instead of usage + exit
-        raise ConfigError(message)
 
 
 def parse_settings(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
@@ -389,9 +400,7 @@ def parse_settings(cls, argv: Sequence[str] | None = None, environ: Mapping[str,
     parser = _ArgumentParserRaising(prog=prog, allow_abbrev=False, description=description, add_help=not pass_on,
                                     epilog="Each flag can also be set as the environment variable named in "
                                            "capitals; a flag wins.")
-    for f in fields(cls):
-        parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name),
-                            help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"))
+    add_setting_flags(parser, cls)
     argv = list(argv) if argv is not None else []
     args, rest = parser.parse_known_args(argv) if pass_on else (parser.parse_args(argv), [])
     values = {}
@@ -412,8 +421,9 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     setting and exits.
     """
     environ = os.environ if environ is None else environ
-    parser = build_arg_parser(prog)
-    parser.__class__ = _ArgumentParserRaising
+    parser = _ArgumentParserRaising(prog=prog, allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="JSON file of settings (env CONFIG)")
+    add_setting_flags(parser, TrainConfig)
     args = parser.parse_args(list(argv) if argv is not None else [])
     kinds = _field_kinds()
 

@@ -30,12 +30,12 @@ from core.files import write_bytes_atomic
 from core.metrics import build_byte_tables
 from data.datasets import resolve_dataset
 from data.stream import load_validation_tokens
-from trainer.model_files import SETTING, UNSHAPED, load_model_file, run_config
+from trainer.model_files import NOT_IN_SHAPES, SETTING, load_model_file, run_config
 from trainer.progress import EvalProgress
 from trainer.validation import evaluate, evaluate_sliding
 
 # The settings a file's own run gives when the user does not: its data, its windows, its batches.
-INHERITED = ("data_path", "tokenizer_path", "train_seq_len", "val_batch_size", *UNSHAPED)
+INHERITED = ("data_path", "tokenizer_path", "train_seq_len", "val_batch_size", *NOT_IN_SHAPES)
 
 
 @dataclass(frozen=True)
