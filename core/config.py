@@ -277,18 +277,6 @@ class TrainConfig(ModelSettings):
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
-    def check_batch_geometry(self, world_size: int) -> None:
-        """docs/spec.md §7: each micro-step of each rank takes a whole number of sequences (with
-        GRAD_ACCUM_STEPS=auto: each rank's share of the step does; the plan picks the micro-steps)."""
-        accum = 1 if self.grad_accum_steps == AUTO else self.grad_accum_steps
-        per_micro = self.train_batch_tokens // max(world_size * accum, 1)
-        if self.train_batch_tokens % (world_size * accum) or per_micro % self.train_seq_len or per_micro == 0:
-            raise ConfigError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens}: must split into WORLD_SIZE={world_size} x "
-                f"GRAD_ACCUM_STEPS={self.grad_accum_steps} micro-batches of whole "
-                f"TRAIN_SEQ_LEN={self.train_seq_len} sequences"
-            )
-
 
 # ---------------------------------------------------------------------------------------------
 # Reading settings from flags, environment and file
