@@ -102,16 +102,13 @@ class MLXSession:
         self.load_optimizer_state({})
 
         self.compiled = self.use_compile
-        self._loss_and_grad = nn.value_and_grad(self.model, self._loss_sum)
-        self._eval_loss = self._loss_sum
+        self._forwards: dict[bool, tuple] = {}   # looping -> (loss and grad, eval loss), built on first use
         self._update = self._update_impl
         if self.use_compile:
             # The weights and optimizer state are captured state: read at every call, written back
             # after the update, so the compiled functions never see stale (trace-time) weights.
-            state = [self.model.state, self.state]
-            self._loss_and_grad = mx.compile(self._loss_and_grad, inputs=state, outputs=state)
-            self._eval_loss = mx.compile(self._eval_loss, inputs=state)
-            self._update = mx.compile(self._update, inputs=state, outputs=state)
+            self._update = mx.compile(self._update, inputs=self._compile_state(), outputs=self._compile_state())
+        self.set_looping(False)
 
         self.notes = [
             f"mlx {mx.__version__} on {self.device}, compute dtype {self.compute_dtype}, "
@@ -138,6 +135,22 @@ class MLXSession:
         return self.model.loss(x, y, reduction="sum")
 
     # -- weights and optimizer state, as numpy --
+
+    def _compile_state(self) -> list:
+        return [self.model.state, self.state]
+
+    def set_looping(self, active: bool) -> None:
+        """A compiled function traces model.looping once: each value has its own pair of functions."""
+        looping = bool(active) and self.spec.num_loops > 0
+        self.model.looping = looping
+        if looping not in self._forwards:
+            loss_and_grad, eval_loss = nn.value_and_grad(self.model, self._loss_sum), self._loss_sum
+            if self.use_compile:
+                state = self._compile_state()
+                loss_and_grad = mx.compile(loss_and_grad, inputs=state, outputs=state)
+                eval_loss = mx.compile(eval_loss, inputs=state)
+            self._forwards[looping] = (loss_and_grad, eval_loss)
+        self._loss_and_grad, self._eval_loss = self._forwards[looping]
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         self.model.load_weights(weights)

@@ -11,7 +11,7 @@ from core.errors import exit_on_user_error
 from trainer.sampling import parse_sample_settings, run_sampling
 
 
-def make_last_logits(spec, weights, device=None):
+def make_last_logits(spec, weights, device=None, looping: bool = False):
     """The GPT of these weights, as trainer.sampling's LastLogits: (1, T) ids + caches -> (V,) numpy."""
     import torch
 
@@ -21,6 +21,7 @@ def make_last_logits(spec, weights, device=None):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in training: same logits as MLX
     model = GPT(spec).to(device).load_weights(weights).eval()
+    model.looping = looping
 
     @torch.inference_mode()
     def last_logits(ids: np.ndarray, caches: list) -> np.ndarray:

@@ -139,6 +139,10 @@ class TorchSession:
                                                        find_unused_parameters=spec.num_skip_weights == 0)
         self.load_optimizer_state({})
 
+    def set_looping(self, active: bool) -> None:
+        # torch.compile guards on the attribute: the looped forward is a second graph, not a recompile per step.
+        self.model.looping = bool(active) and self.spec.num_loops > 0
+
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         self.model.load_weights(weights)
 

@@ -25,6 +25,9 @@ from core.errors import ConfigError
 
 
 AUTO = "auto"
+# Every document of every twingpt dataset starts with this token id (data/tokenizer.py; the Parameter
+# Golf FineWeb shards too): the document boundary of SMEAR_GATE_ENABLED and DOC_ATTENTION_ENABLED.
+BOS_ID = 1
 TRACKERS = ("tensorboard", "wandb")   # the experiment trackers REPORT_TO may name (trainer/tracking.py)
 
 
@@ -71,13 +74,47 @@ class ModelSettings:
     model_dim: int = setting(512, "residual width d", role=SHAPES)
     num_heads: int = setting(8, "query heads H", role=SHAPES)
     num_kv_heads: int = setting(4, "key/value heads K (H % K == 0; K < H is grouped-query attention)", role=SHAPES)
-    mlp_mult: int = setting(2, "MLP hidden width as a multiple of d", role=SHAPES)
+    mlp_mult: int | float = setting(2, "MLP hidden width as a multiple of d (a float allowed: hidden = int(mlp_mult*d))",
+                                    role=SHAPES)
     tie_embeddings: bool = setting(True, "use the token embedding as the output head", role=SHAPES)
     tied_embed_init_std: float = setting(0.005, "std of the tied embedding's normal init", role=INIT_ONLY)
     logit_softcap: float = setting(30.0, "logits = c*tanh(raw/c)", role=UNSHAPED)
     rope_base: float = setting(10000.0, "RoPE base frequency", role=UNSHAPED)
     qk_gain_init: float = setting(1.5, "initial per-head gain applied to normed, rotated queries", role=INIT_ONLY)
     norm_eps: float = setting(1e-6, "RMSNorm epsilon (both backends and the reference)", role=UNSHAPED)
+    # record options: attention (docs/spec.md §4.1-§4.5); every one off by default
+    xsa_last_n: int = setting(0, "exclusive self-attention in the last N layers: each head's output loses its "
+                              "component along its own token's value (0 = off)", role=UNSHAPED)
+    rope_dims: int = setting(0, "partial RoPE: rotate only the first ROPE_DIMS dims of each head, even, at most "
+                             "head_dim (0 = all)", role=UNSHAPED)
+    rope_yarn: bool = setting(False, "RoPE base grows with a sequence longer than ROPE_TRAIN_SEQ_LEN (YaRN-style)",
+                              role=UNSHAPED)
+    rope_train_seq_len: int = setting(0, "the length ROPE_YARN scales from (0 = TRAIN_SEQ_LEN)", role=UNSHAPED)
+    sparse_attn_gate_enabled: bool = setting(False, "sigmoid gate per head on the attention output, from the "
+                                             "first GATE_WINDOW dims of the attention input", role=SHAPES)
+    sparse_attn_gate_scale: float = setting(1.0, "the sparse gate's logit multiplier", role=UNSHAPED)
+    sparse_attn_gate_init_std: float = setting(0.0, "std of the sparse gate weights' normal init (0 = zeros)",
+                                               role=INIT_ONLY)
+    smear_gate_enabled: bool = setting(False, "add a gated share of the previous token's embedding to each "
+                                       "token's (never across BOS)", role=SHAPES)
+    gate_window: int = setting(12, "input dims of the sparse attention gate and the smear gate", role=SHAPES)
+    doc_attention_enabled: bool = setting(False, "attention never crosses a BOS (id 1): each token attends "
+                                          "only within its own document of the packed sequence", role=UNSHAPED)
+    # record options: blocks and layout (docs/spec.md §4.6-§4.10); each is off by default
+    mlp_negative_slope: float = setting(0.0, "MLP activation leaky_relu(x, slope)^2 (0: relu^2, the baseline; "
+                                             "the record: 0.5)", role=UNSHAPED)
+    ln_scale: bool = setting(False, "scale each block's normed attention and MLP inputs by 1/sqrt(layer+1)",
+                             role=UNSHAPED)
+    skip_gates_enabled: bool = setting(False, "gated U-Net skips: x = lerp(w*skip, x, sigmoid(gate)) instead of "
+                                       "x + w*skip", role=SHAPES)
+    parallel_start_layer: int = setting(0, "decoder layers from this index on run as two parallel lanes "
+                                           "(attention, MLP) with learned mixing (0 = off; the record: 8)", role=UNSHAPED)
+    parallel_final_lane: str = setting("mean", "the hidden state the parallel lanes end in: mean, attn or mlp",
+                                       choices=("mean", "attn", "mlp"), role=UNSHAPED)
+    num_loops: int = setting(0, "extra passes through layers LOOP_START..LOOP_END once looping is on "
+                                "(0 = off; the record: 2)", role=UNSHAPED)
+    loop_start: int = setting(3, "first layer of the looped segment (with NUM_LOOPS > 0)", role=UNSHAPED)
+    loop_end: int = setting(5, "last layer of the looped segment, inclusive (with NUM_LOOPS > 0)", role=UNSHAPED)
 
 
 def model_fields(*roles: str) -> tuple[str, ...]:
@@ -93,10 +130,16 @@ class ModelSpec(ModelSettings):
     """The shape of the GPT (docs/spec.md §2-§4): the model settings, validated on construction."""
 
     def __post_init__(self):
-        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult"):
+        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r}: must be a positive integer")
+        m = self.mlp_mult
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or int(m * self.model_dim) <= 0:
+            raise ConfigError(f"mlp_mult={m!r}: must be a positive number (hidden width int(mlp_mult*model_dim) >= 1)")
+        if isinstance(m, float) and m.is_integer():   # 4.0 is 4: the same spec, and the same checkpoint
+            object.__setattr__(self, "mlp_mult", int(m))
+        self._check_layout()
         for name in ("tied_embed_init_std", "logit_softcap", "rope_base", "norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -111,6 +154,69 @@ class ModelSpec(ModelSettings):
             raise ConfigError(
                 f"model_dim={self.model_dim}: head_dim = model_dim/num_heads = {self.head_dim} must be even (RoPE)"
             )
+        self._check_attention_options()
+
+    def _check_attention_options(self):
+        """The record's attention options (docs/spec.md §4.1-§4.5)."""
+        for name in ("xsa_last_n", "rope_dims", "rope_train_seq_len", "gate_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r}: must be a non-negative integer")
+        for name in ("sparse_attn_gate_scale", "sparse_attn_gate_init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r}: must be a finite number")
+        if self.sparse_attn_gate_init_std < 0:
+            raise ConfigError(f"sparse_attn_gate_init_std={self.sparse_attn_gate_init_std}: must not be negative")
+        if self.xsa_last_n > self.num_layers:
+            raise ConfigError(f"xsa_last_n={self.xsa_last_n}: more than num_layers={self.num_layers}")
+        if self.rope_dims % 2 or self.rope_dims > self.head_dim:
+            raise ConfigError(f"rope_dims={self.rope_dims}: must be even and at most head_dim={self.head_dim} "
+                              "(0 = all)")
+        if self.rope_yarn and self.rotary_dims < 4:
+            raise ConfigError(f"rope_dims={self.rope_dims}: ROPE_YARN needs at least 4 rotated dims")
+        if self.rope_yarn and self.rope_train_seq_len == 0:
+            raise ConfigError("rope_train_seq_len=0: ROPE_YARN needs the length it scales from")
+        if (self.sparse_attn_gate_enabled or self.smear_gate_enabled) and not 1 <= self.gate_window <= self.model_dim:
+            raise ConfigError(f"gate_window={self.gate_window}: must be in 1..model_dim={self.model_dim}")
+
+    def _check_layout(self) -> None:
+        if not isinstance(self.mlp_negative_slope, (int, float)) or not math.isfinite(self.mlp_negative_slope):
+            raise ConfigError(f"mlp_negative_slope={self.mlp_negative_slope!r}: must be a finite number")
+        if self.parallel_final_lane not in ("mean", "attn", "mlp"):
+            raise ConfigError(f"parallel_final_lane={self.parallel_final_lane!r}: must be one of mean, attn, mlp")
+        for name in ("parallel_start_layer", "num_loops", "loop_start", "loop_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r}: must be a non-negative integer")
+        L = self.num_layers
+        if self.parallel_start_layer >= L:
+            raise ConfigError(f"parallel_start_layer={self.parallel_start_layer}: must be below num_layers={L} "
+                              "(layers 0..num_layers-1; 0 = off)")
+        if self.num_loops:
+            if not self.loop_start <= self.loop_end < L:
+                raise ConfigError(f"loop_end={self.loop_end}: the looped segment loop_start={self.loop_start}.."
+                                  f"loop_end={self.loop_end} must lie within layers 0..{L - 1} (num_layers={L})")
+            if 0 < self.parallel_start_layer <= self.loop_end:
+                raise ConfigError(f"parallel_start_layer={self.parallel_start_layer}: must be after the looped segment "
+                                  f"(loop_end={self.loop_end}) when num_loops > 0")
+
+    def layer_order(self, looping: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(encoder, decoder) block indices in the order they run (docs/spec.md §4.10). Looping on:
+        the segment loop_start..loop_end runs 1 + num_loops times, and the whole sequence is split in
+        half again; off (or num_loops = 0): the first num_layers//2 blocks, then the rest."""
+        L = self.num_layers
+        if looping and self.num_loops:
+            segment = list(range(self.loop_start, self.loop_end + 1))
+            order = list(range(self.loop_start)) + segment * (self.num_loops + 1) + list(range(self.loop_end + 1, L))
+        else:
+            order = list(range(L))
+        half = len(order) // 2
+        return tuple(order[:half]), tuple(order[half:])
+
+    def block_calls(self, looping: bool) -> int:
+        """Blocks one forward runs (a looped block counts once per pass): the caches a sampler keeps."""
+        return sum(map(len, self.layer_order(looping)))
 
     # Derived sizes (docs/spec.md §2 notation).
     @property
@@ -118,12 +224,25 @@ class ModelSpec(ModelSettings):
         return self.model_dim // self.num_heads
 
     @property
+    def rotary_dims(self) -> int:
+        """r of docs/spec.md §4.2: the dims of each head that RoPE rotates."""
+        return self.rope_dims or self.head_dim
+
+    def rope_base_for(self, n: int) -> float:
+        """docs/spec.md §4.2: the RoPE base of a sequence of n positions (ROPE_YARN grows it past
+        ROPE_TRAIN_SEQ_LEN by (n/L)^(r/(r-2)))."""
+        r, L = self.rotary_dims, self.rope_train_seq_len
+        if self.rope_yarn and n > L:
+            return self.rope_base * (n / L) ** (r / (r - 2))
+        return self.rope_base
+
+    @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
     @property
     def hidden_dim(self) -> int:
-        return self.mlp_mult * self.model_dim
+        return int(self.mlp_mult * self.model_dim)
 
     @property
     def num_encoder_layers(self) -> int:
@@ -135,7 +254,9 @@ class ModelSpec(ModelSettings):
 
     @property
     def num_skip_weights(self) -> int:
-        return min(self.num_encoder_layers, self.num_decoder_layers)
+        """One per skip connection of the longest layer order (the looped one when NUM_LOOPS > 0)."""
+        encoder, decoder = self.layer_order(looping=True)
+        return min(len(encoder), len(decoder))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -188,6 +309,9 @@ class TrainConfig(ModelSettings):
     resume_from: str = setting("", "checkpoint to continue from (weights, optimizer, step, data position)")
     report_to: str = setting("", "experiment trackers that also get every train/val record, the config and the "
                              "summary (rank 0): comma-separated tensorboard, wandb (offline); empty = none")
+    # Layer looping (the model's NUM_LOOPS, LOOP_START, LOOP_END): when it starts
+    enable_looping_at: float = setting(0.0, "fraction of training (of ITERATIONS, or of MAX_WALLCLOCK_SECONDS when "
+                                            "capped, whichever is further) after which the layers loop (NUM_LOOPS > 0)")
     # Optimizers
     embed_lr: float = setting(0.6, "Adam learning rate of the embedding when untied")
     head_lr: float = setting(0.008, "Adam learning rate of the untied output head")
@@ -247,6 +371,8 @@ class TrainConfig(ModelSettings):
         if self.eval_stride > self.eval_window:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the window length "
                               f"{self.eval_window} (EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); a longer stride skips targets")
+        if not 0.0 <= self.enable_looping_at <= 1.0:
+            raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at}: must be a fraction of training in [0, 1]")
         if not math.isfinite(self.collective_timeout_seconds):
             raise ConfigError(f"COLLECTIVE_TIMEOUT_SECONDS={self.collective_timeout_seconds}: must be a finite number")
         if self.mlx_max_microbatch_tokens <= 0:
@@ -257,7 +383,7 @@ class TrainConfig(ModelSettings):
     def model_spec(self) -> ModelSpec:
         names = model_fields()
         try:
-            return ModelSpec(**{name: getattr(self, name) for name in names})
+            return ModelSpec(**{name: self.spec_value(name) for name in names})
         except ConfigError as e:
             # Name the setting as the user typed it: NUM_HEADS, not num_heads.
             message = str(e)
@@ -265,6 +391,13 @@ class TrainConfig(ModelSettings):
                 if message.startswith(name + "="):
                     message = env_name(name) + message[len(name):]
             raise ConfigError(message) from None
+
+    def spec_value(self, name: str):
+        """The value of ModelSpec field `name` this run's model gets (ROPE_TRAIN_SEQ_LEN=0 under ROPE_YARN
+        is TRAIN_SEQ_LEN)."""
+        if name == "rope_train_seq_len" and self.rope_yarn and not self.rope_train_seq_len:
+            return self.train_seq_len
+        return getattr(self, name)
 
     @property
     def eval_window(self) -> int:
@@ -303,6 +436,9 @@ def parse_value(field_name: str, raw: Any, kind: str) -> Any:
             return AUTO
         kind = kind[:-len("|auto")]
     label = f"{env_name(field_name)}={raw!r}"
+    if kind == "int | float":   # a number: an int when it is whole (MLP_MULT=4.0 is 4), else a float
+        value = parse_value(field_name, raw, "float")
+        return int(value) if value.is_integer() else value
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
@@ -343,7 +479,7 @@ def _field_kinds() -> dict[str, str]:
         if f.metadata.get("auto"):
             kinds[f.name] = f.metadata["auto"] + "|auto"
         else:
-            kinds[f.name] = {"bool": "bool", "int": "int", "float": "float"}.get(str(f.type), "str")
+            kinds[f.name] = {"bool": "bool", "int": "int", "float": "float", "int | float": "int | float"}.get(str(f.type), "str")
     return kinds
 
 

@@ -198,6 +198,38 @@ def _kept_per_layer(backend: str, c: int, N: int, spec: ModelSpec, P32: int, fus
     return total
 
 
+def _layout_kept_per_layer(c: int, N: int, spec: ModelSpec) -> int:
+    """What the record's block and layout options (docs/spec.md §4.6-§4.10) add to a block's kept
+    tensors (counted from the model files, not measured): the leaky ReLU keeps its input besides its
+    output (N·F, compute dtype); LN_SCALE keeps the two scaled norm outputs (2·N·d fp32); a gated skip
+    its scaled skip and gate product (2·N·d fp32, per block, an upper bound: only decoder steps have
+    one); the parallel lanes the two lane inputs and the mixed outputs (4·N·d fp32)."""
+    d, F, f32 = spec.model_dim, spec.hidden_dim, 4
+    extra = N * F * c if spec.mlp_negative_slope else 0
+    extra += 2 * N * d * f32 if spec.ln_scale else 0
+    extra += 2 * N * d * f32 if spec.skip_gates_enabled else 0
+    extra += 4 * N * d * f32 if spec.parallel_start_layer else 0
+    return extra
+
+
+def _record_attention_kept(spec: ModelSpec, N: int, seq_len: int, c: int, fused: bool) -> int:
+    """Bytes the record's attention options (docs/spec.md §4.1-§4.5) add to what the blocks keep, over
+    all layers and the embedding; counted from the model files, not measured. XSA keeps the fp32
+    attention output and the unit values; the sparse gate its fp32 input window, the gate and the
+    ungated fp32 output; the smear gate the embedding and its shifted copy; document attention on the
+    fused paths its (B, 1, T, T) boolean mask per layer, and on CUDA SDPA's bias in the compute dtype."""
+    d, kv, H, f32 = spec.model_dim, spec.kv_dim, spec.num_heads, 4
+    per_layer = 0
+    kept = spec.xsa_last_n * N * (d + kv + H) * f32
+    if spec.sparse_attn_gate_enabled:
+        per_layer += N * (spec.gate_window + H + d) * f32
+    if spec.doc_attention_enabled and fused:
+        per_layer += N * seq_len * (1 + c)
+    if spec.smear_gate_enabled:
+        kept += 2 * N * d * f32 + N * spec.gate_window * f32
+    return kept + spec.num_layers * per_layer
+
+
 def _mlx_attention_transient(c: int, N: int, spec: ModelSpec, T: int, P32: int, grad: bool) -> int:
     """The attention's working set on MLX's CPU backend, on top of what is kept (fitted, see module doc).
 
@@ -233,7 +265,7 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
     if micro_batch_tokens <= 0 or seq_len <= 0 or micro_batch_tokens % seq_len:
         raise ValueError(f"micro_batch_tokens={micro_batch_tokens}: must be a positive multiple of seq_len={seq_len}")
     c = DTYPE_BYTES[compute_dtype]
-    d, V, L, H = spec.model_dim, spec.vocab_size, spec.num_layers, spec.num_heads
+    d, V, H = spec.model_dim, spec.vocab_size, spec.num_heads
     weights, optimizer = parameter_bytes(spec)
     mlx = backend == "mlx"
     fused = device != "cpu"
@@ -257,8 +289,12 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
         else:
             P32 = 4 * blocked_attention_elements(seqs, H, seq_len)
             probs = 0
-        acts = L * (_kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs)
+        # A looped block keeps its tensors once per pass: the looped graph's block calls (docs/spec.md §4.10).
+        calls = spec.block_calls(looping=True)
+        acts = calls * (_kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs
+                        + _layout_kept_per_layer(c, N, spec))
         acts += N * d * 4                                   # the embedding (the first norm's input)
+        acts += _record_attention_kept(spec, N, seq_len, c, fused)
         # The head: the final norm's input and output (the head's input, in the compute dtype), the
         # tanh output and the log-softmax / logits, fp32.
         logits = N * d * 4 + N * d * c + 2 * NV

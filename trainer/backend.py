@@ -65,6 +65,10 @@ class TrainerBackend(Protocol):
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None: ...
 
+    def set_looping(self, active: bool) -> None:
+        """Whether the layers loop from now on (NUM_LOOPS > 0; docs/spec.md §4.10). Compiled, the
+        looped forward is a second graph, traced the first time it runs."""
+
     def export_weights(self) -> dict[str, np.ndarray]: ...
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None: ...

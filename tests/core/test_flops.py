@@ -39,3 +39,16 @@ def test_default_spec_at_1024_tokens():
     assert forward_flops_per_token(spec, 1024) == 2 * 17_039_360 + 2 * 9 * 512 * 1025
     assert flops_per_token(spec, 1024) == 130_575_360
     assert isinstance(flops_per_token(spec, 1024), int)
+
+
+def test_looped_blocks_count_once_per_pass_and_a_float_mlp_mult_its_width():
+    from core.config import ModelSpec
+
+    flat = ModelSpec(num_layers=11, num_loops=2, loop_start=3, loop_end=5, mlp_mult=4.0)
+    d, F = 512, 2048
+    per_block = 2 * d * d + 2 * 256 * d + 2 * F * d
+    assert matmul_params(flat) == 11 * per_block + 1024 * d
+    assert matmul_params(flat, looping=True) == 17 * per_block + 1024 * d      # 11 + 2 x (3..5)
+    assert attention_flops_per_token(flat, 7, looping=True) == 2 * 17 * d * 8
+    assert matmul_params(ModelSpec(num_layers=1, model_dim=64, num_heads=4, num_kv_heads=4, mlp_mult=2.5,
+                                   vocab_size=8)) == 2 * 64 * 64 + 2 * 64 * 64 + 2 * 160 * 64 + 8 * 64

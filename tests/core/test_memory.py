@@ -247,3 +247,18 @@ def test_mlx_chunks_round_up_to_whole_chunks():
     assert memory.mlx_chunks(4 * 1024, 1024, 2048) == 2 and memory.mlx_chunks(1024, 1024, 8192) == 1
     assert memory.eager_eval("auto", 3 * 1024, 1024, 2048) is True
     assert memory.eager_eval("auto", 2 * 1024, 1024, 2048) is False
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_every_block_and_layout_option_adds_memory_and_looping_counts_each_pass(backend):
+    from dataclasses import replace
+
+    base = ModelSpec(num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=256)
+    kw = dict(backend=backend, device="cpu", compute_dtype="float32", micro_batch_tokens=2048, seq_len=256)
+    plain = estimate_peak(base, **kw).activations
+    for option in (dict(mlp_negative_slope=0.5), dict(ln_scale=True), dict(skip_gates_enabled=True),
+                   dict(parallel_start_layer=4), dict(mlp_mult=2.5)):
+        assert estimate_peak(replace(base, **option), **kw).activations > plain, option
+    looped = estimate_peak(replace(base, num_loops=2, loop_start=1, loop_end=2), **kw).activations
+    embedding = 2048 * 64 * 4
+    assert looped - embedding == pytest.approx((6 + 4) / 6 * (plain - embedding))
