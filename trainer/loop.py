@@ -36,7 +36,7 @@ from core import artifact
 from core.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
 from core.config import ModelSpec, TrainConfig, load_config
 from core.errors import RankError, TrainingError, UserError, exit_on_user_error
-from core.flops import flops_per_token
+from core.flops import flops_per_token, matmul_ceiling_gflops
 from core.init import init_weights
 from core.metrics import build_byte_tables, unigram_baseline
 from core.params import ParamCount, count_params
@@ -177,14 +177,17 @@ def next_micro_batches(geometry: RunGeometry, loader: DistributedTokenLoader) ->
 
 def warm_up(run: Run, loader: DistributedTokenLoader, step: int) -> None:
     cfg, backend = run.cfg, run.backend
-    if cfg.warmup_steps and backend.compiled and step == 0:
+    # A resumed run compiles too: it is primed the same way, from the checkpoint's state, so that its
+    # clock (and the wall-clock cap, the time-based warmdown) does not count the compilation.
+    if cfg.warmup_steps and backend.compiled:
         weights0, optim0, data0 = backend.export_weights(), backend.export_optimizer_state(), loader.state()
         # With NUM_LOOPS the looped forward is a second graph: primed too, then looping is off again.
         for looping in (False, True) if cfg.num_loops else (False,):
             backend.set_looping(looping)
             for _ in range(cfg.warmup_steps):
-                backend.train_step(next_micro_batches(run.plan.geometry, loader), learning_rates(cfg, 0, 0.0), momentum(cfg, 0), 0)
-        backend.set_looping(False)
+                backend.train_step(next_micro_batches(run.plan.geometry, loader), learning_rates(cfg, step, 0.0),
+                                   momentum(cfg, step), step)
+        backend.set_looping(run.checkpoint is not None and run.checkpoint.looping)   # as the run starts
         backend.load_weights(weights0)
         backend.load_optimizer_state(optim0)
         loader.restore(data0)
@@ -412,7 +415,8 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
     tok_s = tokens_per_step * (step - start_step) / max(run_ms / 1000.0, 1e-9) if step > start_step else 0.0
     # MFU: model FLOPs per second per process over the matrix-product ceiling in the compute dtype,
     # measured here now (an fp32 ceiling would put a bf16 GPU run far above 100%).
-    ceiling_gflops = backend.matmul_gflops(backend.compute_dtype, n=1024, seconds=0.25) if step > start_step else None
+    ceiling_gflops = (matmul_ceiling_gflops(lambda n: backend.matmul_gflops(backend.compute_dtype, n=n, seconds=0.25),
+                                            backend.device_kind) if step > start_step else None)
     mfu = tok_s * flops_token / world / (ceiling_gflops * 1e9) if ceiling_gflops else None
     peak, baseline = backend.peak_memory_bytes(), None
     if peak is None:  # the process's resident peak, and how much of it the process held before the run

@@ -183,12 +183,10 @@ def on_device(device: Device):
         finally:
             mx.set_default_device(before)
     elif device.name == "cuda":
-        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
+        from backend_torch.precision import exact_fp32
+
+        with exact_fp32():
             yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     else:
         yield
 
