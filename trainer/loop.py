@@ -45,7 +45,7 @@ from data.datasets import Dataset, resolve_dataset
 from data.stream import DistributedTokenLoader, load_validation_tokens
 from trainer.backend import TrainerBackend
 from trainer.interrupt import InterruptFlag
-from trainer.plan import RunPlan, check_fits, make_plan
+from trainer.plan import RunGeometry, RunPlan, check_fits, make_plan
 from trainer.plot import plot_losses
 from trainer.progress import EvalProgress, Progress, format_seconds
 from trainer.run_folder import RunLog, create_run_dir, make_run_dir, source_snapshot
@@ -167,9 +167,8 @@ def build_or_resume(run: Run, loader: DistributedTokenLoader) -> tuple[int, floa
     return ckpt.step, float(ckpt.extra.get("train_time_ms", 0.0))
 
 
-def next_micro_batches(cfg: TrainConfig, loader: DistributedTokenLoader) -> list:
-    return [loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, cfg.grad_accum_steps)
-            for _ in range(cfg.grad_accum_steps)]
+def next_micro_batches(geometry: RunGeometry, loader: DistributedTokenLoader) -> list:
+    return [loader.next_batch(geometry.micro_batch_tokens, geometry.seq_len) for _ in range(geometry.micro_steps)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +185,7 @@ def warm_up(run: Run, loader: DistributedTokenLoader, step: int) -> None:
         for looping in (False, True) if cfg.num_loops else (False,):
             backend.set_looping(looping)
             for _ in range(cfg.warmup_steps):
-                backend.train_step(next_micro_batches(cfg, loader), learning_rates(cfg, step, 0.0),
+                backend.train_step(next_micro_batches(run.plan.geometry, loader), learning_rates(cfg, step, 0.0),
                                    momentum(cfg, step), step)
         backend.set_looping(run.checkpoint is not None and run.checkpoint.looping)   # as the run starts
         backend.load_weights(weights0)
@@ -275,7 +274,7 @@ class Training:
             self.backend.set_looping(True)
             encoder, decoder = self.run.spec.layer_order(True)
             self.log(f"layer_loop:enabled step:{step} encoder:{list(encoder)} decoder:{list(decoder)}")
-        self.unread_losses.append(self.backend.train_step(next_micro_batches(cfg, self.loader),
+        self.unread_losses.append(self.backend.train_step(next_micro_batches(self.run.plan.geometry, self.loader),
                                                           learning_rates(cfg, step, clock_ms), momentum(cfg, step), step))
         self.step = step = step + 1
         log_step = step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations
@@ -315,8 +314,8 @@ class Training:
         run, cfg, step = self.run, self.cfg, self.step
         self.pause_clock()
         self.read_losses()
-        self.val_loss, self.val_bpb = evaluate(self.backend, run.val_tokens, run.tables, cfg,
-                                               EvalProgress(f"val step {step}", run.master))
+        self.val_loss, self.val_bpb = evaluate(self.backend, run.val_tokens, run.tables, cfg.train_seq_len,
+                                               run.plan.geometry.val_batch_seqs, EvalProgress(f"val step {step}", run.master))
         self.log(f"step:{step}/{cfg.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
                  f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / max(step, 1):.2f}ms")
         self.log.metric(kind="val", step=step, tokens=step * self.tokens_per_step, val_loss=self.val_loss,
@@ -387,15 +386,16 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         log(f"serialized_model_int8_zlib:{len(blob)} bytes {artifact.size_report(len(blob))}")
     t_eval = time.perf_counter()
     backend.load_weights(artifact.unpack(blob))
-    rt_loss, rt_bpb = evaluate(backend, run.val_tokens, run.tables, cfg, EvalProgress("roundtrip val", run.master))
+    rt_loss, rt_bpb = evaluate(backend, run.val_tokens, run.tables, cfg.train_seq_len, run.plan.geometry.val_batch_seqs,
+                              EvalProgress("roundtrip val", run.master))
     log(f"final_int8_zlib_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} "
         f"eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
     log(f"final_int8_zlib_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
     sliding = {}
     if cfg.eval_stride > 0:   # the same roundtrip weights, scored in sliding windows (docs/spec.md §7)
         t_eval = time.perf_counter()
-        sl_loss, sl_bpb = evaluate_sliding(backend, run.val_tokens, run.tables, cfg,
-                                           EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
+        sl_loss, sl_bpb = evaluate_sliding(backend, run.val_tokens, run.tables, cfg.eval_window, cfg.eval_stride,
+                                           run.plan.geometry.sliding_batch_seqs, EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
         sliding = {"eval_stride": cfg.eval_stride, "eval_seq_len": cfg.eval_window,
                    "roundtrip_sliding_val_loss": sl_loss, "roundtrip_sliding_val_bpb": sl_bpb,
                    "sliding_eval_time_s": time.perf_counter() - t_eval}
