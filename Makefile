@@ -31,7 +31,7 @@ FINEWEB_DIR := data/datasets/fineweb10B_sp1024
 # capped at 6 minutes of training on slower machines (the learning rate then warms down by time).
 # Validation in batches of 65,536 tokens, not the reference's 524,288: the same figures, an eighth of
 # the memory (torch scores a whole batch at once: 6.5 GiB estimated at 524,288, 0.8 GiB at 65,536).
-PRESET := ITERATIONS=$${ITERATIONS:-500} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS=$${NUM_LAYERS:-4} \
+TRAIN_PRESET := ITERATIONS=$${ITERATIONS:-500} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS=$${NUM_LAYERS:-4} \
   NUM_HEADS=$${NUM_HEADS:-4} NUM_KV_HEADS=$${NUM_KV_HEADS:-2} TRAIN_SEQ_LEN=$${TRAIN_SEQ_LEN:-256} \
   TRAIN_BATCH_TOKENS=$${TRAIN_BATCH_TOKENS:-8192} VAL_BATCH_SIZE=$${VAL_BATCH_SIZE:-65536} \
   VAL_LOSS_EVERY=$${VAL_LOSS_EVERY:-100} \
@@ -81,8 +81,8 @@ default-data: $(STAMP)
 # The backend: torch with CUDA, MLX on Apple silicon, else the faster of the two here (measured once).
 train: default-data
 	@backend=$${BACKEND:-$$($(PY) -m bench.pick_backend)} && \
-	  echo "$(PRESET) $(PY) -m backend_$$backend.train $(ARGS)" && \
-	  $(PRESET) $(PY) -m backend_$$backend.train $(ARGS)
+	  echo "$(TRAIN_PRESET) $(PY) -m backend_$$backend.train $(ARGS)" && \
+	  $(TRAIN_PRESET) $(PY) -m backend_$$backend.train $(ARGS)
 
 train-cpu: default-data
 	DEVICE=cpu $(PY) -m backend_torch.train $(ARGS)
@@ -161,7 +161,7 @@ doctor: $(STAMP)
 # runs/$${ABLATE_ID:-ablate-tying}/ are reused. A table, loss.png and ablation.json.
 ablate-tying: default-data
 	@backend=$${BACKEND:-$$($(PY) -m bench.pick_backend)} && \
-	  $(PRESET) BACKEND=$$backend $(PY) -m bench.ablate_tying $(ARGS)
+	  $(TRAIN_PRESET) BACKEND=$$backend $(PY) -m bench.ablate_tying $(ARGS)
 
 # The direct-path analysis of a checkpoint (trainer/tying.py): embedding -> final norm -> head, every
 # block skipped, scored on the val bigrams against the train unigram and bigram models; the symmetry

@@ -104,6 +104,7 @@ class MLXSession:
             else:
                 self.optimizers[group] = Adam(group_shapes, cfg.beta1, cfg.beta2, cfg.adam_eps)
 
+        self.ema = None   # the loop starts it (load_ema) when EMA_DECAY > 0
         self.compiled = self.use_compile
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss_sum)
         self._eval_loss = self._loss_sum
@@ -163,6 +164,18 @@ class MLXSession:
                 for name, slots in opt.state.items()
                 for slot, value in slots.items()}
 
+    def load_ema(self, weights: dict[str, np.ndarray] | None) -> None:
+        self.ema = None if weights is None else {name: mx.array(np.asarray(weights[name], np.float32))
+                                                 for name in param_shapes(self.spec)}
+
+    def export_ema(self) -> dict[str, np.ndarray] | None:
+        return None if self.ema is None else {name: np.array(a) for name, a in self.ema.items()}
+
+    def _update_ema(self) -> None:
+        decay = self.cfg.ema_decay
+        params = dict(tree_flatten(self.model.parameters()))
+        self.ema = {name: decay * avg + (1.0 - decay) * params[name] for name, avg in self.ema.items()}
+
     # -- training and evaluation --
 
     def _update_impl(self, grads: dict[str, mx.array], scalars: dict[str, mx.array]) -> None:
@@ -205,7 +218,9 @@ class MLXSession:
         scalars.update(momentum=mx.array(muon_momentum, dtype=mx.float32),
                        bc1=mx.array(bc1, dtype=mx.float32), bc2=mx.array(bc2, dtype=mx.float32))
         self._update(grads, scalars)
-        mx.eval(loss, self.model.parameters(), [opt.state for opt in self.optimizers.values()])
+        if self.ema is not None:
+            self._update_ema()
+        mx.eval(loss, self.model.parameters(), [opt.state for opt in self.optimizers.values()], self.ema or {})
         return loss   # a 0-d array: the loop reads it with float() on log steps
 
     def _mean_over_ranks(self, loss: mx.array, grads: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array]]:

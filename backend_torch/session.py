@@ -132,6 +132,7 @@ class TorchSession:
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids, broadcast_buffers=False,
                                                        find_unused_parameters=spec.num_skip_weights == 0)
         self.load_optimizer_state({})
+        self.ema = None   # the loop starts it (load_ema) when EMA_DECAY > 0
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         self.model.load_weights(weights)
@@ -146,6 +147,20 @@ class TorchSession:
 
     def export_optimizer_state(self) -> dict[str, np.ndarray]:
         return {key: t.detach().cpu().numpy().copy() for key, t in self.state.items()}
+
+    def load_ema(self, weights: dict[str, np.ndarray] | None) -> None:
+        self.ema = None if weights is None else {
+            p.name: torch.tensor(np.asarray(weights[p.name], np.float32), device=self.torch_device) for p in self.table}
+
+    def export_ema(self) -> dict[str, np.ndarray] | None:
+        return None if self.ema is None else {name: t.cpu().numpy().copy() for name, t in self.ema.items()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.cfg.ema_decay
+        averages = list(self.ema.values())
+        torch._foreach_mul_(averages, decay)
+        torch._foreach_add_(averages, [self.params[name].detach() for name in self.ema], alpha=1.0 - decay)
 
     # -- training --
 
@@ -170,6 +185,8 @@ class TorchSession:
             clip_grad_norm([p.grad for p in self.params.values() if p.grad is not None], self.cfg.grad_clip_norm)
         summed = self._optimizer_step(lrs, muon_momentum, t=step + 1,
                                       also_sum=mean_loss.reshape(1) if self.world_size > 1 else None)
+        if self.ema is not None:
+            self._update_ema()
         return mean_loss if summed is None else summed[0] / self.world_size
 
     def _optimizer_step(self, lrs: dict[str, float], muon_momentum: float, t: int,

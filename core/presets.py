@@ -13,6 +13,7 @@ plan and the run's log print in full.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -46,7 +47,7 @@ def preset_names() -> list[str]:
 def load_preset(name: str, known: Iterable[str]) -> Preset:
     """The preset `name`; `known` are the field names of TrainConfig. An unknown name is a ConfigError."""
     path = PRESET_DIR / f"{name}.json"
-    if "/" in name or "\\" in name or not path.is_file():
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) or not path.is_file():
         raise ConfigError(f"PRESET={name}: no such preset; known: {', '.join(preset_names()) or 'none'}")
     try:
         data = json.loads(path.read_text())
