@@ -53,3 +53,28 @@ def clip_by_global_norm(grads, max_norm):
     total = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values()))
     scale = min(1.0, max_norm / (total + 1e-6))
     return {k: g * scale for k, g in grads.items()}
+
+
+def train_step(cfg, weights, grads, state, lrs, momentum, step):
+    """One whole optimizer step of docs/spec.md §6 and §6.1 for a TrainConfig `cfg`, in float64:
+    clipping, Muon for the matrix group, Adam for the rest, every option of the record as `cfg`
+    sets it. weights, grads: name -> array; state: the flat "<name>.<slot>" dict of trainer/backend.py.
+    Returns (weights, state)."""
+    from core.params import EMBED, MATRIX, SCALAR, param_table
+
+    f64 = lambda d: {k: np.asarray(v, np.float64) for k, v in d.items()}   # noqa: E731
+    weights, grads, state = f64(weights), f64(grads), f64(state)
+    if cfg.grad_clip_norm > 0:
+        grads = clip_by_global_norm(grads, cfg.grad_clip_norm)
+    wd_of = {EMBED: cfg.embed_wd, MATRIX: cfg.muon_wd, SCALAR: cfg.adam_wd}
+    for p in param_table(cfg.model_spec()):
+        name, lr, wd = p.name, lrs[p.group], wd_of.get(p.group, cfg.adam_wd)   # the untied head: ADAM_WD
+        if p.group == MATRIX:
+            weights[name], state[f"{name}.momentum_buffer"] = muon(
+                weights[name], grads[name], state[f"{name}.momentum_buffer"], lr, momentum,
+                steps=cfg.muon_backend_steps, coeffs=cfg.muon_ns_coeffs, row_normalize=cfg.muon_row_normalize, wd=wd)
+        else:
+            weights[name], state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"] = adam(
+                weights[name], grads[name], state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"], lr, step,
+                beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps, wd=wd)
+    return weights, state
