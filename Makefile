@@ -9,6 +9,7 @@
 #   make eval          val_loss/val_bpb of CHECKPOINT=... or ARTIFACT=... (EVAL_STRIDE=64: sliding windows)
 #   make parity        the cross-backend parity suite and its table
 #   make bench         tokens/s, step time, MFU and memory of both backends here; ops, syncs, recompiles of a torch step
+#   make ablate       the make-train preset with each technique of the record alone and all together, both backends
 #   make ablate-tying  the make-train preset tied and untied, side by side (ABLATE_MATCH_PARAMS=1: + matched)
 #   make analyze-tying the direct path of CHECKPOINT=... (symmetry, bigram bits, what tying saves)
 #   make doctor        versions, devices, BLAS, memory, §10 checks and speed here (runs/doctor.json)
@@ -38,7 +39,7 @@ TRAIN_PRESET := ITERATIONS=$${ITERATIONS:-500} MODEL_DIM=$${MODEL_DIM:-128} NUM_
   TRAIN_LOG_EVERY=$${TRAIN_LOG_EVERY:-25} WARMDOWN_ITERS=$${WARMDOWN_ITERS:-150} \
   CHECKPOINT_EVERY=$${CHECKPOINT_EVERY:-100} MAX_WALLCLOCK_SECONDS=$${MAX_WALLCLOCK_SECONDS:-360}
 
-.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample eval clean-venv parity bench doctor ablate-tying analyze-tying pg-import pg-export mutants
+.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample eval clean-venv parity bench doctor ablate-tying ablate analyze-tying pg-import pg-export mutants
 
 help:
 	@sed -n '/^[^#]/q;p' Makefile
@@ -155,6 +156,12 @@ mutants: $(STAMP)
 # Prints a verdict (exit 1 on a problem) and writes runs/doctor.json: attach it to a bug report.
 doctor: $(STAMP)
 	$(PY) -m bench.doctor $(ARGS)
+
+# Each technique of the record (PRESET=record-1.0611) alone, then all together, in torch and MLX:
+# runs/$${ABLATE_ID:-ablate}/<backend>-<technique>/, finished runs reused; a table, ablation.png and
+# ablation.json (bench/ablate.py; ABLATE_TECHNIQUES=ema,weight-decay and ABLATE_BACKENDS=torch choose).
+ablate: default-data
+	$(TRAIN_PRESET) $(PY) -m bench.ablate $(ARGS)
 
 # The tying tradeoff: the make-train preset (any setting passes through) trained tied and untied with
 # one backend (BACKEND=, else the one make train picks), same seed, data and steps; finished runs in
