@@ -17,12 +17,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from backend_torch.model import GPT
-from backend_torch.optim import adam_update, clip_grad_norm, muon_step, newton_schulz
+from backend_torch.optim import adam_update, clip_grad_norm, muon_update, newton_schulz
 from trainer.backend import checked_optimizer_state
 from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError
 from core.flops import measure_gflops
 from core.memory import machine_ram_bytes
+from core.optimizer import bias_corrections, group_weight_decay
 from core.params import MATRIX, param_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -193,18 +194,22 @@ class TorchSession:
                         also_sum: torch.Tensor | None = None) -> torch.Tensor | None:
         cfg, state = self.cfg, self.state
         matrices = [self.params[n] for n in self.matrix_names]
-        summed = muon_step(matrices, [p.grad for p in matrices],
-                           [state[f"{n}.momentum_buffer"] for n in self.matrix_names],
-                           lr=lrs[MATRIX], momentum=muon_momentum, steps=cfg.muon_backend_steps,
-                           dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size,
-                           orthogonalize=self.orthogonalize, also_sum=also_sum)
+        summed = muon_update(matrices, [p.grad for p in matrices],
+                             [state[f"{n}.momentum_buffer"] for n in self.matrix_names],
+                             lr=lrs[MATRIX], momentum=muon_momentum, steps=cfg.muon_backend_steps,
+                             dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size,
+                             orthogonalize=self.orthogonalize, also_sum=also_sum, coeffs=cfg.muon_ns_coeffs,
+                             row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd)
         adam = [p for p in self.table if p.group != MATRIX]
+        bc1, bc2 = bias_corrections(cfg.beta1, cfg.beta2, t)
         # A parameter the forward never reads has no .grad: its gradient is zero (as in MLX). This
         # is skip_weights of a 1-layer model, shape (0, d).
         params = [self.params[p.name] for p in adam]
         adam_update(params, [q.grad if q.grad is not None else torch.zeros_like(q) for q in params],
                     [state[f"{p.name}.exp_avg"] for p in adam], [state[f"{p.name}.exp_avg_sq"] for p in adam],
-                    lrs=[lrs[p.group] for p in adam], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps, t=t)
+                    lrs=[lrs[p.group] for p in adam], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps,
+                    bias_correction1=bc1, bias_correction2=bc2,
+                    weight_decays=[group_weight_decay(p.group, cfg) for p in adam])
         for param in self.params.values():
             param.grad = None
         return summed

@@ -26,8 +26,8 @@ from core.presets import Preset, load_preset
 
 
 AUTO = "auto"
-TRACKERS = ("tensorboard", "wandb")
-NS_COEFF_CHOICES = ("fixed", "polar-express")   # MUON_NS_COEFFS (core/newton_schulz.py)   # the experiment trackers REPORT_TO may name (trainer/tracking.py)
+TRACKERS = ("tensorboard", "wandb")   # the experiment trackers REPORT_TO may name (trainer/tracking.py)
+NS_COEFF_CHOICES = ("fixed", "polar-express")   # MUON_NS_COEFFS (core/optimizer.py)
 
 
 def parse_report_to(value: str) -> list[str]:

@@ -7,7 +7,7 @@ arguments whose defaults are off.
 
 import numpy as np
 
-from core.newton_schulz import ns_coefficients
+from core.optimizer import ns_coefficients
 
 
 def adam(p, g, m, v, lr, step, beta1=0.9, beta2=0.95, eps=1e-8, wd=0.0):
