@@ -78,6 +78,7 @@ class MLXSession:
         on_gpu = self.device_kind != "cpu"
         self.spec, self.cfg = spec, cfg
         if self.ring is not None:
+            self.ring.set_timeout(cfg.collective_timeout_seconds)
             self.ring.check_same_settings(cfg.to_dict())
         if self.device_kind == "metal" and cfg.memory_budget_gb != AUTO:
             # As mlx-lm does: keep the run's memory wired (resident) so macOS does not page it out
@@ -216,7 +217,7 @@ class MLXSession:
                    step: int) -> mx.array:
         loss, grads = self.gradients(micro_batches)
         if self.ring is not None:
-            loss, grads = self._mean_over_ranks(loss, grads)
+            loss, grads = self._mean_over_ranks(loss, grads, step)
         # Schedule values as 0-d arrays: a compiled update is traced once, not once per new lr.
         bc1, bc2 = bias_corrections(self.cfg.beta1, self.cfg.beta2, step + 1)
         scalars = {group: mx.array(lr, dtype=mx.float32) for group, lr in lrs.items()}
@@ -225,16 +226,23 @@ class MLXSession:
         self._update(grads, scalars)
         if self.ema is not None:
             self._update_ema()
-        mx.eval(loss, self.model.parameters(), self.state, self.ema or {})
+        updated = (loss, self.model.parameters(), self.state, self.ema or {})
+        if self.ring is not None:
+            self.ring.wait(f"step {step + 1}'s Muon all-reduce", *updated)
+        else:
+            mx.eval(*updated)
         return loss   # a 0-d array: the loop reads it with float() on log steps
 
-    def _mean_over_ranks(self, loss: mx.array, grads: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array]]:
+    def _mean_over_ranks(self, loss: mx.array, grads: dict[str, mx.array],
+                         step: int) -> tuple[mx.array, dict[str, mx.array]]:
         """The loss and gradients averaged across ranks, evaluated before the update is built: every
         rank's graph of these all-reduces is the same, so every rank runs them in the same order (the
-        update's graph differs by rank, since each orthogonalizes its own share of the matrices)."""
+        update's graph differs by rank, since each orthogonalizes its own share of the matrices).
+        This rank's gradients are computed first, so the watchdog times the all-reduce alone."""
+        mx.eval(loss, grads)
         loss = self.ring.all_sum(loss) / self.world_size
         grads = self.ring.average_gradients(grads)
-        mx.eval(loss, grads)
+        self.ring.wait(f"step {step + 1}'s gradient all-reduce", loss, grads)
         return loss, grads
 
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
