@@ -1,6 +1,7 @@
 """Named presets: PRESET=record-1.0611 reads presets/record-1.0611.json (docs/spec.md §6, "Presets").
 
-A preset file is JSON with a "description", sections of settings ("model", "optimizer", "schedule")
+A preset file is JSON with a "description", sections of settings ("model", "optimizer", "schedule",
+"memory": what a run of it needs to fit, not the source's own settings)
 and "other_work": the settings its source uses that belong to work not in twingpt yet, grouped under
 the name of that work. A preset sits under every other source of a setting (flags, environment, the
 CONFIG file): an explicit setting always wins.
@@ -21,7 +22,7 @@ from typing import Any, Iterable
 from core.errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-SECTIONS = ("model", "optimizer", "schedule")
+SECTIONS = ("model", "optimizer", "schedule", "memory")
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,6 @@ def lr_mul(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int
     return min(by_steps, by_time)
 
 
-def training_frac(step: int, elapsed_ms: float, *, iterations: int, max_wallclock_ms: float | None) -> float:
-    """How far training is, in [0, 1]: steps done over ITERATIONS, or with a wall-clock cap the time
-    used over the cap, whichever is further (the record reads the time alone under a cap; the two
-    agree whenever the cap is what ends training)."""
-    frac = step / max(iterations, 1)
-    if max_wallclock_ms is not None and max_wallclock_ms > 0:
-        frac = max(frac, elapsed_ms / max_wallclock_ms)
-    return frac
-
-
 def lr_mul_by_frac(frac: float, *, warmdown_frac: float, min_lr: float) -> float:
     """The record's multiplier (WARMDOWN_FRAC > 0): 1, then linear to 0 over the last `warmdown_frac`
     of training, never below `min_lr` (MIN_LR, a fraction of each peak rate)."""
@@ -60,6 +50,22 @@ def muon_momentum(step: int, *, start: float, end: float, warmup_steps: int) -> 
     return (1 - frac) * start + frac * end
 
 
+def training_fraction(step: int, elapsed_ms: float, *, iterations: int, max_wallclock_ms: float | None) -> float:
+    """How far training is, in [0, 1]: of ITERATIONS, or of the wall-clock cap, whichever is further
+    (ENABLE_LOOPING_AT and WARMDOWN_FRAC read it; the record reads the time alone under a cap, and the
+    two agree whenever the cap is what ends training)."""
+    frac = step / max(iterations, 1)
+    if max_wallclock_ms is not None and max_wallclock_ms > 0:
+        frac = max(frac, elapsed_ms / max_wallclock_ms)
+    return min(frac, 1.0)
+
+
+def looping_due(cfg, step: int, elapsed_ms: float) -> bool:
+    """Whether the layers loop from this step on (NUM_LOOPS > 0 and ENABLE_LOOPING_AT reached)."""
+    return cfg.num_loops > 0 and training_fraction(step, elapsed_ms, iterations=cfg.iterations,
+                                                   max_wallclock_ms=wallclock_cap_ms(cfg)) >= cfg.enable_looping_at
+
+
 def wallclock_cap_ms(cfg) -> float | None:
     """MAX_WALLCLOCK_SECONDS in ms, or None when there is no cap (0)."""
     return 1000.0 * cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else None
@@ -68,7 +74,7 @@ def wallclock_cap_ms(cfg) -> float | None:
 def learning_rates(cfg, step: int, elapsed_ms: float) -> dict[str, float]:
     """Optimizer group -> learning rate at this step, for a TrainConfig `cfg`."""
     if cfg.warmdown_frac > 0:
-        frac = training_frac(step, elapsed_ms, iterations=cfg.iterations, max_wallclock_ms=wallclock_cap_ms(cfg))
+        frac = training_fraction(step, elapsed_ms, iterations=cfg.iterations, max_wallclock_ms=wallclock_cap_ms(cfg))
         mul = lr_mul_by_frac(frac, warmdown_frac=cfg.warmdown_frac, min_lr=cfg.min_lr)
     else:
         mul = lr_mul(step, elapsed_ms, iterations=cfg.iterations, warmdown_iters=cfg.warmdown_iters,

@@ -104,9 +104,9 @@ def test_readme_documents_every_setting():
 def test_a_preset_sits_under_every_explicit_setting(tmp_path):
     f = tmp_path / "run.json"
     f.write_text(json.dumps({"MATRIX_LR": 0.01}))
-    cfg = load_config(["--num-layers", "3"], environ={"PRESET": "record-1.0611", "CONFIG": str(f), "EMA_DECAY": "0.5"})
+    cfg = load_config(["--num-layers", "12"], environ={"PRESET": "record-1.0611", "CONFIG": str(f), "EMA_DECAY": "0.5"})
     assert cfg.preset == "record-1.0611"
-    assert (cfg.num_layers, cfg.matrix_lr, cfg.ema_decay) == (3, 0.01, 0.5)     # flag, file, env win
+    assert (cfg.num_layers, cfg.matrix_lr, cfg.ema_decay) == (12, 0.01, 0.5)    # flag, file, env win
     assert (cfg.model_dim, cfg.train_batch_tokens, cfg.train_seq_len, cfg.beta2) == (512, 786432, 2048, 0.99)
     assert (cfg.muon_ns_coeffs, cfg.muon_row_normalize, cfg.warmdown_frac, cfg.min_lr) == ("polar-express", True, 0.85, 0.1)
     assert (cfg.muon_wd, cfg.adam_wd, cfg.embed_wd, cfg.grad_clip_norm) == (0.095, 0.02, 0.085, 0.3)
@@ -120,11 +120,11 @@ def test_a_preset_lists_what_it_does_not_apply():
     cfg = load_config([], environ={"PRESET": "record-1.0611"})
     preset = preset_of(cfg)
     data = json.loads((PRESET_DIR / "record-1.0611.json").read_text())
-    every = {k for section in ("model", "optimizer", "schedule") for k in data[section]}
+    every = {k for section in ("model", "optimizer", "schedule", "memory") for k in data[section]}
     every |= {k for group in data["other_work"].values() for k in group}
     applied = {k.upper() for k in preset.settings}
     assert applied | set(preset.unsupported) == every and not applied & set(preset.unsupported)
-    values = {k: v for section in ("model", "optimizer", "schedule") for k, v in data[section].items()}
+    values = {k: v for section in ("model", "optimizer", "schedule", "memory") for k, v in data[section].items()}
     for key in applied:   # as the file says (1/0 read as true/false)
         assert getattr(cfg, key.lower()) == values[key], key
     lines = preset.unsupported_lines()
