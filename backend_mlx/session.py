@@ -24,7 +24,7 @@ from core.config import AUTO, ModelSpec, TrainConfig
 from core.errors import TrainingError
 from core.flops import measure_gflops
 from core.memory import eager_eval, machine_ram_bytes
-from core.optimizer import bias_corrections
+from core.optimizer import bias_corrections, group_weight_decay
 from core.params import MATRIX, param_table
 
 from backend_mlx.blas import blas_note
@@ -107,6 +107,7 @@ class MLXSession:
         self.state: dict[str, mx.array] = {}
         self.load_optimizer_state({})
 
+        self.ema = None   # the loop starts it (load_ema) when EMA_DECAY > 0
         self.compiled = self.use_compile
         self._forwards: dict[bool, tuple] = {}   # looping -> (loss and grad, eval loss), built on first use
         self._update = self._update_impl
@@ -173,6 +174,18 @@ class MLXSession:
     def export_optimizer_state(self) -> dict[str, np.ndarray]:
         return {key: np.array(value) for key, value in self.state.items()}
 
+    def load_ema(self, weights: dict[str, np.ndarray] | None) -> None:
+        self.ema = None if weights is None else {name: mx.array(np.asarray(weights[name], np.float32))
+                                                 for name in (p.name for p in self.table)}
+
+    def export_ema(self) -> dict[str, np.ndarray] | None:
+        return None if self.ema is None else {name: np.array(a) for name, a in self.ema.items()}
+
+    def _update_ema(self) -> None:
+        decay = self.cfg.ema_decay
+        params = dict(tree_flatten(self.model.parameters()))
+        self.ema = {name: decay * avg + (1.0 - decay) * params[name] for name, avg in self.ema.items()}
+
     # -- training and evaluation --
 
     def _update_impl(self, grads: dict[str, mx.array], scalars: dict[str, mx.array]) -> None:
@@ -188,13 +201,15 @@ class MLXSession:
             [state[f"{n}.momentum_buffer"] for n in matrices],
             lr=scalars[MATRIX], momentum=scalars["momentum"], steps=cfg.muon_backend_steps,
             dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size,
-            all_sum=self.ring.all_sum if self.ring is not None else None)
+            all_sum=self.ring.all_sum if self.ring is not None else None, coeffs=cfg.muon_ns_coeffs,
+            row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd)
         adam = [p for p in self.table if p.group != MATRIX]
         new_adam, ms, vs = adam_update(
             [params[p.name] for p in adam], [grads[p.name] for p in adam],
             [state[f"{p.name}.exp_avg"] for p in adam], [state[f"{p.name}.exp_avg_sq"] for p in adam],
             lrs=[scalars[p.group] for p in adam], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps,
-            bias_correction1=scalars["bc1"], bias_correction2=scalars["bc2"])
+            bias_correction1=scalars["bc1"], bias_correction2=scalars["bc2"],
+            weight_decays=[group_weight_decay(p.group, cfg) for p in adam])
         for name, buf in zip(matrices, bufs):
             state[f"{name}.momentum_buffer"] = buf
         for p, m, v in zip(adam, ms, vs):
@@ -228,7 +243,9 @@ class MLXSession:
         scalars.update(momentum=mx.array(muon_momentum, dtype=mx.float32),
                        bc1=mx.array(bc1, dtype=mx.float32), bc2=mx.array(bc2, dtype=mx.float32))
         self._update(grads, scalars)
-        updated = (loss, self.model.parameters(), self.state)
+        if self.ema is not None:
+            self._update_ema()
+        updated = (loss, self.model.parameters(), self.state, self.ema or {})
         if self.ring is not None:
             self.ring.wait(f"step {step + 1}'s Muon all-reduce", *updated)
         else:

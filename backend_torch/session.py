@@ -29,7 +29,7 @@ from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError, TrainingError
 from core.flops import measure_gflops
 from core.memory import machine_ram_bytes
-from core.optimizer import bias_corrections
+from core.optimizer import bias_corrections, group_weight_decay
 from core.params import MATRIX, param_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -161,6 +161,7 @@ class TorchSession:
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids, broadcast_buffers=False,
                                                        find_unused_parameters=spec.num_skip_weights == 0)
         self.load_optimizer_state({})
+        self.ema = None   # the loop starts it (load_ema) when EMA_DECAY > 0
 
     def set_looping(self, active: bool) -> None:
         # torch.compile guards on the attribute: the looped forward is a second graph, not a recompile per step.
@@ -179,6 +180,20 @@ class TorchSession:
 
     def export_optimizer_state(self) -> dict[str, np.ndarray]:
         return {key: t.detach().cpu().numpy().copy() for key, t in self.state.items()}
+
+    def load_ema(self, weights: dict[str, np.ndarray] | None) -> None:
+        self.ema = None if weights is None else {
+            p.name: torch.tensor(np.asarray(weights[p.name], np.float32), device=self.torch_device) for p in self.table}
+
+    def export_ema(self) -> dict[str, np.ndarray] | None:
+        return None if self.ema is None else {name: t.cpu().numpy().copy() for name, t in self.ema.items()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.cfg.ema_decay
+        averages = list(self.ema.values())
+        torch._foreach_mul_(averages, decay)
+        torch._foreach_add_(averages, [self.params[name].detach() for name in self.ema], alpha=1.0 - decay)
 
     # -- training --
 
@@ -203,6 +218,8 @@ class TorchSession:
             clip_grad_norm([p.grad for p in self.params.values() if p.grad is not None], self.cfg.grad_clip_norm)
         summed = self._optimizer_step(lrs, muon_momentum, t=step + 1,
                                       also_sum=mean_loss.reshape(1) if self.world_size > 1 else None)
+        if self.ema is not None:
+            self._update_ema()
         return mean_loss if summed is None else summed[0] / self.world_size
 
     def _optimizer_step(self, lrs: dict[str, float], muon_momentum: float, t: int,
@@ -213,7 +230,8 @@ class TorchSession:
                              [state[f"{n}.momentum_buffer"] for n in self.matrix_names],
                              lr=lrs[MATRIX], momentum=muon_momentum, steps=cfg.muon_backend_steps,
                              dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size,
-                             orthogonalize=self.orthogonalize, also_sum=also_sum)
+                             orthogonalize=self.orthogonalize, also_sum=also_sum, coeffs=cfg.muon_ns_coeffs,
+                             row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd)
         adam = [p for p in self.table if p.group != MATRIX]
         bc1, bc2 = bias_corrections(cfg.beta1, cfg.beta2, t)
         # A parameter the forward never reads has no .grad: its gradient is zero (as in MLX). This
@@ -222,7 +240,8 @@ class TorchSession:
         adam_update(params, [q.grad if q.grad is not None else torch.zeros_like(q) for q in params],
                     [state[f"{p.name}.exp_avg"] for p in adam], [state[f"{p.name}.exp_avg_sq"] for p in adam],
                     lrs=[lrs[p.group] for p in adam], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps,
-                    bias_correction1=bc1, bias_correction2=bc2)
+                    bias_correction1=bc1, bias_correction2=bc2,
+                    weight_decays=[group_weight_decay(p.group, cfg) for p in adam])
         for param in self.params.values():
             param.grad = None
         return summed

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from core.errors import ConfigError
+from core.presets import Preset, load_preset
 
 
 AUTO = "auto"
@@ -29,6 +30,7 @@ AUTO = "auto"
 # Golf FineWeb shards too): the document boundary of SMEAR_GATE_ENABLED and DOC_ATTENTION_ENABLED.
 BOS_ID = 1
 TRACKERS = ("tensorboard", "wandb")   # the experiment trackers REPORT_TO may name (trainer/tracking.py)
+NS_COEFF_CHOICES = ("fixed", "polar-express")   # MUON_NS_COEFFS (core/optimizer.py)
 
 
 def parse_report_to(value: str) -> list[str]:
@@ -326,6 +328,23 @@ class TrainConfig(ModelSettings):
     beta2: float = setting(0.95, "Adam beta2")
     adam_eps: float = setting(1e-8, "Adam epsilon")
     grad_clip_norm: float = setting(0.0, "clip the global gradient norm to this (0 = off)")
+    # The record's training recipe (docs/spec.md §6; the record's names and meanings). Each is off
+    # by default, and a run with all of them off is the baseline's, loss for loss.
+    muon_ns_coeffs: str = setting("fixed", "Newton-Schulz coefficients of Muon: fixed (one (a, b, c) for every "
+                                  "iteration) or polar-express (one tuple per iteration, the record's)",
+                                  choices=NS_COEFF_CHOICES)
+    muon_row_normalize: bool = setting(False, "Muon: divide each row of the momentum update by its L2 norm "
+                                       "before Newton-Schulz")
+    muon_wd: float = setting(0.0, "decoupled weight decay of the Muon matrices: w *= 1 - lr*MUON_WD each step")
+    adam_wd: float = setting(0.0, "decoupled weight decay of the Adam scalar (and untied head) parameters")
+    embed_wd: float = setting(0.0, "decoupled weight decay of the token embedding")
+    warmdown_frac: float = setting(0.0, "warm down over this fraction of training, by steps or by the wall-clock "
+                                   "cap, whichever is further (0 = WARMDOWN_ITERS decides)")
+    min_lr: float = setting(0.0, "floor of the learning-rate multiplier during the warmdown (a fraction of each peak rate)")
+    ema_decay: float = setting(0.0, "keep an exponential moving average of the weights with this decay; it is "
+                               "what is evaluated at the end and exported (0 = off)")
+    preset: str = setting("", "a named set of settings (presets/<name>.json) under the environment, flags and "
+                          "CONFIG file; empty = none")
     # Hardware
     device: str = setting("auto", "torch device: cuda, cpu, mps (Apple GPU), or auto (cuda when available, else cpu)",
                           choices=("auto", "cpu", "cuda", "mps"))
@@ -368,6 +387,15 @@ class TrainConfig(ModelSettings):
         for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be in [0, 1)")
+        for name in ("muon_wd", "adam_wd", "embed_wd", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must not be negative")
+        if not 0.0 <= self.warmdown_frac <= 1.0:
+            raise ConfigError(f"WARMDOWN_FRAC={self.warmdown_frac}: must be in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"EMA_DECAY={self.ema_decay}: must be in [0, 1)")
+        if self.min_lr > 1.0:
+            raise ConfigError(f"MIN_LR={self.min_lr}: must be in [0, 1] (a fraction of the peak rate)")
         if self.eval_stride > self.eval_window:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the window length "
                               f"{self.eval_window} (EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); a longer stride skips targets")
@@ -568,9 +596,18 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     for name in kinds:
         if getattr(args, name) is not None:
             raw[name] = getattr(args, name)
+    # A preset sits under everything else: what the user set explicitly wins.
+    preset_name = str(raw.get("preset", "")).strip()
+    if preset_name:
+        raw = {**load_preset(preset_name, kinds).settings, **raw, "preset": preset_name}
 
     values = {name: parse_value(name, value, kinds[name]) for name, value in raw.items()}
     return TrainConfig(**values)
+
+
+def preset_of(cfg: TrainConfig) -> Preset | None:
+    """The preset a config was loaded with (PRESET=...), or None."""
+    return load_preset(cfg.preset, _field_kinds()) if cfg.preset else None
 
 
 def settings_table() -> list[tuple[str, str, Any, str]]:

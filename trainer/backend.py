@@ -77,6 +77,14 @@ class TrainerBackend(Protocol):
 
     def export_optimizer_state(self) -> dict[str, np.ndarray]: ...
 
+    def load_ema(self, weights: dict[str, np.ndarray] | None) -> None:
+        """Start the moving average of the weights (EMA_DECAY, docs/spec.md §6) from `weights` (a
+        checkpoint's, or the weights training starts from); None turns it off. While it is on, every
+        train_step ends with ema = EMA_DECAY * ema + (1 - EMA_DECAY) * weights, in fp32."""
+
+    def export_ema(self) -> dict[str, np.ndarray] | None:
+        """The moving average as numpy float32, keyed as export_weights; None when it is off."""
+
     def train_step(self, micro_batches: Sequence[Batch], lrs: dict[str, float], muon_momentum: float,
                    step: int) -> DeviceScalar:
         """One optimizer step over this rank's micro-batches; `step` = optimizer steps already done.

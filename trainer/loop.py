@@ -34,7 +34,7 @@ import numpy as np
 
 from core import artifact
 from core.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
-from core.config import ModelSpec, TrainConfig, load_config
+from core.config import ModelSpec, TrainConfig, load_config, preset_of
 from core.errors import RankError, TrainingError, UserError, exit_on_user_error
 from core.flops import flops_per_token, matmul_ceiling_gflops
 from core.init import init_weights
@@ -130,6 +130,8 @@ def start(run: Run) -> tuple[ParamCount, float, float]:
     log(f"twingpt run {run.run_id} backend:{backend.name} {source_snapshot()}")
     log(f"python {platform.python_version()} {platform.platform()} argv:{' '.join(sys.argv)}", console=False)
     log("config " + json.dumps(cfg.to_dict(), sort_keys=True), console=False)
+    for line in preset_lines(cfg):
+        log(line)
     backend.setup(spec, cfg)
     for note in backend.notes:
         log(note)
@@ -165,6 +167,21 @@ def build_or_resume(run: Run, loader: DistributedTokenLoader) -> tuple[int, floa
         loader.restore(ckpt.data_state)
     run.log(f"resumed from {run.cfg.resume_from} at step:{ckpt.step} (trained by {ckpt.backend or 'unknown'})")
     return ckpt.step, float(ckpt.extra.get("train_time_ms", 0.0))
+
+
+def start_ema(run: Run, step: int) -> None:
+    """EMA_DECAY > 0: the moving average starts from the weights training starts from, or continues
+    from the checkpoint's (a checkpoint without one starts it from its weights)."""
+    if run.cfg.ema_decay <= 0:
+        return
+    backend, ckpt = run.backend, run.checkpoint
+    if ckpt is not None and ckpt.ema is not None:
+        backend.load_ema(ckpt.ema)
+        run.log(f"ema: decay {run.cfg.ema_decay:g}, continued from the checkpoint's moving average")
+    else:
+        backend.load_ema(backend.export_weights())
+        run.log(f"ema: decay {run.cfg.ema_decay:g}, started from the weights of step {step}; the final "
+                "validation, the artifact and its roundtrip use the moving average")
 
 
 def next_micro_batches(geometry: RunGeometry, loader: DistributedTokenLoader) -> list:
@@ -252,7 +269,7 @@ class Training:
                 last_step = self.step >= cfg.iterations or (self.stop_after is not None and self.step >= self.stop_after)
                 if last_step or (cfg.val_loss_every > 0 and self.step > self.start_step
                                  and self.step % cfg.val_loss_every == 0):
-                    self.validate()
+                    self.validate(final=last_step)
                 if last_step:
                     break
                 self.train_one_step()
@@ -310,16 +327,26 @@ class Training:
             remaining = min(remaining, max(self.max_ms - train_ms, 0.0))
         return remaining / 1000.0
 
-    def validate(self) -> None:
+    def validate(self, final: bool = False) -> None:
+        """The training weights; the final validation, with EMA_DECAY > 0, the moving average (the
+        weights are put back after, so the final checkpoint keeps both)."""
         run, cfg, step = self.run, self.cfg, self.step
         self.pause_clock()
         self.read_losses()
+        ema = self.backend.export_ema() if final else None
+        if ema is not None:
+            live = self.backend.export_weights()
+            self.backend.load_weights(ema)
         self.val_loss, self.val_bpb = evaluate(self.backend, run.val_tokens, run.tables, cfg.train_seq_len,
                                                run.plan.geometry.val_batch_seqs, EvalProgress(f"val step {step}", run.master))
+        if ema is not None:
+            self.backend.load_weights(live)
+        which = {"weights": "ema"} if ema is not None else {}
         self.log(f"step:{step}/{cfg.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
-                 f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / max(step, 1):.2f}ms")
+                 f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / max(step, 1):.2f}ms"
+                 + (" (moving average)" if ema is not None else ""))
         self.log.metric(kind="val", step=step, tokens=step * self.tokens_per_step, val_loss=self.val_loss,
-                        val_bpb=self.val_bpb, train_time_ms=self.elapsed_ms)
+                        val_bpb=self.val_bpb, train_time_ms=self.elapsed_ms, **which)
         if run.master:
             plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png",
                         title=f"{run.run_id} ({self.backend.name}, {run.dataset.name})")
@@ -362,7 +389,7 @@ class Training:
         save_checkpoint(path, spec=run.spec, config=self.cfg.to_dict(), step=self.step,
                         weights=weights, optimizer_state=self.backend.export_optimizer_state(),
                         data_state=self.loader.state(), backend=self.backend.name, looping=self.looping,
-                        extra={"train_time_ms": self.elapsed_ms, "run_id": run.run_id})
+                        extra={"train_time_ms": self.elapsed_ms, "run_id": run.run_id}, ema=self.backend.export_ema())
         self.log(f"checkpoint:{path}")
         return path
 
@@ -378,7 +405,8 @@ class Training:
 def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[float, float],
            wall_start: float) -> TrainResult:
     cfg, spec, backend, log = run.cfg, run.spec, run.backend, run.log
-    weights = backend.export_weights()
+    ema = backend.export_ema()
+    weights = ema if ema is not None else backend.export_weights()   # EMA_DECAY > 0: the moving average ships
     blob = artifact.pack(weights)
     artifact_path = run.run_dir / "model.int8.zlib"
     if run.master:
@@ -438,7 +466,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "peak_memory_bytes": int(peak), "peak_memory_baseline_bytes": baseline, "peak_memory_estimate_bytes": run.plan.memory.estimate.total,
         "memory_budget_bytes": run.plan.memory.budget, "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,
-        "artifact": str(artifact_path),
+        "artifact": str(artifact_path), "exported_weights": "ema" if ema is not None else "trained",
     } | sliding
     if run.master:
         log.summary(summary)
@@ -460,6 +488,7 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
     loader = DistributedTokenLoader(run.dataset.train_files, backend.rank, backend.world_size, run.spec.vocab_size)
     step, elapsed_ms = build_or_resume(run, loader)
     warm_up(run, loader, step)
+    start_ema(run, step)
     training = Training(run, loader, step, elapsed_ms)
     training.run_steps()
     return finish(run, training, counts, (uni_loss, uni_bpb), wall_start)
@@ -493,6 +522,14 @@ def print_plan(cfg: TrainConfig, backend: TrainerBackend) -> None:
     """--plan: the resolved run on stdout, nothing written; a plan that cannot fit is still an error."""
     plan = make_plan(cfg, backend)
     if backend.rank == 0:
-        for line in plan.describe(backend):
+        for line in preset_lines(cfg) + plan.describe(backend):
             print(line, flush=True)
     check_fits(plan)
+
+
+def preset_lines(cfg: TrainConfig) -> list[str]:
+    """PRESET=...: its name, then every setting of it this build does not apply."""
+    preset = preset_of(cfg)
+    if preset is None:
+        return []
+    return [f"preset {preset.name}: {preset.description}"] + preset.unsupported_lines()
