@@ -37,8 +37,11 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = mx.zeros((out_features, in_features))
         self.compute_dtype = compute_dtype
+        self.observer = None   # called with each input while the session collects GPTQ's statistics
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.observer is not None:
+            self.observer(x)
         return x.astype(self.compute_dtype) @ self.weight.astype(self.compute_dtype).T
 
 
@@ -225,6 +228,7 @@ class GPT(nn.Module):
         self.blocks = [Block(spec, compute_dtype) for _ in range(spec.num_layers)]
         self.num_encoder_layers = spec.num_encoder_layers
         self.num_decoder_layers = spec.num_decoder_layers
+        self.head_observer = None   # the tied head's input, as Linear.observer (GPTQ's statistics)
 
     # -- weights in and out, by the names of docs/spec.md §2 --
 
@@ -258,6 +262,8 @@ class GPT(nn.Module):
             x = self.blocks[i](x, x0, None if caches is None else caches[i])
         h = rms_norm(x, self.eps)
         if self.lm_head is None:
+            if self.head_observer is not None:
+                self.head_observer(h)
             raw = h.astype(self.compute_dtype) @ self.tok_emb.weight.astype(self.compute_dtype).T
         else:
             raw = self.lm_head(h)                                            # (B, T, V)

@@ -35,8 +35,11 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.compute_dtype = compute_dtype
+        self.observer = None   # called with each input while the session collects GPTQ's statistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x)
         return F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))
 
 
@@ -230,6 +233,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(spec, compute_dtype) for _ in range(spec.num_layers))
         self.num_encoder_layers = spec.num_encoder_layers
         self.num_decoder_layers = spec.num_decoder_layers
+        self.head_observer = None   # the tied head's input, as Linear.observer (GPTQ's statistics)
 
     # -- weights in and out, by the names of docs/spec.md §2 --
 
@@ -268,6 +272,8 @@ class GPT(nn.Module):
             x = self.blocks[i](x, x0, None if caches is None else caches[i])
         h = rms_norm(x, self.eps)
         if self.lm_head is None:
+            if self.head_observer is not None:
+                self.head_observer(h)
             raw = F.linear(h.to(self.compute_dtype), self.tok_emb.weight.to(self.compute_dtype))
         else:
             raw = self.lm_head(h)                                            # (B, T, V)

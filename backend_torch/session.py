@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from backend_torch.model import GPT
+from backend_torch.model import GPT, Linear
 from backend_torch.optim import adam_update, clip_grad_norm, muon_step, newton_schulz
 from trainer.backend import checked_optimizer_state
 from core.config import ModelSpec, TrainConfig
@@ -199,6 +199,36 @@ class TorchSession:
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         losses = self.model.loss(self._to_device(x), self._to_device(y), reduction="none")
         return losses.to("cpu", torch.float64).numpy().reshape(np.shape(y))
+
+    # -- GPTQ's calibration statistics (QUANT=gptq; core/quantize.py does the rest on the host) --
+
+    def input_second_moments(self, batches: Sequence) -> dict[str, np.ndarray]:
+        """X^T X of the inputs of every matrix the model multiplies by, summed over `batches` (this
+        rank's) and all ranks, float32, keyed by the weight's name (the tied head's: tok_emb.weight)."""
+        sums: dict[str, torch.Tensor] = {}
+
+        def observer(name: str):
+            def observe(x: torch.Tensor) -> None:
+                x = x.detach().float().reshape(-1, x.size(-1))
+                sums[name] = sums[name].addmm_(x.T, x) if name in sums else x.T @ x
+            return observe
+
+        linears = {name: m for name, m in self.model.named_modules() if isinstance(m, Linear)}
+        for name, module in linears.items():
+            module.observer = observer(f"{name}.weight")
+        self.model.head_observer = observer("tok_emb.weight")
+        try:
+            with torch.no_grad():
+                for x, _ in batches:
+                    self.model.logits(self._to_device(x))
+        finally:
+            for module in linears.values():
+                module.observer = None
+            self.model.head_observer = None
+        if self.world_size > 1:
+            for name in sorted(sums):
+                dist.all_reduce(sums[name], op=dist.ReduceOp.SUM)
+        return {name: sums[name].cpu().numpy() for name in sorted(sums)}
 
     # -- distributed and housekeeping --
 
