@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from trainer.backend import Batch, checked_optimizer_state
+from trainer.backend import Batch, checked_optimizer_state, observing_inputs
 from core.config import AUTO, ModelSpec, TrainConfig
 from core.errors import TrainingError
 from core.flops import measure_gflops
@@ -244,19 +244,11 @@ class MLXSession:
                 sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
             return observe
 
-        linears = {name: m for name, m in self.model.named_modules() if isinstance(m, Linear)}
-        for name, module in linears.items():
-            module.observer = observer(f"{name}.weight")
-        self.model.head_observer = observer("tok_emb.weight")
-        try:
+        with observing_inputs(self.model, Linear, observer):
             for x, y in batches:
                 for xc, _ in chunks(x, y, self.cfg.mlx_max_microbatch_tokens):
                     self.model.logits(_ids(xc))
                     mx.eval(sums)   # the sums only: the logits are never needed
-        finally:
-            for module in linears.values():
-                module.observer = None
-            self.model.head_observer = None
         if self.ring is not None:
             sums = {name: self.ring.all_sum(sums[name]) for name in sorted(sums)}
         return {name: np.array(sums[name], dtype=np.float32) for name in sorted(sums)}

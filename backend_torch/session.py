@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from backend_torch.model import GPT, Linear
 from backend_torch.optim import adam_update, clip_grad_norm, muon_step, newton_schulz
-from trainer.backend import checked_optimizer_state
+from trainer.backend import checked_optimizer_state, observing_inputs
 from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError
 from core.flops import measure_gflops
@@ -213,18 +213,9 @@ class TorchSession:
                 sums[name] = sums[name].addmm_(x.T, x) if name in sums else x.T @ x
             return observe
 
-        linears = {name: m for name, m in self.model.named_modules() if isinstance(m, Linear)}
-        for name, module in linears.items():
-            module.observer = observer(f"{name}.weight")
-        self.model.head_observer = observer("tok_emb.weight")
-        try:
-            with torch.no_grad():
-                for x, _ in batches:
-                    self.model.logits(self._to_device(x))
-        finally:
-            for module in linears.values():
-                module.observer = None
-            self.model.head_observer = None
+        with observing_inputs(self.model, Linear, observer), torch.no_grad():
+            for x, _ in batches:
+                self.model.logits(self._to_device(x))
         if self.world_size > 1:
             for name in sorted(sums):
                 dist.all_reduce(sums[name], op=dist.ReduceOp.SUM)

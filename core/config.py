@@ -237,13 +237,15 @@ class TrainConfig:
             if choices and value not in choices:
                 raise ConfigError(f"{env_name(f.name)}={value!r}: must be one of {', '.join(choices)}")
         positive = ("iterations", "train_batch_tokens", "train_seq_len", "grad_accum_steps", "val_batch_size",
-                    "train_log_every", "muon_backend_steps", "memory_budget_gb")
+                    "train_log_every", "muon_backend_steps", "memory_budget_gb",
+                    "gptq_calibration_batches", "matrix_clip_sigmas", "mlp_clip_sigmas", "attn_clip_sigmas",
+                    "embed_clip_sigmas", "lqer_rank", "lqer_asym_group")
         for name in positive:
             if getattr(self, name) != AUTO and getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
         non_negative = ("warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                         "eval_stride", "eval_seq_len", "eval_batch_seqs",
-                        "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps")
+                        "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps", "lqer_top_k")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must not be negative")
@@ -259,13 +261,6 @@ class TrainConfig:
             if not 2 <= getattr(self, name) <= 8:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: unsupported; must be 2 to 8 (codes are "
                                   "stored one per int8)")
-        positive_quant = ("gptq_calibration_batches", "matrix_clip_sigmas", "mlp_clip_sigmas", "attn_clip_sigmas",
-                          "embed_clip_sigmas", "lqer_rank", "lqer_asym_group")
-        for name in positive_quant:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
-        if self.lqer_top_k < 0:
-            raise ConfigError(f"LQER_TOP_K={self.lqer_top_k}: must not be negative")
         parse_report_to(self.report_to)
         self.model_spec()  # validates the model settings too
 
