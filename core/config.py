@@ -203,6 +203,10 @@ class TrainConfig:
     memory_budget_gb: float | str = setting(AUTO, "memory (GB) a run may plan for on each device: a number, or auto "
                                             "(0.8 of free CUDA memory, 0.75 of Metal's working set, 0.6 of RAM)",
                                             auto="float")
+    # Several processes
+    collective_timeout_seconds: float = setting(60.0, "several ranks: a collective (all-reduce, barrier) that makes no "
+                                                "progress for this many seconds ends the run with a one-line error "
+                                                "(a peer that failed, was killed or hangs)")
     plan: bool = setting(False, "print the resolved run (device, dtype, micro-steps, memory estimate vs budget) "
                          "and exit without writing anything")
     # The artifact's quantization (docs/spec.md §9; QUANT=gptq: §9.2, make quantize). Defaults: the record's run.
@@ -238,6 +242,7 @@ class TrainConfig:
                 raise ConfigError(f"{env_name(f.name)}={value!r}: must be one of {', '.join(choices)}")
         positive = ("iterations", "train_batch_tokens", "train_seq_len", "grad_accum_steps", "val_batch_size",
                     "train_log_every", "muon_backend_steps", "memory_budget_gb",
+                    "collective_timeout_seconds",
                     "gptq_calibration_batches", "matrix_clip_sigmas", "mlp_clip_sigmas", "attn_clip_sigmas",
                     "embed_clip_sigmas", "lqer_rank", "lqer_asym_group")
         for name in positive:
@@ -255,6 +260,8 @@ class TrainConfig:
         if self.eval_stride > self.eval_window:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the window length "
                               f"{self.eval_window} (EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); a longer stride skips targets")
+        if not math.isfinite(self.collective_timeout_seconds):
+            raise ConfigError(f"COLLECTIVE_TIMEOUT_SECONDS={self.collective_timeout_seconds}: must be a finite number")
         if self.mlx_max_microbatch_tokens <= 0:
             raise ConfigError(f"MLX_MAX_MICROBATCH_TOKENS={self.mlx_max_microbatch_tokens}: must be positive")
         for name in ("matrix_bits", "embed_bits", "lqer_factor_bits"):
