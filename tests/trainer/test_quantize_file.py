@@ -65,8 +65,8 @@ def test_gptq_has_a_lower_round_trip_val_bpb_than_round_to_nearest_at_4_bits(che
     path, _ = checkpoint
     got = {}
     for method in ("1", "0"):
-        got[method], _ = quantize("torch", path, capsys, **GPTQ6, MATRIX_BITS=4, EMBED_BITS=8, LQER_ENABLED=0,
-                                  GPTQ=method)
+        got[method], _ = quantize("torch", path, capsys, **{**GPTQ6, "MATRIX_BITS": 4, "EMBED_BITS": 8},
+                                  LQER_ENABLED=0, GPTQ=method)
     with capsys.disabled():
         print(f"\nround-trip val_bpb at 4 bits: rtn {got['0']['roundtrip_val_bpb']:.5f} "
               f"gptq {got['1']['roundtrip_val_bpb']:.5f}")
