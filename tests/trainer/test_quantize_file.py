@@ -74,7 +74,7 @@ def test_gptq_has_a_lower_round_trip_val_bpb_than_round_to_nearest_at_4_bits(che
 
 
 def test_torch_and_mlx_write_the_same_bytes_and_make_eval_reads_them(checkpoint, capsys, tmp_path):
-    path, _ = checkpoint
+    path, env = checkpoint
     got = {}
     for backend in MAINS:
         out = tmp_path / f"{backend}.gptq.brotli"
@@ -88,7 +88,8 @@ def test_torch_and_mlx_write_the_same_bytes_and_make_eval_reads_them(checkpoint,
         assert lines[3] == (f"final_gptq6_brotli_roundtrip val_loss:{got[backend]['roundtrip_val_loss']:.8f} "
                             f"val_bpb:{got[backend]['roundtrip_val_bpb']:.8f}")
     assert (tmp_path / "torch.gptq.brotli").read_bytes() == (tmp_path / "mlx.gptq.brotli").read_bytes()
-    evaluated = torch_eval.main([], {"DEVICE": "cpu", "ARTIFACT": str(tmp_path / "mlx.gptq.brotli")})
+    run_settings = {k: env[k] for k in ("DATA_PATH", "TOKENIZER_PATH", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE")}
+    evaluated = torch_eval.main([], {"DEVICE": "cpu", "ARTIFACT": str(tmp_path / "mlx.gptq.brotli"), **run_settings})
     capsys.readouterr()
     assert abs(evaluated["val_bpb"] - got["torch"]["roundtrip_val_bpb"]) < 1e-9
 
