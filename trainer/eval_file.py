@@ -77,6 +77,7 @@ def run_eval(settings: EvalFileSettings, path: Path, kind: str, cfg, session, ou
         raise DatasetError(str(e).replace("VOCAB_SIZE=", f"the model of {name} has vocab_size=")) from None
     session.setup(model.spec, cfg)
     session.load_weights(model.weights)
+    session.set_looping(model.looping)
     master = session.rank == 0
     t0 = time.perf_counter()
     if cfg.eval_stride > 0:
