@@ -365,6 +365,30 @@ class TrainConfig(ModelSettings):
                                                 "(a peer that failed, was killed or hangs)")
     plan: bool = setting(False, "print the resolved run (device, dtype, micro-steps, memory estimate vs budget) "
                          "and exit without writing anything")
+    # The artifact's quantization (docs/spec.md §9; QUANT=gptq: §9.2, make quantize). Defaults: the record's run.
+    quant: str = setting("int8", "artifact quantization: int8 (the baseline's int8+zlib) or gptq (MATRIX_BITS/EMBED_BITS "
+                         "codes with per-row scales, GPTQ or round-to-nearest, optional LQER)", choices=("int8", "gptq"))
+    gptq: bool = setting(True, "QUANT=gptq: 1 = GPTQ's error-compensating rounding, 0 = round-to-nearest with the "
+                         "same scales (the control)")
+    gptq_calibration_batches: int = setting(16, "QUANT=gptq: training batches (TRAIN_BATCH_TOKENS each, from the start "
+                                            "of the training stream) whose linear-layer inputs give GPTQ its X^T X")
+    matrix_bits: int = setting(6, "QUANT=gptq: bits of the block matrices' codes (2 to 8)")
+    embed_bits: int = setting(7, "QUANT=gptq: bits of the embedding's (and an untied head's) codes (2 to 8)")
+    matrix_clip_sigmas: float = setting(12.85, "QUANT=gptq: row scale = this many row standard deviations per "
+                                        "largest code, for block matrices neither attention nor MLP")
+    mlp_clip_sigmas: float = setting(11.5, "QUANT=gptq: the same for matrices named .mlp.")
+    attn_clip_sigmas: float = setting(13.0, "QUANT=gptq: the same for matrices named .attn.")
+    embed_clip_sigmas: float = setting(14.0, "QUANT=gptq: the same for the embedding and an untied head")
+    lqer_enabled: bool = setting(True, "QUANT=gptq: add a low-rank correction of the error to the LQER_TOP_K matrices "
+                                 "with the largest error")
+    lqer_rank: int = setting(4, "QUANT=gptq: rank of the LQER correction")
+    lqer_top_k: int = setting(3, "QUANT=gptq: how many matrices get an LQER correction")
+    lqer_factor_bits: int = setting(4, "QUANT=gptq: bits of the LQER factors' codes (symmetric, per row)")
+    lqer_asym_enabled: bool = setting(True, "QUANT=gptq: store LQER's A in 2 bits (one scale) and B in 4 bits by groups "
+                                      "of LQER_ASYM_GROUP instead")
+    lqer_asym_group: int = setting(64, "QUANT=gptq: group size of B's scales when LQER_ASYM_ENABLED")
+    compressor: str = setting("zlib", "compressor of the artifact: zlib (level 9), lzma (preset 9) or brotli "
+                              "(quality 11)", choices=("zlib", "lzma", "brotli"))
 
     def __post_init__(self):
         for f in fields(self):
@@ -374,13 +398,15 @@ class TrainConfig(ModelSettings):
                 raise ConfigError(f"{env_name(f.name)}={value!r}: must be one of {', '.join(choices)}")
         positive = ("iterations", "train_batch_tokens", "train_seq_len", "grad_accum_steps", "val_batch_size",
                     "train_log_every", "muon_backend_steps", "memory_budget_gb",
-                    "collective_timeout_seconds")
+                    "collective_timeout_seconds",
+                    "gptq_calibration_batches", "matrix_clip_sigmas", "mlp_clip_sigmas", "attn_clip_sigmas",
+                    "embed_clip_sigmas", "lqer_rank", "lqer_asym_group")
         for name in positive:
             if getattr(self, name) != AUTO and getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
         non_negative = ("warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                         "eval_stride", "eval_seq_len", "eval_batch_seqs",
-                        "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps")
+                        "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps", "lqer_top_k")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must not be negative")
@@ -405,6 +431,10 @@ class TrainConfig(ModelSettings):
             raise ConfigError(f"COLLECTIVE_TIMEOUT_SECONDS={self.collective_timeout_seconds}: must be a finite number")
         if self.mlx_max_microbatch_tokens <= 0:
             raise ConfigError(f"MLX_MAX_MICROBATCH_TOKENS={self.mlx_max_microbatch_tokens}: must be positive")
+        for name in ("matrix_bits", "embed_bits", "lqer_factor_bits"):
+            if not 2 <= getattr(self, name) <= 8:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: unsupported; must be 2 to 8 (codes are "
+                                  "stored one per int8)")
         parse_report_to(self.report_to)
         self.model_spec()  # validates the model settings too
 

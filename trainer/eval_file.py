@@ -42,7 +42,7 @@ INHERITED = ("data_path", "tokenizer_path", "train_seq_len", "val_batch_size", *
 @dataclass(frozen=True)
 class EvalFileSettings:
     checkpoint: str = setting("", "twingpt checkpoint (.safetensors) to evaluate")
-    artifact: str = setting("", "twingpt int8+zlib artifact (model.int8.zlib) to evaluate")
+    artifact: str = setting("", "twingpt artifact (model.int8.zlib, or model.gptq.brotli ... of QUANT/COMPRESSOR) to evaluate")
     out: str = setting("", "write the figures to this JSON file (empty: write nothing)")
 
 

@@ -48,6 +48,7 @@ from trainer.interrupt import InterruptFlag
 from trainer.plan import RunGeometry, RunPlan, check_fits, make_plan
 from trainer.plot import plot_losses
 from trainer.progress import EvalProgress, Progress, format_seconds
+from trainer.quantize_file import artifact_label, artifact_name, build_artifact
 from trainer.run_folder import RunLog, create_run_dir, make_run_dir, source_snapshot
 from trainer.tracking import check_trackers
 from trainer.summary import format_summary
@@ -406,19 +407,22 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
            wall_start: float) -> TrainResult:
     cfg, spec, backend, log = run.cfg, run.spec, run.backend, run.log
     ema = backend.export_ema()
-    weights = ema if ema is not None else backend.export_weights()   # EMA_DECAY > 0: the moving average ships
-    blob = artifact.pack(weights)
-    artifact_path = run.run_dir / "model.int8.zlib"
+    if ema is not None:   # EMA_DECAY > 0: the moving average ships, and GPTQ calibrates on it
+        backend.load_weights(ema)
+    weights = backend.export_weights()
+    label = artifact_label(cfg)   # int8_zlib by default (QUANT, COMPRESSOR: docs/spec.md §9)
+    blob = build_artifact(cfg, spec, weights, backend, run.dataset.train_files, say=log)
+    artifact_path = run.run_dir / artifact_name(cfg)
     if run.master:
         artifact.write_artifact(artifact_path, blob)
-        log(f"serialized_model_int8_zlib:{len(blob)} bytes {artifact.size_report(len(blob))}")
+        log(f"serialized_model_{label}:{len(blob)} bytes {artifact.size_report(len(blob))}")
     t_eval = time.perf_counter()
     backend.load_weights(artifact.unpack(blob))
     rt_loss, rt_bpb = evaluate(backend, run.val_tokens, run.tables, cfg.train_seq_len, run.plan.geometry.val_batch_seqs,
                               EvalProgress("roundtrip val", run.master))
-    log(f"final_int8_zlib_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} "
+    log(f"final_{label}_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} "
         f"eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
-    log(f"final_int8_zlib_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
+    log(f"final_{label}_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
     sliding = {}
     if cfg.eval_stride > 0:   # the same roundtrip weights, scored in sliding windows (docs/spec.md §7)
         t_eval = time.perf_counter()
@@ -427,12 +431,12 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         sliding = {"eval_stride": cfg.eval_stride, "eval_seq_len": cfg.eval_window,
                    "roundtrip_sliding_val_loss": sl_loss, "roundtrip_sliding_val_bpb": sl_bpb,
                    "sliding_eval_time_s": time.perf_counter() - t_eval}
-        log(f"final_int8_zlib_roundtrip_sliding val_loss:{sl_loss:.8f} val_bpb:{sl_bpb:.8f} "
+        log(f"final_{label}_roundtrip_sliding val_loss:{sl_loss:.8f} val_bpb:{sl_bpb:.8f} "
             f"stride:{cfg.eval_stride} seq_len:{cfg.eval_window} (standard val_bpb:{rt_bpb:.8f}) "
             f"eval_time:{1000.0 * sliding['sliding_eval_time_s']:.0f}ms")
         log.metric(kind="sliding_val", step=training.step, tokens=training.step * training.tokens_per_step,
                    val_loss=sl_loss, val_bpb=sl_bpb, eval_stride=cfg.eval_stride, eval_seq_len=cfg.eval_window,
-                   weights="int8_zlib_roundtrip")
+                   weights=f"{label}_roundtrip")
     backend.load_weights(weights)
 
     step, start_step = training.step, training.start_step
@@ -456,7 +460,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "steps": step, "tokens_seen": step * tokens_per_step,
         "val_loss": training.val_loss, "val_bpb": training.val_bpb,
         "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb,
-        "artifact_bytes": len(blob), "artifact_budget_bytes": artifact.ARTIFACT_BUDGET_BYTES,
+        "artifact_bytes": len(blob), "artifact_label": label, "artifact_budget_bytes": artifact.ARTIFACT_BUDGET_BYTES,
         "params_total": counts.total, "params_unique": counts.unique, "params_non_embedding": counts.non_embedding,
         "params_saved_by_tying": counts.saved_by_tying,
         "unigram_val_loss": uni_loss, "unigram_val_bpb": uni_bpb,
