@@ -268,7 +268,8 @@ class TrainConfig:
         self.model_spec()  # validates the model settings too
 
     def check_ttt(self) -> None:
-        """The TTT settings' ranges (checked whether or not TTT_ENABLED, so a typo never waits for the end)."""
+        """The TTT settings' ranges, checked whether or not TTT_ENABLED (a typo never waits for the end of
+        a run); the chunk against the window only when on (TRAIN_SEQ_LEN may be shorter than 48)."""
         for name in ("ttt_lora_rank", "ttt_chunk_size", "ttt_batch_size", "ttt_grad_steps",
                      "phased_ttt_num_phases", "global_ttt_chunk_tokens", "global_ttt_batch_seqs"):
             if getattr(self, name) <= 0:
@@ -281,7 +282,7 @@ class TrainConfig:
         for name in ("ttt_beta1", "ttt_beta2", "global_ttt_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be in [0, 1)")
-        if self.ttt_chunk_size > self.ttt_window:
+        if self.ttt_enabled and self.ttt_chunk_size > self.ttt_window:
             raise ConfigError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size}: must not exceed the TTT window {self.ttt_window} "
                               "(TTT_EVAL_SEQ_LEN, else TRAIN_SEQ_LEN)")
 

@@ -199,7 +199,7 @@ def evaluate_ttt(adapter: TTTAdapter, val_tokens: np.ndarray, tables, cfg: Train
                  update_before_score: bool = False) -> TTTResult:
     """val_loss and val_bpb of score-first TTT over every document of val_tokens, with its record.
 
-    `update_before_score=True` trains on each chunk before scoring it: an illegal evaluation, for
+    `update_before_score=True` trains on every chunk before scoring it: an illegal evaluation, for
     the tests that show the record catches it. Raises BudgetExceeded past EVAL_TIME_BUDGET_SECONDS."""
     val_tokens = np.asarray(val_tokens)
     docs = find_documents(val_tokens, bos_id)
@@ -231,7 +231,7 @@ def evaluate_ttt(adapter: TTTAdapter, val_tokens: np.ndarray, tables, cfg: Train
             x = val_tokens[lo:lo + ch.window_len][None]
             y = val_tokens[lo + 1:lo + ch.window_len + 1][None]
             first = lo + ch.offset
-            if update_before_score and ch.train:          # illegal on purpose: learn the chunk, then score it
+            if update_before_score:          # illegal on purpose: learn every chunk, then score it
                 adapter.train(x, y, ch.offset, ch.count)
                 ledger.adapter_update(i, lo, lo + ch.window_len + 1)
                 losses = adapter.token_losses(x, y)
@@ -243,9 +243,9 @@ def evaluate_ttt(adapter: TTTAdapter, val_tokens: np.ndarray, tables, cfg: Train
                     ledger.adapter_update(i, lo, lo + ch.window_len + 1)
             s = slice(ch.offset, ch.offset + ch.count)
             acc.add(float(losses[0, s].sum()), ch.count, int(token_bytes(tables, x[0, s], y[0, s]).sum()))
+            check_budget(k)   # after every chunk: a long document cannot overrun by much
         if on_document is not None:
             on_document(k + 1, len(order))
-        check_budget(k + 1)
         # A phase after the last document would change no score: it is not run.
         if phases < len(boundaries) and k + 1 == boundaries[phases] and k + 1 < len(order):
             _global_phase(adapter, val_tokens, [docs[j] for j in order[:k + 1]], cfg, ledger,
