@@ -13,7 +13,8 @@ from core.checkpoint import save_checkpoint
 from core.config import ModelSpec, TrainConfig
 from core.init import random_weights
 from core.metrics import ByteTables
-from trainer.ttt import evaluate_ttt, record_legal
+from trainer import check_submission
+from trainer.ttt import evaluate_ttt, legality_line, record_legal
 from trainer_helpers import make_session, tiny_env, train
 
 V = 64
@@ -88,7 +89,7 @@ def checkpoint(tiny_dataset, tmp_path_factory):
 
 
 MAINS = {"torch": torch_eval.main, "mlx": mlx_eval.main}
-TTT_ENV = {"DEVICE": "cpu", "TTT_ENABLED": "1", "TTT_CHUNK_SIZE": "32", "TTT_LORA_RANK": "4", "TTT_LORA_LR": "1e-3"}
+TTT_ENV = {"DEVICE": "cpu", "TTT_ENABLED": "1", "TTT_CHUNK_SIZE": "64", "TTT_EVAL_SEQ_LEN": "64", "TTT_LORA_RANK": "4", "TTT_LORA_LR": "1e-3"}
 
 
 def test_make_eval_with_ttt_gives_the_same_figures_in_both_backends(checkpoint, capsys, tmp_path):
@@ -108,7 +109,7 @@ def test_make_eval_with_ttt_gives_the_same_figures_in_both_backends(checkpoint, 
 @pytest.mark.parametrize("env,message", [
     ({"TTT_LORA_RANK": "0"}, "error: TTT_LORA_RANK=0: must be positive"),
     ({"TTT_BETA2": "1"}, "error: TTT_BETA2=1.0: must be in [0, 1)"),
-    ({"TTT_CHUNK_SIZE": "64"}, "error: TTT_CHUNK_SIZE=64: must not exceed the TTT window 32"),
+    ({"TTT_CHUNK_SIZE": "65"}, "error: TTT_CHUNK_SIZE=65: must not exceed the TTT window 64"),
     ({"EVAL_TIME_BUDGET_SECONDS": "1e-9"}, "error: EVAL_TIME_BUDGET_SECONDS=1e-09: the test-time training "
                                            "evaluation ran out of time before its first document was done"),
 ])
@@ -120,11 +121,37 @@ def test_bad_ttt_settings_are_one_line_errors_with_exit_status_2(checkpoint, env
     assert err.startswith(message) and "\n" not in err
 
 
-def test_training_ends_with_the_ttt_figures_and_their_legality_record(tiny_dataset, tmp_path):
-    result = train("mlx", tiny_env(tiny_dataset, tmp_path, TTT_ENABLED=1, TTT_CHUNK_SIZE=16, TTT_LORA_RANK=4,
-                                   RUN_ID="ttt"))
-    summary = json.loads((result.run_dir / "summary.json").read_text())
+@pytest.fixture(scope="module")
+def ttt_run(tiny_dataset, tmp_path_factory):
+    """A tiny MLX training run with TTT_ENABLED=1: its folder."""
+    tmp = tmp_path_factory.mktemp("ttt_run")
+    return train("mlx", tiny_env(tiny_dataset, tmp, TTT_ENABLED=1, TTT_CHUNK_SIZE=64, TTT_EVAL_SEQ_LEN=64,
+                                 TTT_LORA_RANK=4, RUN_ID="ttt")).run_dir
+
+
+def test_training_ends_with_the_ttt_figures_and_their_legality_record(ttt_run):
+    summary = json.loads((ttt_run / "summary.json").read_text())
     assert summary["ttt_legality"]["score_before_update"] and summary["ttt_targets"] > 0
-    log = (result.run_dir / "log.txt").read_text()
+    log = (ttt_run / "log.txt").read_text()
     assert f"final_int8_zlib_roundtrip_ttt val_loss:{summary['ttt_val_loss']:.8f}" in log
     assert "ttt_legality score_before_update:1" in log
+
+
+def check(capsys, run):
+    code = check_submission.main([], {"RUN": str(run)})
+    return code, capsys.readouterr().out
+
+
+def test_check_submission_passes_a_legal_run_and_fails_one_that_learned_before_scoring(ttt_run, tmp_path, capsys):
+    code, out = check(capsys, ttt_run)
+    assert code == 0 and out.rstrip().endswith("verdict: PASS (every check held)")
+    assert "score before update                   held" in out and "evaluation time (ttt)" in out
+    # The same log, but with the record of an evaluation that trained on each chunk before scoring it.
+    cheat = ttt("mlx", BASE.replace(ttt_lora_lr=0.05), documents([3, 6, 5]), update_before_score=True)
+    log = (ttt_run / "log.txt").read_text()
+    legal_line = next(line for line in log.splitlines() if line.startswith("ttt_legality "))
+    (tmp_path / "cheat.txt").write_text(log.replace(legal_line, legality_line(cheat.record)))
+    code, out = check(capsys, tmp_path / "cheat.txt")
+    assert code == 1 and "verdict: FAIL (2 check(s) failed)" in out
+    assert "score before update                   VIOLATED" in out
+    assert "validation tokens used before scored  3 update(s)" in out
