@@ -1,4 +1,4 @@
-"""The MLX side of score-first test-time training (trainer/ttt.py's TTTAdapter; docs/spec.md §12).
+"""The MLX side of score-first test-time training (trainer/ttt.py's TTTAdapter; docs/spec.md §14).
 It mirrors backend_torch/ttt.py.
 
 The adapted model is the session's own GPT with each adapted matrix replaced by W + (alpha/r) B A

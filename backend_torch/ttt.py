@@ -1,4 +1,4 @@
-"""The torch side of score-first test-time training (trainer/ttt.py's TTTAdapter; docs/spec.md §12).
+"""The torch side of score-first test-time training (trainer/ttt.py's TTTAdapter; docs/spec.md §14).
 backend_mlx/ttt.py mirrors this file.
 
 The adapted model is the session's own GPT run by torch.func.functional_call with each adapted

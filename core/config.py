@@ -162,7 +162,7 @@ class TrainConfig:
     resume_from: str = setting("", "checkpoint to continue from (weights, optimizer, step, data position)")
     report_to: str = setting("", "experiment trackers that also get every train/val record, the config and the "
                              "summary (rank 0): comma-separated tensorboard, wandb (offline); empty = none")
-    # Score-first test-time training at evaluation (docs/spec.md §12, trainer/ttt.py). Per document a
+    # Score-first test-time training at evaluation (docs/spec.md §14, trainer/ttt.py). Per document a
     # LoRA adapter scores each chunk, then trains on it; adapters reset at every document. The
     # defaults are the Parameter Golf record's run (train_seed42.log).
     ttt_enabled: bool = setting(False, "score-first test-time training at the end of training and in make eval")

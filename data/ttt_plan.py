@@ -1,4 +1,4 @@
-"""Where score-first test-time training reads and scores (docs/spec.md §12): documents, their order,
+"""Where score-first test-time training reads and scores (docs/spec.md §14): documents, their order,
 their chunks and the global phases. Plain integers only; trainer/ttt.py runs the plan.
 
 A document starts at a BOS token and runs to the next BOS, which it includes as its last target

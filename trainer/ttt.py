@@ -1,4 +1,4 @@
-"""Score-first test-time training at evaluation (docs/spec.md §12), written once for both backends.
+"""Score-first test-time training at evaluation (docs/spec.md §14), written once for both backends.
 
 For each document (data/ttt_plan.py), with a fresh LoRA adapter: score a chunk of targets, record
 their losses, then train the adapter on that chunk, and go on to the next chunk. Every target is
@@ -211,10 +211,12 @@ def evaluate_ttt(adapter: TTTAdapter, val_tokens: np.ndarray, tables, cfg: Train
     acc = EvalAccumulator()
     t0 = clock()
 
+    total_targets = sum(d.length - 1 for d in docs)
+
     def check_budget(done: int) -> None:
         elapsed = clock() - t0
         if cfg.eval_time_budget_seconds and elapsed > cfg.eval_time_budget_seconds:
-            projected = elapsed * len(order) / max(done, 1)
+            projected = elapsed * total_targets / max(acc.tokens, 1)   # documents differ in length, targets less so
             what = f"after {done} of {len(order)} documents (projected {projected:,.0f} s)" if done else \
                 "before its first document was done"
             raise BudgetExceeded(f"EVAL_TIME_BUDGET_SECONDS={cfg.eval_time_budget_seconds:g}: the test-time training "

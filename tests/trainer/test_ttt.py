@@ -1,4 +1,4 @@
-"""Score-first test-time training (trainer/ttt.py, backend_*/ttt.py, docs/spec.md §12): the same
+"""Score-first test-time training (trainer/ttt.py, backend_*/ttt.py, docs/spec.md §14): the same
 figures in both backends, the legality record catching an evaluation that learns before it scores,
 TTT at the end of training and in make eval, and bad settings as one-line errors with exit 2."""
 
