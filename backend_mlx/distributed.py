@@ -12,6 +12,11 @@ MLX's ring connects rank r to rank r+1 (the last rank to rank 0), retrying a ref
 few times (about 30 s), but a rank waits for the connection from its left neighbour forever. A
 peer that never starts is therefore bounded here: SIGALRM interrupts the wait after
 MLX_CONNECT_TIMEOUT seconds (default 60), and the failure is one line naming the address.
+
+Once connected, a collective waits for its peers forever: a peer that failed, was killed or hangs
+(MLX has open reports of ring all_sum deadlocks) would hold the run until someone kills it. Every
+wait on a collective is therefore guarded: a watchdog thread ends the process with one line when one
+makes no progress for COLLECTIVE_TIMEOUT_SECONDS (mx.eval releases the GIL while it waits).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import hashlib
 import json
 import os
 import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,11 +36,28 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from core.errors import ConfigError, UserError
+from core.files import file_sha256
 
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
 # Settings that may differ between hosts: where files are, and what each device's memory decides.
 PER_HOST_SETTINGS = {"data_path", "tokenizer_path", "out_dir", "run_id", "resume_from", "device", "compile",
                      "mlx_max_microbatch_tokens", "mlx_eager_eval", "memory_budget_gb", "plan"}
+
+
+def replica_settings(settings: dict) -> dict:
+    """What every rank must share to train the same replica: every setting but PER_HOST_SETTINGS,
+    and the bytes of the RESUME_FROM file (its path may differ between hosts, its content must not:
+    a rank resumed from other weights, or another step, would train apart silently)."""
+    shared = {k: v for k, v in settings.items() if k not in PER_HOST_SETTINGS}
+    if settings.get("resume_from"):
+        shared["resume_from_sha256"] = file_sha256(settings["resume_from"])
+    return shared
+
+
+def settings_digest(settings: dict) -> int:
+    """48 bits of the SHA-256 of replica_settings(settings): exact in float64, so one all-reduce compares them."""
+    text = json.dumps(replica_settings(settings), sort_keys=True)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big")
 
 
 class DistributedError(UserError):
@@ -118,6 +144,42 @@ def init_ring(environ=os.environ):
     return group
 
 
+class Watchdog:
+    """Ends the process, with one line on stderr and exit status 1, when a guarded wait lasts longer
+    than `seconds`: the one way out of a collective blocked inside MLX, which no signal interrupts."""
+
+    def __init__(self, seconds: float, prefix: str):
+        self.seconds, self.prefix = seconds, prefix
+        self.deadline: float | None = None
+        self.what = ""
+        self.changed = threading.Condition()
+        threading.Thread(target=self._watch, name="collective-watchdog", daemon=True).start()
+
+    @contextmanager
+    def guard(self, what: str):
+        with self.changed:
+            self.deadline, self.what = time.monotonic() + self.seconds, what
+            self.changed.notify()
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.deadline = None
+
+    def _watch(self) -> None:
+        with self.changed:
+            while True:
+                if self.deadline is None:
+                    self.changed.wait()
+                elif time.monotonic() >= self.deadline:
+                    sys.stderr.write(f"error: {self.prefix}: {self.what} made no progress for {self.seconds:g} s "
+                                     "(COLLECTIVE_TIMEOUT_SECONDS); a peer has failed, was killed or hangs\n")
+                    sys.stderr.flush()
+                    os._exit(1)
+                else:
+                    self.changed.wait(self.deadline - time.monotonic())
+
+
 class Ring:
     """The collectives of one data-parallel run (world_size > 1)."""
 
@@ -130,6 +192,19 @@ class Ring:
         # Payload handed to the all-reduces so far (a ring sends 2(N-1)/N of it from each rank); counted
         # as the graphs are built, so under mx.compile the compiled update's share counts once.
         self.bytes_reduced = 0
+        self.watchdog: Watchdog | None = None
+
+    def set_timeout(self, seconds: float) -> None:
+        """Every later wait() that lasts longer than `seconds` ends the process (COLLECTIVE_TIMEOUT_SECONDS)."""
+        self.watchdog = Watchdog(seconds, f"rank {self.rank} of {self.world_size}")
+
+    def wait(self, what: str, *arrays) -> None:
+        """mx.eval(*arrays), which runs collectives, under the watchdog once a timeout is set."""
+        if self.watchdog is None:
+            mx.eval(*arrays)
+            return
+        with self.watchdog.guard(what):
+            mx.eval(*arrays)
 
     def all_sum(self, x: mx.array) -> mx.array:
         self.bytes_reduced += x.nbytes
@@ -148,17 +223,20 @@ class Ring:
         x = mx.array([float(v) for v in values], dtype=mx.float64)
         reduce = mx.distributed.all_sum if op == "sum" else mx.distributed.all_max
         self.bytes_reduced += x.nbytes
-        return reduce(x, group=self.group, stream=mx.cpu).tolist()
+        result = reduce(x, group=self.group, stream=mx.cpu)
+        self.wait(f"an all-reduce ({op})", result)
+        return result.tolist()
 
     def check_same_settings(self, settings: dict) -> None:
-        """Every rank must train with the same settings (PER_HOST_SETTINGS aside): ssh passes no
+        """Every rank must train with the same settings (PER_HOST_SETTINGS aside) from the same resume
+        file, if any (replica_settings): there is no broadcast of weights. ssh passes no
         environment variables to another host, so `ITERATIONS=500 HOSTFILE=... make train-mlx` would
         otherwise train the remote ranks with other settings, silently."""
-        shared = {k: v for k, v in settings.items() if k not in PER_HOST_SETTINGS}
-        digest = int.from_bytes(hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).digest()[:6], "big")
-        highest, negated_lowest = self.all_reduce([digest, -digest], "max")   # 48 bits: exact in float64
+        digest = settings_digest(settings)
+        highest, negated_lowest = self.all_reduce([digest, -digest], "max")
         if highest != digest or -negated_lowest != digest:
-            raise ConfigError(f"rank {self.rank} of {self.world_size}: the ranks were given different settings; "
+            raise ConfigError(f"rank {self.rank} of {self.world_size}: the ranks were given different settings "
+                              "(or RESUME_FROM files of different content); "
                               "on several hosts give them as flags (ARGS=...), in a CONFIG file or in the "
                               "hostfile's \"envs\": environment variables reach local ranks only")
 

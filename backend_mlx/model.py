@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from core.config import ModelSpec
 from core.params import check_weights, param_table
+from core.sizes import ATTENTION_BLOCK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,9 +77,8 @@ class Rotary(nn.Module):
 # Attention and MLP
 # ---------------------------------------------------------------------------------------------
 
-# Queries per block of the CPU attention. BASE layer (T = 1024) forward + backward, 2 cores, with
+# Queries per block of the CPU attention (core/sizes.py): BASE layer (T = 1024) forward + backward, 2 cores, with
 # blocks of 64/128/256: 140/133/142 ms; the whole square at once: 262 ms.
-ATTENTION_BLOCK = 128
 LOG2_E = math.log2(math.e)
 
 

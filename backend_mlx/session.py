@@ -24,12 +24,13 @@ from core.config import AUTO, ModelSpec, TrainConfig
 from core.errors import TrainingError
 from core.flops import measure_gflops
 from core.memory import eager_eval, machine_ram_bytes
-from core.params import MATRIX, param_groups, param_shapes
+from core.optimizer import bias_corrections
+from core.params import MATRIX, param_table
 
 from backend_mlx.blas import blas_note
 from backend_mlx.distributed import Ring, init_ring
 from backend_mlx.model import GPT
-from backend_mlx.optim import Adam, Muon, clip_grad_norm
+from backend_mlx.optim import adam_update, clip_grad_norm, muon_update
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
@@ -77,6 +78,7 @@ class MLXSession:
         on_gpu = self.device_kind != "cpu"
         self.spec, self.cfg = spec, cfg
         if self.ring is not None:
+            self.ring.set_timeout(cfg.collective_timeout_seconds)
             self.ring.check_same_settings(cfg.to_dict())
         if self.device_kind == "metal" and cfg.memory_budget_gb != AUTO:
             # As mlx-lm does: keep the run's memory wired (resident) so macOS does not page it out
@@ -94,15 +96,10 @@ class MLXSession:
         self.model = GPT(spec, compute_dtype=dtype)
         mx.eval(self.model.parameters())
 
-        shapes = param_shapes(spec)
-        self.groups = param_groups(spec)
-        self.optimizers: dict[str, Adam | Muon] = {}
-        for group, names in self.groups.items():
-            group_shapes = {name: shapes[name] for name in names}
-            if group == MATRIX:
-                self.optimizers[group] = Muon(group_shapes, cfg.muon_backend_steps, ns_dtype=dtype)
-            else:
-                self.optimizers[group] = Adam(group_shapes, cfg.beta1, cfg.beta2, cfg.adam_eps)
+        self.table = param_table(spec)
+        self.matrix_names = [p.name for p in self.table if p.group == MATRIX]
+        self.state: dict[str, mx.array] = {}
+        self.load_optimizer_state({})
 
         self.compiled = self.use_compile
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss_sum)
@@ -111,7 +108,7 @@ class MLXSession:
         if self.use_compile:
             # The weights and optimizer state are captured state: read at every call, written back
             # after the update, so the compiled functions never see stale (trace-time) weights.
-            state = [self.model.state, [opt.state for opt in self.optimizers.values()]]
+            state = [self.model.state, self.state]
             self._loss_and_grad = mx.compile(self._loss_and_grad, inputs=state, outputs=state)
             self._eval_loss = mx.compile(self._eval_loss, inputs=state)
             self._update = mx.compile(self._update, inputs=state, outputs=state)
@@ -150,33 +147,40 @@ class MLXSession:
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         """Flat dict "<name>.<slot>" (trainer/backend.py); empty means fresh zeros. All checked before any is set."""
-        values = checked_optimizer_state(self.spec, state)
-        for opt in self.optimizers.values():
-            for name, slots in opt.state.items():
-                for slot in slots:
-                    slots[slot] = mx.array(values[f"{name}.{slot}"])  # in place: the compiled step holds these dicts
-        mx.eval([opt.state for opt in self.optimizers.values()])
+        for key, value in checked_optimizer_state(self.spec, state).items():
+            self.state[key] = mx.array(value)   # in place: the compiled step holds this dict
+        mx.eval(self.state)
 
     def export_optimizer_state(self) -> dict[str, np.ndarray]:
-        return {f"{name}.{slot}": np.array(value)
-                for opt in self.optimizers.values()
-                for name, slots in opt.state.items()
-                for slot, value in slots.items()}
+        return {key: np.array(value) for key, value in self.state.items()}
 
     # -- training and evaluation --
 
     def _update_impl(self, grads: dict[str, mx.array], scalars: dict[str, mx.array]) -> None:
-        if self.cfg.grad_clip_norm > 0:
-            grads = clip_grad_norm(grads, self.cfg.grad_clip_norm)
+        """Clipping (optional), Muon for the matrices, Adam for the rest: backend_torch/session.py's
+        _optimizer_step on immutable arrays (the new weights and state are written back)."""
+        cfg, state = self.cfg, self.state
+        if cfg.grad_clip_norm > 0:
+            grads = dict(zip(grads, clip_grad_norm(list(grads.values()), cfg.grad_clip_norm)))
         params = dict(tree_flatten(self.model.parameters()))
-        new = {}
-        for group, opt in self.optimizers.items():
-            if group == MATRIX:
-                all_sum = self.ring.all_sum if self.ring is not None else None
-                new.update(opt.step(params, grads, scalars[group], scalars["momentum"], self.rank, self.world_size,
-                                    all_sum))
-            else:
-                new.update(opt.step(params, grads, scalars[group], scalars["bc1"], scalars["bc2"]))
+        matrices = self.matrix_names
+        new_matrices, bufs = muon_update(
+            [params[n] for n in matrices], [grads[n] for n in matrices],
+            [state[f"{n}.momentum_buffer"] for n in matrices],
+            lr=scalars[MATRIX], momentum=scalars["momentum"], steps=cfg.muon_backend_steps,
+            dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size,
+            all_sum=self.ring.all_sum if self.ring is not None else None)
+        adam = [p for p in self.table if p.group != MATRIX]
+        new_adam, ms, vs = adam_update(
+            [params[p.name] for p in adam], [grads[p.name] for p in adam],
+            [state[f"{p.name}.exp_avg"] for p in adam], [state[f"{p.name}.exp_avg_sq"] for p in adam],
+            lrs=[scalars[p.group] for p in adam], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps,
+            bias_correction1=scalars["bc1"], bias_correction2=scalars["bc2"])
+        for name, buf in zip(matrices, bufs):
+            state[f"{name}.momentum_buffer"] = buf
+        for p, m, v in zip(adam, ms, vs):
+            state[f"{p.name}.exp_avg"], state[f"{p.name}.exp_avg_sq"] = m, v
+        new = dict(zip(matrices, new_matrices)) | {p.name: w for p, w in zip(adam, new_adam)}
         self.model.update(tree_unflatten(list(new.items())))
 
     def gradients(self, micro_batches: Sequence[Batch]) -> tuple[mx.array, dict[str, mx.array]]:
@@ -198,23 +202,30 @@ class MLXSession:
                    step: int) -> mx.array:
         loss, grads = self.gradients(micro_batches)
         if self.ring is not None:
-            loss, grads = self._mean_over_ranks(loss, grads)
+            loss, grads = self._mean_over_ranks(loss, grads, step)
         # Schedule values as 0-d arrays: a compiled update is traced once, not once per new lr.
-        bc1, bc2 = self.optimizers["embed"].bias_corrections(step)   # every Adam group shares the betas
-        scalars = {group: mx.array(lrs[group], dtype=mx.float32) for group in self.optimizers}
+        bc1, bc2 = bias_corrections(self.cfg.beta1, self.cfg.beta2, step + 1)
+        scalars = {group: mx.array(lr, dtype=mx.float32) for group, lr in lrs.items()}
         scalars.update(momentum=mx.array(muon_momentum, dtype=mx.float32),
                        bc1=mx.array(bc1, dtype=mx.float32), bc2=mx.array(bc2, dtype=mx.float32))
         self._update(grads, scalars)
-        mx.eval(loss, self.model.parameters(), [opt.state for opt in self.optimizers.values()])
+        updated = (loss, self.model.parameters(), self.state)
+        if self.ring is not None:
+            self.ring.wait(f"step {step + 1}'s Muon all-reduce", *updated)
+        else:
+            mx.eval(*updated)
         return loss   # a 0-d array: the loop reads it with float() on log steps
 
-    def _mean_over_ranks(self, loss: mx.array, grads: dict[str, mx.array]) -> tuple[mx.array, dict[str, mx.array]]:
+    def _mean_over_ranks(self, loss: mx.array, grads: dict[str, mx.array],
+                         step: int) -> tuple[mx.array, dict[str, mx.array]]:
         """The loss and gradients averaged across ranks, evaluated before the update is built: every
         rank's graph of these all-reduces is the same, so every rank runs them in the same order (the
-        update's graph differs by rank, since each orthogonalizes its own share of the matrices)."""
+        update's graph differs by rank, since each orthogonalizes its own share of the matrices).
+        This rank's gradients are computed first, so the watchdog times the all-reduce alone."""
+        mx.eval(loss, grads)
         loss = self.ring.all_sum(loss) / self.world_size
         grads = self.ring.average_gradients(grads)
-        mx.eval(loss, grads)
+        self.ring.wait(f"step {step + 1}'s gradient all-reduce", loss, grads)
         return loss, grads
 
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from core.config import ModelSpec
 from core.params import check_weights, param_table
+from core.sizes import ATTENTION_BLOCK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,9 +80,8 @@ class Rotary(nn.Module):
 # Attention and MLP
 # ---------------------------------------------------------------------------------------------
 
-# Queries per block of the CPU attention. BASE layer (T = 1024) forward + backward, 2 cores, with
-# blocks of 64/128/256: 51/52/54 ms in fp32 and 30/29/28 ms in bf16.
-ATTENTION_BLOCK = 128
+# Queries per block of the CPU attention (core/sizes.py): BASE layer (T = 1024) forward + backward,
+# 2 cores, with blocks of 64/128/256: 51/52/54 ms in fp32 and 30/29/28 ms in bf16.
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Muon and Adam (docs/spec.md §6) in PyTorch. backend_mlx/optim.py mirrors this file.
+"""Muon and Adam (docs/spec.md §6) in PyTorch. backend_mlx/optim.py mirrors this file function by function.
 
 Written by hand rather than with torch.optim so the two backends run the same formulas, the state
-is the flat dict of trainer/backend.py, and the step count comes from the training loop.
+is the flat dict of trainer/backend.py, and the step count comes from the training loop. The
+numbers and choices both files share (coefficients, bias corrections, scale, rank split) are in
+core/optimizer.py.
 
 Few launches: on a GPU every op of an optimizer step is a kernel launch of a few microseconds on a
 tensor of a few hundred kilobytes, so a step written per parameter (about 2,400 aten ops at the
@@ -12,12 +14,23 @@ shape (four stacks at the default size), compiled when the session compiles.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 import torch.distributed as dist
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
+from core.optimizer import CLIP_EPS, NS_COEFFS, NS_EPS, muon_scale, rank_share, shape_groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient clipping
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    """Scale all gradients by min(1, max_norm / (global L2 norm + eps)), in place; returns them."""
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    scale = torch.clamp(max_norm / (total + CLIP_EPS), max=1.0)
+    torch._foreach_mul_(grads, scale)
+    return grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -26,23 +39,24 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 @torch.no_grad()
 def adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], ms: list[torch.Tensor],
-                vs: list[torch.Tensor], *, lrs: list[float], beta1: float, beta2: float, eps: float,
-                t: int) -> None:
-    """Bias-corrected Adam, no weight decay, on lists of tensors (lrs: one rate per tensor); t counts
-    steps from 1. The same operations in the same order as per tensor, so the same rounding."""
+                vs: list[torch.Tensor], *, lrs: list, beta1: float, beta2: float, eps: float,
+                bias_correction1, bias_correction2) -> list[torch.Tensor]:
+    """Bias-corrected Adam, no weight decay, on lists of tensors (lrs: one rate per tensor), in place;
+    returns the parameters. The same operations in the same order as per tensor, so the same rounding."""
     if not params:
-        return
+        return params
     torch._foreach_mul_(ms, beta1)
     torch._foreach_add_(ms, grads, alpha=1 - beta1)
     torch._foreach_mul_(vs, beta2)
     torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-    denom = torch._foreach_div(vs, 1 - beta2 ** t)          # v_hat
+    denom = torch._foreach_div(vs, bias_correction2)          # v_hat
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(ms, 1 - beta1 ** t)          # m_hat
+    update = torch._foreach_div(ms, bias_correction1)          # m_hat
     torch._foreach_mul_(update, lrs)
     torch._foreach_div_(update, denom)
     torch._foreach_sub_(params, update)
+    return params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +71,7 @@ def newton_schulz(us: list[torch.Tensor], steps: int, dtype: torch.dtype) -> tor
     """
     a, b, c = NS_COEFFS
     x = torch.stack(us).to(dtype)
-    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + 1e-7)
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + NS_EPS)
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
@@ -71,35 +85,28 @@ def newton_schulz(us: list[torch.Tensor], steps: int, dtype: torch.dtype) -> tor
     return (x.mT if transposed else x).float()
 
 
-def shape_groups(params: list[torch.Tensor]) -> list[tuple[int, int, list[int]]]:
-    """(rows, cols, indices into params) for each matrix shape, in order of first appearance."""
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        groups[tuple(p.shape)].append(i)
-    return [(rows, cols, idx) for (rows, cols), idx in groups.items()]
-
-
 @torch.no_grad()
-def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *, lr: float,
-              momentum: float, steps: int, dtype: torch.dtype, rank: int = 0, world_size: int = 1,
-              orthogonalize=newton_schulz, also_sum: torch.Tensor | None = None) -> torch.Tensor | None:
-    """One Muon step: Nesterov momentum, then each matrix orthogonalized, scaled by sqrt(max(1, rows/cols)).
+def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *, lr,
+                momentum, steps: int, dtype: torch.dtype, rank: int = 0, world_size: int = 1,
+                orthogonalize=newton_schulz, also_sum: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One Muon step, in place: Nesterov momentum, then each matrix orthogonalized, scaled by muon_scale.
 
-    Under DDP each rank orthogonalizes every world_size-th matrix of each shape and the updates are
-    shared with one all-reduce, as the reference trainer does; every rank then applies all of them
-    and keeps every momentum buffer current. `also_sum` (a small fp32 vector, e.g. the loss) rides
-    in the same all-reduce: its sum over ranks is returned, and no other collective is needed.
+    The matrices of one shape are orthogonalized together (core.optimizer.shape_groups). With
+    several ranks each orthogonalizes its rank_share of every shape group and one all-reduce of a
+    flat buffer (zeros where another rank's matrices go) shares the results; every rank then
+    applies all of them and keeps every momentum buffer current. `also_sum` (a small fp32 vector,
+    e.g. the loss) rides in the same all-reduce: its sum over ranks is returned, no other collective.
     """
     if not params:
         return also_sum
     torch._foreach_mul_(bufs, momentum)
     torch._foreach_add_(bufs, grads)
     updates = torch._foreach_add(grads, bufs, alpha=momentum)   # Nesterov: g + momentum * buf
-    groups = shape_groups(params)
+    groups = shape_groups([tuple(p.shape) for p in params])
     if world_size == 1:
         for rows, cols, idx in groups:
             x = orthogonalize([updates[i] for i in idx], steps, dtype)
-            torch._foreach_add_([params[i] for i in idx], x.unbind(0), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+            torch._foreach_add_([params[i] for i in idx], x.unbind(0), alpha=-lr * muon_scale(rows, cols))
         return also_sum
     # One flat buffer, laid out shape group by shape group, then also_sum: each rank writes the
     # rows of the matrices it orthogonalized, the others stay zero, the sum over ranks is complete.
@@ -108,7 +115,7 @@ def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[
     blocks, offset = [], 0
     for rows, cols, idx in groups:
         block = flat[offset:offset + len(idx) * rows * cols].view(len(idx), rows, cols)
-        mine = idx[rank::world_size]
+        mine = rank_share(idx, rank, world_size)
         if mine:
             block[rank::world_size] = orthogonalize([updates[i] for i in mine], steps, dtype)
         blocks.append(block)
@@ -117,13 +124,5 @@ def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[
         flat[offset:] = also_sum.reshape(-1)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     for (rows, cols, idx), block in zip(groups, blocks):
-        torch._foreach_add_([params[i] for i in idx], block.unbind(0), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+        torch._foreach_add_([params[i] for i in idx], block.unbind(0), alpha=-lr * muon_scale(rows, cols))
     return None if also_sum is None else flat[offset:].clone()
-
-
-@torch.no_grad()
-def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> None:
-    """Scale all gradients so their global L2 norm is at most max_norm."""
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, scale)

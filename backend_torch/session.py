@@ -7,8 +7,10 @@ CPU tests run the very code a GPU run executes, with only these choices differen
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Sequence
 
 import numpy as np
@@ -17,12 +19,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from backend_torch.model import GPT
-from backend_torch.optim import adam_update, clip_grad_norm, muon_step, newton_schulz
+from backend_torch.optim import adam_update, clip_grad_norm, muon_update, newton_schulz
 from trainer.backend import checked_optimizer_state
 from core.config import ModelSpec, TrainConfig
-from core.errors import ConfigError
+from core.errors import ConfigError, TrainingError
 from core.flops import measure_gflops
 from core.memory import machine_ram_bytes
+from core.optimizer import bias_corrections
 from core.params import MATRIX, param_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -99,9 +102,12 @@ class TorchSession:
             self.device = str(rt.device)
         if rt.world_size > 1 and not dist.is_initialized():
             # device_id binds NCCL's communicator to this rank's GPU at once (no guessing, no lazy init).
+            # timeout: a collective a failed or hung peer never joins fails after COLLECTIVE_TIMEOUT_SECONDS (60)
+            # (gloo at once; NCCL through its watchdog) instead of torch's 10 to 30 minutes.
             cuda = rt.device.type == "cuda"
             dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rt.rank, world_size=rt.world_size,
-                                    device_id=rt.device if cuda else None)
+                                    device_id=rt.device if cuda else None,
+                                    timeout=timedelta(seconds=cfg.collective_timeout_seconds))
         self.notes = [f"torch {torch.__version__} device:{self.device} compute_dtype:{self.compute_dtype} "
                       f"compile:{int(rt.compile)} world_size:{rt.world_size}"]
 
@@ -176,18 +182,20 @@ class TorchSession:
                         also_sum: torch.Tensor | None = None) -> torch.Tensor | None:
         cfg, state = self.cfg, self.state
         matrices = [self.params[n] for n in self.matrix_names]
-        summed = muon_step(matrices, [p.grad for p in matrices],
-                           [state[f"{n}.momentum_buffer"] for n in self.matrix_names],
-                           lr=lrs[MATRIX], momentum=muon_momentum, steps=cfg.muon_backend_steps,
-                           dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size,
-                           orthogonalize=self.orthogonalize, also_sum=also_sum)
+        summed = muon_update(matrices, [p.grad for p in matrices],
+                             [state[f"{n}.momentum_buffer"] for n in self.matrix_names],
+                             lr=lrs[MATRIX], momentum=muon_momentum, steps=cfg.muon_backend_steps,
+                             dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size,
+                             orthogonalize=self.orthogonalize, also_sum=also_sum)
         adam = [p for p in self.table if p.group != MATRIX]
+        bc1, bc2 = bias_corrections(cfg.beta1, cfg.beta2, t)
         # A parameter the forward never reads has no .grad: its gradient is zero (as in MLX). This
         # is skip_weights of a 1-layer model, shape (0, d).
         params = [self.params[p.name] for p in adam]
         adam_update(params, [q.grad if q.grad is not None else torch.zeros_like(q) for q in params],
                     [state[f"{p.name}.exp_avg"] for p in adam], [state[f"{p.name}.exp_avg_sq"] for p in adam],
-                    lrs=[lrs[p.group] for p in adam], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps, t=t)
+                    lrs=[lrs[p.group] for p in adam], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps,
+                    bias_correction1=bc1, bias_correction2=bc2)
         for param in self.params.values():
             param.grad = None
         return summed
@@ -251,6 +259,11 @@ class TorchSession:
         return None
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()  # rank 0 may still be writing; a peer leaving early aborts gloo
+        # A rank waits here for rank 0 to finish writing (a peer leaving early aborts gloo): after a
+        # normal end, and after an interruption or a diverged loss (TrainingError), which every rank
+        # raises after the same step. Not after an error of this rank alone: its peers wait in a
+        # collective, not in this barrier, and would hang; it exits and torchrun stops them.
+        in_flight = sys.exc_info()[1]
+        if dist.is_initialized() and (in_flight is None or isinstance(in_flight, TrainingError)):
+            dist.barrier()
             dist.destroy_process_group()

@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from backend_mlx.blas import blas_in_use, blas_note, ensure_fast_blas, find_openblas, preloaded_blas
+from core.sizes import GIB
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "runs"
-GIB = 2 ** 30
 
 # docs/spec.md §10, fp32 rows.
 TOLERANCES = {"logits": 1e-5, "grads": 1e-4, "optim_step": 1e-5}

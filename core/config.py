@@ -235,6 +235,10 @@ class TrainConfig:
     memory_budget_gb: float | str = setting(AUTO, "memory (GB) a run may plan for on each device: a number, or auto "
                                             "(0.8 of free CUDA memory, 0.75 of Metal's working set, 0.6 of RAM)",
                                             auto="float")
+    # Several processes
+    collective_timeout_seconds: float = setting(60.0, "several ranks: a collective (all-reduce, barrier) that makes no "
+                                                "progress for this many seconds ends the run with a one-line error "
+                                                "(a peer that failed, was killed or hangs)")
     plan: bool = setting(False, "print the resolved run (device, dtype, micro-steps, memory estimate vs budget) "
                          "and exit without writing anything")
 
@@ -245,7 +249,8 @@ class TrainConfig:
             if choices and value not in choices:
                 raise ConfigError(f"{env_name(f.name)}={value!r}: must be one of {', '.join(choices)}")
         positive = ("iterations", "train_batch_tokens", "train_seq_len", "grad_accum_steps", "val_batch_size",
-                    "train_log_every", "muon_backend_steps", "memory_budget_gb")
+                    "train_log_every", "muon_backend_steps", "memory_budget_gb",
+                    "collective_timeout_seconds")
         for name in positive:
             if getattr(self, name) != AUTO and getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
@@ -262,6 +267,8 @@ class TrainConfig:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the window length "
                               f"{self.eval_window} (EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); a longer stride skips targets")
         self.check_ttt()
+        if not math.isfinite(self.collective_timeout_seconds):
+            raise ConfigError(f"COLLECTIVE_TIMEOUT_SECONDS={self.collective_timeout_seconds}: must be a finite number")
         if self.mlx_max_microbatch_tokens <= 0:
             raise ConfigError(f"MLX_MAX_MICROBATCH_TOKENS={self.mlx_max_microbatch_tokens}: must be positive")
         parse_report_to(self.report_to)

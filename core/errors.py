@@ -29,6 +29,10 @@ class TrainingError(UserError):
     """A run that cannot go on (a diverged loss, an interruption): said in one line, checkpoints kept."""
 
 
+class RankError(UserError):
+    """One rank of several failed on its own (an unexpected error): said in one line naming the rank."""
+
+
 class DatasetError(UserError, ValueError):
     """A missing or inconsistent dataset or tokenizer."""
 

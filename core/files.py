@@ -8,6 +8,7 @@ interrupted run or a full disk never leaves a half-written file or loses the pre
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -42,3 +43,12 @@ def atomic_writer(path: str | os.PathLike) -> Iterator:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_writer(path) as f:
         f.write(data)
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes (hex), read in pieces: a checkpoint can be larger than memory allows twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(chunk_bytes):
+            digest.update(piece)
+    return digest.hexdigest()

@@ -93,13 +93,9 @@ from dataclasses import dataclass, field
 
 from core.config import AUTO, ModelSpec
 from core.params import MATRIX, param_table
+from core.sizes import ATTENTION_BLOCK, GIB, MIB
 
-# Queries per block of the CPU causal attention, in both backends (backend_torch/model.py and
-# backend_mlx/model.py, ATTENTION_BLOCK); tests/core/test_memory.py checks they still agree.
-ATTENTION_BLOCK = 128
 MLX_DEFAULT_CHUNK_TOKENS = 8192
-MIB = 2 ** 20
-GIB = 2 ** 30
 
 BACKENDS = ("torch", "mlx")
 DEVICES = ("cpu", "cuda", "metal")

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from core.config import load_config
@@ -87,3 +89,59 @@ def logged_train_losses(run_dir: Path) -> list[float]:
     """The train_loss of every logged step of a run, from its metrics.jsonl (TRAIN_LOG_EVERY=1: every step)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["train_loss"] for r in records if r["kind"] == "train"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A fault in one rank: the trainer started through a script that patches its session's train_step
+# ---------------------------------------------------------------------------------------------
+
+FAULT_SCRIPT = '''import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from backend_{backend} import session, train
+cls = session.{cls}
+original = cls.train_step
+
+def train_step(self, micro_batches, lrs, muon_momentum, step):
+    if self.rank == {rank} and step == {step} - 1:
+        if {fault!r} == "raise":
+            raise RuntimeError("injected fault at step {step}")
+        if {fault!r} == "hang":     # a peer that stops answering with its sockets open
+            time.sleep(3600)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, micro_batches, lrs, muon_momentum, step)
+
+cls.train_step = train_step
+sys.argv[0] = "backend_{backend}.train"
+train.main()
+'''
+
+
+def fault_script(tmp_path: Path, backend: str, *, rank: int, step: int, fault: str) -> Path:
+    """A script that trains with `backend` as `python -m backend_<backend>.train` does, except that rank
+    `rank` at step `step` (counted from 1) raises a RuntimeError ("raise"), sleeps an hour ("hang") or
+    is killed ("kill")."""
+    cls = "TorchSession" if backend == "torch" else "MLXSession"
+    path = tmp_path / f"fault_{backend}_{fault}.py"
+    path.write_text(FAULT_SCRIPT.format(repo=str(REPO), backend=backend, cls=cls, rank=rank, step=step, fault=fault))
+    return path
+
+
+def run_until(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `cmd` in its own process group; kill the whole group if it outlives `timeout` seconds.
+    Returns the finished process (returncode None when it was killed) and the seconds it took."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=os.environ | env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        code = None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)   # whatever of the group is still running
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, code, out, err), time.perf_counter() - t0

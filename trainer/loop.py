@@ -26,6 +26,7 @@ import platform
 import resource
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import numpy as np
 from core import artifact
 from core.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
 from core.config import ModelSpec, TrainConfig, load_config
-from core.errors import TrainingError, exit_on_user_error
+from core.errors import RankError, TrainingError, UserError, exit_on_user_error
 from core.flops import flops_per_token
 from core.init import init_weights
 from core.metrics import build_byte_tables, unigram_baseline
@@ -285,9 +286,11 @@ class Training:
         values, self.unread_losses = [float(v) for v in self.unread_losses], []
         for i, loss in enumerate(values):
             if not math.isfinite(loss):
-                raise TrainingError(f"step {first + i}: the training loss is {loss}; lower the learning rates"
-                                    + (f" (last checkpoint: {self.last_checkpoint})" if self.last_checkpoint else ""))
+                raise TrainingError(f"step {first + i}: the training loss is {loss}; {self.divergence_advice()}")
         self.train_losses.extend(values)
+
+    def divergence_advice(self) -> str:
+        return "lower the learning rates" + (f" (last checkpoint: {self.last_checkpoint})" if self.last_checkpoint else "")
 
     def eta_s(self, train_ms: float) -> float:
         step_ms = (train_ms - self.resumed_ms) / max(self.step - self.start_step, 1)
@@ -336,11 +339,17 @@ class Training:
     def write_checkpoint(self) -> Path | None:
         run = self.run
         self.read_losses()   # a non-finite loss stops the run before its weights are written
+        # The last update can make the weights non-finite after a finite loss (the loss was computed
+        # before it): checked on every rank, as the replicas hold the same weights and stop together.
+        weights = self.backend.export_weights()
+        for name, w in weights.items():
+            if not np.isfinite(w).all():
+                raise TrainingError(f"step {self.step}: the weights are not finite ({name}); {self.divergence_advice()}")
         if not run.master:
             return None
         path = run.run_dir / "checkpoints" / f"step_{self.step:06d}.safetensors"
         save_checkpoint(path, spec=run.spec, config=self.cfg.to_dict(), step=self.step,
-                        weights=self.backend.export_weights(), optimizer_state=self.backend.export_optimizer_state(),
+                        weights=weights, optimizer_state=self.backend.export_optimizer_state(),
                         data_state=self.loader.state(), backend=self.backend.name,
                         extra={"train_time_ms": self.elapsed_ms, "run_id": run.run_id})
         self.log(f"checkpoint:{path}")
@@ -471,6 +480,13 @@ def main(prog: str, make_session, argv=None) -> TrainResult:
         if cfg.plan:
             return print_plan(cfg, session)
         return run_training(cfg, session)
+    except Exception as err:
+        if session.world_size == 1 or isinstance(err, UserError):
+            raise
+        # One rank failed alone (out of memory, a bug): its traceback, then one line naming the rank,
+        # the last a launcher relays. Its peers' collectives then fail or time out.
+        traceback.print_exc()
+        raise RankError(f"rank {session.rank} of {session.world_size}: {type(err).__name__}: {err}") from None
     finally:
         session.close()
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from core import memory
 from core.config import AUTO, TrainConfig
 from core.errors import ConfigError
+from core.sizes import GIB
 from trainer.backend import TrainerBackend
 
-GIB = 2 ** 30
 # torch on Apple's GPU: SDPA like CUDA's (nothing T x T kept), and a budget like Metal's (unified memory).
 ESTIMATE_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mps": "cuda"}
 BUDGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mps": "metal"}

@@ -18,14 +18,19 @@ inner "▁" count one byte each), non-ASCII text stored as byte-fallback pieces,
 BOS between every two documents, with windows that cut documents in the middle.
 """
 
+import json
 import math
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 
+import backend_mlx.eval as mlx_eval
+import backend_torch.eval as torch_eval
 from backend_torch.threads import single_thread
-from core import reference
+from core import artifact, reference
 from core.config import ModelSpec, TrainConfig
 from core.init import random_weights
 from core.metrics import build_byte_tables
@@ -60,13 +65,13 @@ def read_raw_shard(path) -> np.ndarray:
     return tokens.astype(np.int64)
 
 
-def independent_validation(sp, weights, tokens):
+def independent_validation(sp, weights, tokens, spec=SPEC):
     """(val_loss, val_bpb, bytes) from the raw stream, written from docs/spec.md §7 and §8 alone."""
     n_windows = (tokens.size - 1) // SEQ_LEN
     scored = n_windows * SEQ_LEN                        # targets are tokens[1 : scored + 1]
     x = tokens[:scored].reshape(n_windows, SEQ_LEN)
     y = tokens[1:scored + 1].reshape(n_windows, SEQ_LEN)
-    z = reference.logits(SPEC, weights, x)              # float64 (N, T, V)
+    z = reference.logits(spec, weights, x)              # float64 (N, T, V)
     m = z.max(axis=-1)
     logsumexp = m + np.log(np.exp(z - m[..., None]).sum(axis=-1))
     nats = float(np.sum(logsumexp - np.take_along_axis(z, y[..., None], axis=-1)[..., 0]))
@@ -137,3 +142,39 @@ def test_evaluate_matches_the_reference_losses_and_the_decoded_text(backend, val
             session.close()
     assert abs(val_loss - expected_loss) <= 1e-6 * expected_loss, (val_loss, expected_loss)
     assert abs(val_bpb - expected_bpb) <= 1e-6 * expected_bpb, (val_bpb, expected_bpb)
+
+
+# What no tensor of an artifact holds, all away from their defaults: make eval ARTIFACT= must take
+# them from the run folder's config.json. Each changes val_loss far beyond the 1e-6 compared.
+OTHER_SETTINGS = dict(logit_softcap=12.0, rope_base=500.0, norm_eps=1e-3, qk_gain_init=0.75)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_make_eval_of_an_artifact_from_a_run_with_other_settings_matches_the_reference(
+        backend, validation_shard, tmp_path, capsys):
+    """make eval ARTIFACT= (trainer.eval_file, trainer.model_files), of an artifact in a run folder
+    trained with another softcap, RoPE base, RMSNorm epsilon and q-gain, against the reference over
+    the raw shard: the expected figures share none of make eval's code, so agreement of the two
+    backends through that code is not what is tested."""
+    sp, tokenizer, path, _ = validation_shard
+    spec = replace(SPEC, **OTHER_SETTINGS)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        shutil.copy(path, data / f"indep_{split}_000000.bin")
+    run = tmp_path / "run"
+    run.mkdir()
+    config = TrainConfig(**spec.to_dict(), data_path=str(data), tokenizer_path=tokenizer, train_seq_len=SEQ_LEN,
+                         val_batch_size=3 * SEQ_LEN)
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    artifact.save_artifact(run / "model.int8.zlib", random_weights(spec, seed=37))
+    weights = artifact.load_artifact(run / "model.int8.zlib")
+    expected_loss, expected_bpb, _ = independent_validation(sp, weights, read_raw_shard(path), spec)
+    default_loss, _, _ = independent_validation(sp, weights, read_raw_shard(path))
+    assert abs(default_loss - expected_loss) > 1e-3 * expected_loss   # the settings matter here
+    main = {"torch": torch_eval.main, "mlx": mlx_eval.main}[backend]
+    with single_thread():
+        figures = main([], {"DEVICE": "cpu", "ARTIFACT": str(run / "model.int8.zlib")})
+    capsys.readouterr()
+    assert abs(figures["val_loss"] - expected_loss) <= 1e-6 * expected_loss, (figures["val_loss"], expected_loss)
+    assert abs(figures["val_bpb"] - expected_bpb) <= 1e-6 * expected_bpb, (figures["val_bpb"], expected_bpb)

@@ -70,9 +70,27 @@ def test_the_pickle_reader_reads_numpy_arrays_of_every_protocol(protocol):
     assert back["b"][0] == np.float16(1.5) and back["b"][1].dtype == np.float32 and back["c"] == obj["c"]
 
 
-def test_an_array_of_python_objects_is_refused():
+@pytest.mark.parametrize("holder", [dict, list, tuple])
+def test_an_array_of_python_objects_is_refused(holder):
+    objects = np.array([1, "x"], dtype=object)
+    held = {"q": {"a": objects}} if holder is dict else holder([np.zeros(2), objects])
     with pytest.raises(CheckpointError, match="array of Python objects"):
-        safe_loads(pickle.dumps({"a": np.array([1, "x"], dtype=object)}), "x")
+        safe_loads(pickle.dumps(held), "x")
+
+
+class _Rot13:
+    """Pickles as _codecs.encode("text", "rot13"): the one admitted function, asked for another codec."""
+    def __reduce__(self):
+        import codecs
+        return codecs.encode, ("text", "rot13")
+
+
+def test_codecs_encode_is_admitted_for_latin1_only():
+    assert safe_loads(pickle.dumps(np.arange(3, dtype=np.int16), protocol=2), "x").tolist() == [0, 1, 2]
+    data = pickle.dumps(_Rot13(), protocol=2)
+    assert b"_codecs" in data
+    with pytest.raises(CheckpointError, match="admitted for latin1 text only, not 'rot13'"):
+        safe_loads(data, "x")
 
 
 def _checkpoint(path):

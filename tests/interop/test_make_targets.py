@@ -7,7 +7,9 @@ import sys
 import torch
 from safetensors import safe_open
 
+from core.checkpoint import load_checkpoint
 from core.config import ModelSpec
+from interop.conventions import MLX_SCRIPT_EPS
 from pg_fixtures import script_weights, write_mlx_npz
 from trainer_helpers import REPO
 
@@ -35,6 +37,18 @@ def test_make_pg_import_then_pg_export(tmp_path):
     assert exported.returncode == 0, exported.stderr
     assert "norm_eps=1e-06, train_gpt.py uses 1.1920929e-07" in exported.stderr   # the MLX script's epsilon
     assert torch.load(out, weights_only=True)["tok_emb.weight"].dtype == torch.bfloat16
+
+
+def test_make_pg_import_keeps_the_source_runs_softcap_and_rope_base(tmp_path):
+    # No tensor holds them: LOGIT_SOFTCAP= and ROPE_BASE= given to make reach the checkpoint's spec,
+    # and the line saying how to train on from it repeats them.
+    src, ckpt = tmp_path / "run_mlx_model.npz", tmp_path / "imported.safetensors"
+    write_mlx_npz(src, script_weights(SPEC, 0))
+    proc = make("pg-import", tmp_path, SRC=src, OUT=ckpt, LOGIT_SOFTCAP=12, ROPE_BASE=500)
+    assert proc.returncode == 0, proc.stderr
+    spec = load_checkpoint(ckpt).spec
+    assert (spec.logit_softcap, spec.rope_base, spec.norm_eps) == (12.0, 500.0, MLX_SCRIPT_EPS)
+    assert "LOGIT_SOFTCAP=12 ROPE_BASE=500" in proc.stdout
 
 
 def test_make_pg_import_of_a_bad_file_fails_in_one_line_and_writes_nothing(tmp_path):

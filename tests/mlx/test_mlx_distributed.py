@@ -25,7 +25,7 @@ from backend_mlx.distributed import DistributedError, connect_timeout, init_ring
 from backend_torch.threads import single_thread
 from core.checkpoint import load_checkpoint
 from core.errors import ConfigError
-from trainer_helpers import REPO, free_port_pair, logged_train_losses, run_torch_ranks, tiny_env, train
+from trainer_helpers import REPO, fault_script, free_port_pair, logged_train_losses, run_torch_ranks, tiny_env, train
 
 
 def rel(a, b) -> float:
@@ -40,12 +40,14 @@ def ring_file(tmp_path, port: int):
 
 @pytest.fixture
 def start_rank():
-    """start_rank(rank, hostfile, env): python -m backend_mlx.train as mlx.launch starts rank `rank`;
+    """start_rank(rank, hostfile, env[, script]): python -m backend_mlx.train (or `script`) as mlx.launch
+    starts rank `rank`;
     whatever still runs at the end of the test is killed."""
     started = []
 
-    def start(rank: int, hostfile, env: dict[str, str]) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "backend_mlx.train"], cwd=REPO, text=True,
+    def start(rank: int, hostfile, env: dict[str, str], script=None) -> subprocess.Popen:
+        command = [sys.executable, "-m", "backend_mlx.train"] if script is None else [sys.executable, str(script)]
+        proc = subprocess.Popen(command, cwd=REPO, text=True,
                                 env=os.environ | env | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started.append(proc)
@@ -158,7 +160,8 @@ def test_ranks_given_different_settings_refuse_to_train(tiny_dataset, tmp_path, 
     outs = [p.communicate(timeout=60) for p in ranks]
     assert [p.returncode for p in ranks] == [2, 2]
     for r, (_, err) in enumerate(outs):
-        assert err.strip() == (f"error: rank {r} of 2: the ranks were given different settings; on several hosts "
+        assert err.strip() == (f"error: rank {r} of 2: the ranks were given different settings (or RESUME_FROM "
+                               "files of different content); on several hosts "
                                "give them as flags (ARGS=...), in a CONFIG file or in the hostfile's \"envs\": "
                                "environment variables reach local ranks only")
 
@@ -193,3 +196,43 @@ def test_a_rank_that_cannot_reach_its_peer_names_the_address(tmp_path, monkeypat
     assert str(err.value) == ("rank 1 of 2: could not reach rank 0 at 127.0.0.1:40000 (MLX: [ring] Couldn't connect "
                               "(error: 111)); is it running, and is that its IP address?")
     assert init_ring({}) is None   # not under mlx.launch: a world of one, mx.distributed untouched
+
+
+@pytest.mark.parametrize("fault", ["raise", "kill", "hang"])
+def test_when_one_rank_fails_is_killed_or_hangs_the_other_ends_in_bounded_time_in_one_line(
+        fault, tiny_dataset, tmp_path, start_rank):
+    # Rank 1 at step 3 raises, is killed (SIGKILL), or stops answering with its sockets open. Rank 0 is
+    # then in an all-reduce that cannot complete: it ends within COLLECTIVE_TIMEOUT_SECONDS (or at
+    # once, when the ring reports the lost peer) with one line. Before: it waited forever.
+    env = tiny_env(tiny_dataset, tmp_path, ITERATIONS=1000, COLLECTIVE_TIMEOUT_SECONDS=10, TWINGPT_NO_BLAS_PRELOAD=1,
+                   MLX_CONNECT_TIMEOUT=60, RUN_ID=fault)
+    hostfile = ring_file(tmp_path, free_port_pair())
+    script = fault_script(tmp_path, "mlx", rank=1, step=3, fault=fault)
+    ranks = [start_rank(r, hostfile, env, script) for r in (0, 1)]
+    for line in ranks[0].stdout:
+        if line.startswith("step:2/"):
+            break
+    t0 = time.perf_counter()
+    _, err = ranks[0].communicate(timeout=120)
+    assert time.perf_counter() - t0 < 120 and ranks[0].returncode != 0, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0 of 2: "), err[-2000:]
+    if fault == "hang":
+        assert last == ("error: rank 0 of 2: step 3's gradient all-reduce made no progress for 10 s "
+                        "(COLLECTIVE_TIMEOUT_SECONDS); a peer has failed, was killed or hangs")
+    if fault == "raise":
+        _, err1 = ranks[1].communicate(timeout=30)
+        assert ranks[1].returncode == 2
+        assert err1.strip().splitlines()[-1] == "error: rank 1 of 2: RuntimeError: injected fault at step 3"
+
+
+def test_the_watchdog_ends_a_wait_that_outlives_the_timeout_in_one_line():
+    code = ("import time; from backend_mlx.distributed import Watchdog\n"
+            "w = Watchdog(0.5, 'rank 1 of 2')\n"
+            "with w.guard('a quick one'): time.sleep(0.1)\n"
+            "with w.guard('a barrier'): time.sleep(60)\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert time.perf_counter() - t0 < 30 and proc.returncode == 1
+    assert proc.stderr == ("error: rank 1 of 2: a barrier made no progress for 0.5 s (COLLECTIVE_TIMEOUT_SECONDS); "
+                           "a peer has failed, was killed or hangs\n")

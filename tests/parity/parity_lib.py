@@ -237,7 +237,7 @@ ROWS = [
         "<= 1e-6", False),
     Row("sliding_ref", "sliding-window val, each backend vs float64 reference windows", 1e-5,
         "<= 1e-5", False),
-    Row("sliding_standard", "sliding val, stride = window, vs the standard val (EVAL_STRIDE=0)", 1e-6,
+    Row("sliding_standard", "sliding val, stride = window, vs the other backend's standard val (EVAL_STRIDE=0)", 1e-6,
         "<= 1e-6", False, expanded=False),
     Row("checkpoint", "checkpoint across backends: logits, continued losses, val", 1e-4, "<= 1e-5|1e-4|1e-6", False,
         expanded=False),

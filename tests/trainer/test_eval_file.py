@@ -3,6 +3,7 @@ scored without training, the same figures in both backends, the file's own run s
 nothing written unless OUT= is given, and every bad input one line with exit status 2."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,23 @@ def test_bad_inputs_are_one_line_errors_with_exit_status_2(files, env, message, 
 def tiny_data(files):
     config = json.loads((files["root"] / "run" / "config.json").read_text())
     return {"DATA_PATH": config["data_path"], "TOKENIZER_PATH": config["tokenizer_path"]}
+
+
+@pytest.mark.parametrize("backend", list(MAINS))
+def test_make_eval_of_a_runs_own_files_reproduces_its_summary(backend, tiny_dataset, tmp_path, capsys):
+    """The final checkpoint scores the run's final val_loss/val_bpb, and the artifact its roundtrip
+    and sliding figures, with no setting given but the file (and the stride)."""
+    from trainer_helpers import tiny_env, train
+    result = train(backend, tiny_env(tiny_dataset, tmp_path, RUN_ID="own", ITERATIONS=3, EVAL_STRIDE=16))
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    capsys.readouterr()
+    final, _ = run(backend, capsys, CHECKPOINT=summary["checkpoint"])
+    assert Path(summary["checkpoint"]).name == "step_000003.safetensors"
+    assert (final["val_loss"], final["val_bpb"]) == pytest.approx((summary["val_loss"], summary["val_bpb"]), rel=1e-12)
+    roundtrip, _ = run(backend, capsys, ARTIFACT=summary["artifact"])
+    assert (roundtrip["val_loss"], roundtrip["val_bpb"]) == pytest.approx(
+        (summary["roundtrip_val_loss"], summary["roundtrip_val_bpb"]), rel=1e-12)
+    sliding, _ = run(backend, capsys, ARTIFACT=summary["artifact"], EVAL_STRIDE=16)
+    assert (sliding["val_loss"], sliding["val_bpb"]) == pytest.approx(
+        (summary["roundtrip_sliding_val_loss"], summary["roundtrip_sliding_val_bpb"]), rel=1e-12)
+    assert roundtrip["val_loss"] != final["val_loss"] and sliding["val_loss"] != roundtrip["val_loss"]

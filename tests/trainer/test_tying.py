@@ -230,3 +230,23 @@ def test_data_path_and_tokenizer_path_override_the_checkpoints(runs, tiny_datase
         main(["--checkpoint", str(result.checkpoint), "--data-path", str(tmp_path / "nope")], environ={})
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "DATA_PATH" in err
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_direct_path_is_the_models_forward_with_every_block_silent_under_a_real_softcap(tie):
+    """P[i] is the float64 reference's logits of the one-token input i when every block adds nothing
+    (init: zero output projections, residual mix (1, 0); no skip), with a softcap the raw logits
+    exceed many times over, and an RMSNorm epsilon that shows."""
+    from core import reference
+    from trainer.tying import direct_path_logits
+    spec = ModelSpec(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, logit_softcap=3.0,
+                     norm_eps=0.05, tie_embeddings=tie)
+    rng = np.random.default_rng(4)
+    weights = init_weights(spec, seed=4)
+    weights["tok_emb.weight"] = rng.standard_normal((64, 32)).astype(np.float32) * 0.3
+    if not tie:
+        weights["lm_head.weight"] = rng.standard_normal((64, 32)).astype(np.float32) * 0.3
+    weights["skip_weights"] = np.zeros_like(weights["skip_weights"])
+    expected = reference.logits(spec, weights, np.arange(64)[:, None])[:, 0, :]
+    assert np.abs(expected).max() > 0.9 * spec.logit_softcap   # saturated: the softcap shapes P
+    np.testing.assert_allclose(direct_path_logits(spec, weights), expected, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,42 @@
+"""What both optimizer files share (docs/spec.md §6): the Newton-Schulz coefficients, Adam's bias
+corrections, Muon's update scale and how Muon's matrices are shared among ranks.
+
+backend_torch/optim.py and backend_mlx/optim.py write the arithmetic in their framework; every
+number and every choice that must agree between them is made here, once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+# Coefficients (a, b, c) of the quintic Newton-Schulz iteration, and the epsilon of its normalization.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+
+# Added to the global gradient norm before dividing by it, as torch's clip_grad_norm_.
+CLIP_EPS = 1e-6
+
+
+def bias_corrections(beta1: float, beta2: float, t: int) -> tuple[float, float]:
+    """Adam's (1 - beta1^t, 1 - beta2^t), with t counting optimizer steps from 1, in float64 on the host."""
+    return 1 - beta1 ** t, 1 - beta2 ** t
+
+
+def muon_scale(rows: int, cols: int) -> float:
+    """Muon's update of a rows x cols matrix is scaled by sqrt(max(1, rows/cols))."""
+    return max(1.0, rows / cols) ** 0.5
+
+
+def shape_groups(shapes: list[tuple[int, ...]]) -> list[tuple[int, int, list[int]]]:
+    """(rows, cols, indices into shapes) for each matrix shape, in order of first appearance: Muon
+    orthogonalizes the matrices of one shape together, stacked."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, shape in enumerate(shapes):
+        groups[tuple(shape)].append(i)
+    return [(rows, cols, idx) for (rows, cols), idx in groups.items()]
+
+
+def rank_share(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """The matrices of one shape group this rank orthogonalizes: every world_size-th, from its rank
+    (the others' results arrive through one all-reduce, as in the reference trainer)."""
+    return indices[rank::world_size]
