@@ -92,7 +92,7 @@ class MLXTTT:
         _, grads = loss_and_grad(_ids(x), _ids(y))
         grads = dict(tree_flatten(grads))
         if self.cfg.global_ttt_grad_clip > 0:
-            grads = clip_grad_norm(grads, self.cfg.global_ttt_grad_clip)
+            grads = dict(zip(grads, clip_grad_norm(list(grads.values()), self.cfg.global_ttt_grad_clip)))
         params = dict(tree_flatten(self.model.parameters()))
         new = {}
         for n, p in params.items():
