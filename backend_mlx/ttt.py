@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from backend_mlx.optim import clip_grad_norm
 from core.config import TrainConfig
-from trainer.ttt import ADAM_EPS, lora_init, lora_targets
+from trainer.ttt import ADAM_EPS, adamw_scalars, lora_init, lora_targets
 
 
 def _ids(a: np.ndarray) -> mx.array:
@@ -70,16 +70,14 @@ class MLXTTT:
         return scored
 
     def _adamw(self, grads: dict[str, mx.array]) -> None:
-        cfg = self.cfg
-        lr, b1, b2 = cfg.ttt_lora_lr, cfg.ttt_beta1, cfg.ttt_beta2
+        b1, b2 = self.cfg.ttt_beta1, self.cfg.ttt_beta2
         self.t += 1
-        bc1, bc2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
+        decay, step, root = adamw_scalars(self.cfg, self.t)
         for k, p in self.lora.items():
             g = grads[k]
-            p = p * (1.0 - lr * cfg.ttt_weight_decay)
             self.m[k] = b1 * self.m[k] + (1.0 - b1) * g
             self.v[k] = b2 * self.v[k] + (1.0 - b2) * g * g
-            self.lora[k] = p - (lr / bc1) * self.m[k] / (mx.sqrt(self.v[k]) / bc2 ** 0.5 + ADAM_EPS)
+            self.lora[k] = p * decay - step * self.m[k] / (mx.sqrt(self.v[k]) / root + ADAM_EPS)
         mx.eval(self.lora, self.m, self.v)
 
     # -- global phases: SGD on the base weights --

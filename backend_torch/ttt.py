@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from backend_torch.optim import clip_grad_norm
 from core.config import TrainConfig
-from trainer.ttt import ADAM_EPS, lora_init, lora_targets
+from trainer.ttt import ADAM_EPS, adamw_scalars, lora_init, lora_targets
 
 
 class _TokenLosses(nn.Module):
@@ -75,16 +75,14 @@ class TorchTTT:
 
     @torch.no_grad()
     def _adamw(self, grads: dict[str, torch.Tensor]) -> None:
-        cfg = self.cfg
-        lr, b1, b2 = cfg.ttt_lora_lr, cfg.ttt_beta1, cfg.ttt_beta2
+        b1, b2 = self.cfg.ttt_beta1, self.cfg.ttt_beta2
         self.t += 1
-        bc1, bc2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
+        decay, step, root = adamw_scalars(self.cfg, self.t)
         for k, p in self.lora.items():
             g = grads[k]
-            p.mul_(1.0 - lr * cfg.ttt_weight_decay)
             self.m[k].mul_(b1).add_(g, alpha=1.0 - b1)
             self.v[k].mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            p.sub_((lr / bc1) * self.m[k] / (self.v[k].sqrt() / bc2 ** 0.5 + ADAM_EPS))
+            p.mul_(decay).sub_(step * self.m[k] / (self.v[k].sqrt() / root + ADAM_EPS))
 
     # -- global phases: SGD on the base weights --
 

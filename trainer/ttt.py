@@ -65,6 +65,13 @@ def lora_init(targets: list[LoRATarget], rank: int) -> dict[str, np.ndarray]:
             for t in targets}
 
 
+def adamw_scalars(cfg: TrainConfig, t: int) -> tuple[float, float, float]:
+    """(decay, step size, sqrt of beta2's bias correction) of the adapters' AdamW step t (from 1):
+    p <- p*decay - step * m / (sqrt(v) / root + eps), the same in both backends."""
+    lr, b1, b2 = cfg.ttt_lora_lr, cfg.ttt_beta1, cfg.ttt_beta2
+    return 1.0 - lr * cfg.ttt_weight_decay, lr / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t)
+
+
 class TTTAdapter(Protocol):
     """A backend's side: windows cross as (1, T) integer arrays, losses as float64 numpy arrays."""
 
