@@ -96,7 +96,7 @@ def run_eval(settings: EvalFileSettings, path: Path, kind: str, cfg, session, ou
               f"seq_len:{seq_len} targets:{figures['targets']} val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
               f"eval_time:{seconds:.1f}s", file=out, flush=True)
     if cfg.ttt_enabled:   # after the plain figures, which it leaves as they are
-        ttt = run_ttt(session, val_tokens, tables, cfg, EvalProgress("ttt documents", master, stream=err))
+        ttt = run_ttt(session, val_tokens, tables, cfg, EvalProgress("ttt", master, stream=err, unit="target"))
         figures |= ttt_summary(ttt)
         if master:
             print(f"eval_ttt backend:{session.name} {kind}:{path} documents:{ttt.documents} targets:{ttt.targets} "

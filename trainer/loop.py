@@ -396,7 +396,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
     ttt = {}
     if cfg.ttt_enabled:   # the same roundtrip weights, with score-first test-time training (docs/spec.md §12)
         try:
-            result = run_ttt(backend, run.val_tokens, run.tables, cfg, EvalProgress("ttt documents", run.master))
+            result = run_ttt(backend, run.val_tokens, run.tables, cfg, EvalProgress("ttt", run.master, unit="target"))
         except BudgetExceeded as e:   # the run is kept; make check-submission reports the eval as over its cap
             log(f"final_int8_zlib_roundtrip_ttt error: {e}")
             ttt = {"ttt_error": str(e)}

@@ -198,11 +198,11 @@ def global_lr(cfg: TrainConfig, chunk: int, num_chunks: int) -> float:
     return cfg.global_ttt_lr * 0.5 * (1.0 + math.cos(math.pi * max(chunk - warmup, 0) / steps))
 
 
-OnDocument = Callable[[int, int], None]   # (documents done, documents in all)
+OnProgress = Callable[[int, int], None]   # (targets scored, targets in all), after every chunk
 
 
 def evaluate_ttt(adapter: TTTAdapter, val_tokens: np.ndarray, tables, cfg: TrainConfig, bos_id: int,
-                 on_document: OnDocument | None = None, clock=time.perf_counter,
+                 on_progress: OnProgress | None = None, clock=time.perf_counter,
                  update_before_score: bool = False) -> TTTResult:
     """val_loss and val_bpb of score-first TTT over every document of val_tokens, with its record.
 
@@ -252,9 +252,9 @@ def evaluate_ttt(adapter: TTTAdapter, val_tokens: np.ndarray, tables, cfg: Train
                     ledger.adapter_update(i, lo, lo + ch.window_len + 1)
             s = slice(ch.offset, ch.offset + ch.count)
             acc.add(float(losses[0, s].sum()), ch.count, int(token_bytes(tables, x[0, s], y[0, s]).sum()))
+            if on_progress is not None:
+                on_progress(int(acc.tokens), total_targets)
             check_budget(k)   # after every chunk: a long document cannot overrun by much
-        if on_document is not None:
-            on_document(k + 1, len(order))
         # A phase after the last document would change no score: it is not run.
         if phases < len(boundaries) and k + 1 == boundaries[phases] and k + 1 < len(order):
             _global_phase(adapter, val_tokens, [docs[j] for j in order[:k + 1]], cfg, ledger,
@@ -303,7 +303,7 @@ def check_ttt_runnable(cfg: TrainConfig, world_size: int) -> None:
                           f"(WORLD_SIZE={world_size}); evaluate the checkpoint with make eval")
 
 
-def run_ttt(backend, val_tokens: np.ndarray, tables, cfg: TrainConfig, progress: OnDocument | None = None) -> TTTResult:
+def run_ttt(backend, val_tokens: np.ndarray, tables, cfg: TrainConfig, progress: OnProgress | None = None) -> TTTResult:
     """The TTT evaluation of the backend's current weights (which global phases change: reload them after)."""
     from data.tokenizer import BOS_ID   # the BOS of every twingpt and Parameter Golf shard
 

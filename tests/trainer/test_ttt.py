@@ -67,7 +67,10 @@ def test_torch_and_mlx_give_the_same_ttt_figures_with_adapters_and_global_phases
 def test_documents_shorter_than_a_chunk_leave_legal_ttt_nothing_to_learn_from():
     tokens = documents([3, 6, 5, 6, 2, 6])   # every document fits in one chunk of 8 targets (its own n and the next BOS)
     frozen = ttt("mlx", BASE.replace(ttt_lora_lr=0.0), tokens)
-    legal = ttt("mlx", BASE.replace(ttt_lora_lr=0.05), tokens)
+    progress = []
+    legal = ttt("mlx", BASE.replace(ttt_lora_lr=0.05), tokens, on_progress=lambda *a: progress.append(a))
+    done = [d for d, _ in progress]                    # after every chunk: one a document here
+    assert len(done) == 6 and done == sorted(done) and progress[-1] == (len(tokens) - 1, len(tokens) - 1)
     assert legal.val_bpb == frozen.val_bpb and legal.record["adapter_updates"] == 0 and record_legal(legal.record)
     cheat = ttt("mlx", BASE.replace(ttt_lora_lr=0.05), tokens, update_before_score=True)
     assert cheat.val_bpb < frozen.val_bpb - 0.01       # learning the tokens before scoring them pays ...
