@@ -44,6 +44,10 @@ class MLXTTT:
         self.v = {k: mx.zeros_like(p) for k, p in self.lora.items()}
         self.t = 0
 
+    def is_fresh(self) -> bool:
+        return self.t == 0 and all(not bool(mx.any(self.lora[t.name + ".B"])) and
+                                   bool(mx.array_equal(self.lora[t.name + ".A"], self.a_init[t.name])) for t in self.targets)
+
     def _losses(self, lora: dict[str, mx.array], x: mx.array, y: mx.array) -> mx.array:
         base = dict(tree_flatten(self.model.parameters()))
         adapted = [(t.name, base[t.name] + self.scale * (lora[t.name + ".B"] @ lora[t.name + ".A"])) for t in self.targets]

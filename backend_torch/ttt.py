@@ -52,6 +52,10 @@ class TorchTTT:
         self.v = {k: torch.zeros_like(p) for k, p in self.lora.items()}
         self.t = 0
 
+    def is_fresh(self) -> bool:
+        return self.t == 0 and all(not bool(self.lora[t.name + ".B"].any()) and
+                                   torch.equal(self.lora[t.name + ".A"], self.a_init[t.name]) for t in self.targets)
+
     def _losses(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         weights = {"model." + n: p.detach() for n, p in self.model.named_parameters()}
         for t in self.targets:

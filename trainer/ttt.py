@@ -78,6 +78,10 @@ class TTTAdapter(Protocol):
     def reset(self) -> None:
         """A fresh adapter: every B zero, every A its initial value, AdamW's moments and step at 0."""
 
+    def is_fresh(self) -> bool:
+        """Whether the adapter is as reset leaves it: every B zero, every A its initial draw, AdamW at
+        step 0 (the legality record asks at each document)."""
+
     def token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Per-target losses (1, T) of the adapted model, without gradients."""
 
@@ -123,10 +127,14 @@ class Ledger:
         seen[later] |= self.scored[idx[later] - 1]
         return int((~seen).sum())
 
-    def reset(self, doc: int) -> None:
+    def reset(self, doc: int, fresh: bool) -> None:
+        """Document `doc` starts; `fresh`: the adapter's own word that it holds nothing learned."""
         self.adapter_doc = doc
-        self.counts["resets"] += 1
         self.counts["documents"] += 1
+        if fresh:
+            self.counts["resets"] += 1
+        else:
+            self._violate("adapter_not_reset", f"the adapter was not fresh at the start of document {doc}")
 
     def score(self, doc_start: int, window_lo: int, lo: int, hi: int) -> None:
         """Targets lo..hi-1 scored by a forward whose first input is token window_lo."""
@@ -234,7 +242,7 @@ def evaluate_ttt(adapter: TTTAdapter, val_tokens: np.ndarray, tables, cfg: Train
     for k, i in enumerate(order):
         doc = docs[i]
         adapter.reset()
-        ledger.reset(i)
+        ledger.reset(i, adapter.is_fresh())
         for ch in chunk_plan(doc.length - 1, cfg.ttt_chunk_size, cfg.ttt_window):
             lo = doc.start + ch.window_start
             x = val_tokens[lo:lo + ch.window_len][None]

@@ -79,6 +79,17 @@ def test_documents_shorter_than_a_chunk_leave_legal_ttt_nothing_to_learn_from():
     assert "unscored token" in cheat.record["first_violation"]
 
 
+def test_an_adapter_that_keeps_what_it_learned_across_documents_is_caught():
+    session = make_session("mlx", BASE)
+    session.setup(SPEC, BASE)
+    session.load_weights(random_weights(SPEC, seed=3))
+    adapter = session.ttt_adapter(BASE)
+    adapter.reset = lambda: None                       # a reset that forgets to reset
+    result = evaluate_ttt(adapter, documents([20, 20]), TABLES, BASE, bos_id=1)
+    assert not result.record["adapters_reset_per_document"] and not record_legal(result.record)
+    assert result.record["violations"]["adapter_not_reset"] == 1   # the second document found it trained
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tiny_dataset, tmp_path_factory):
     data_path, tokenizer = tiny_dataset
