@@ -169,3 +169,10 @@ def test_check_submission_passes_a_legal_run_and_fails_one_that_learned_before_s
     assert code == 1 and "verdict: FAIL (2 check(s) failed)" in out
     assert "score before update                   VIOLATED" in out
     assert "validation tokens used before scored  3 update(s)" in out
+    # A run whose TTT evaluation passed its budget: the log's error line, no figures, no record.
+    lines = [line for line in log.splitlines() if not line.startswith(("final_int8_zlib_roundtrip_ttt", "ttt_legality"))]
+    lines.append("final_int8_zlib_roundtrip_ttt error: EVAL_TIME_BUDGET_SECONDS=600: ran out of time")
+    (tmp_path / "slow.txt").write_text("\n".join(lines) + "\n")
+    code, out = check(capsys, tmp_path / "slow.txt")
+    row = next(line for line in out.splitlines() if line.startswith("evaluation time"))
+    assert code == 1 and "over (EVAL_TIME_BUDGET_SECONDS=600" in row and row.endswith("FAIL")
