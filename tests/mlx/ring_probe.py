@@ -44,7 +44,7 @@ def main() -> None:
     halves = [rng.integers(0, 64, size=(4, 9)) for _ in range(world)]
     batch = [(h[:, :-1], h[:, 1:]) for h in halves]
     whole_loss, whole = session.gradients(batch)                 # every half as a micro-batch, one rank
-    loss, mine = session._mean_over_ranks(*session.gradients([batch[rank]]))
+    loss, mine = session._mean_over_ranks(*session.gradients([batch[rank]]), 0)
     found["loss_rel"] = abs(float(loss) - float(whole_loss)) / abs(float(whole_loss))
     found["grad_rel"] = max(float(mx.linalg.norm(mine[k] - whole[k]) / mx.linalg.norm(whole[k]))
                             for k in whole if float(mx.linalg.norm(whole[k])) > 0)
