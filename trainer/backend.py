@@ -88,6 +88,9 @@ class TrainerBackend(Protocol):
         """The cross-entropy of every target of this batch, in nats, float64 of shape y.shape, without
         gradients (the sliding evaluation keeps only each window's new targets)."""
 
+    def ttt_adapter(self, cfg: TrainConfig):
+        """The score-first test-time training adapter of this model (trainer/ttt.py's TTTAdapter)."""
+
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
         """Sum across ranks (identity on one process)."""
 

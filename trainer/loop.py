@@ -394,7 +394,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
                    val_loss=sl_loss, val_bpb=sl_bpb, eval_stride=cfg.eval_stride, eval_seq_len=cfg.eval_window,
                    weights="int8_zlib_roundtrip")
     ttt = {}
-    if cfg.ttt_enabled:   # the same roundtrip weights, with score-first test-time training (docs/spec.md §12)
+    if cfg.ttt_enabled:   # the same roundtrip weights, with score-first test-time training (docs/spec.md §14)
         try:
             result = run_ttt(backend, run.val_tokens, run.tables, cfg, EvalProgress("ttt", run.master, unit="target"))
         except BudgetExceeded as e:   # the run is kept; make check-submission reports the eval as over its cap
