@@ -176,3 +176,12 @@ def test_check_submission_passes_a_legal_run_and_fails_one_that_learned_before_s
     code, out = check(capsys, tmp_path / "slow.txt")
     row = next(line for line in out.splitlines() if line.startswith("evaluation time"))
     assert code == 1 and "over (EVAL_TIME_BUDGET_SECONDS=600" in row and row.endswith("FAIL")
+
+
+def test_ttt_runs_in_one_process_only():
+    from core.errors import ConfigError
+    from trainer.ttt import check_ttt_runnable
+
+    check_ttt_runnable(BASE, world_size=2)                      # off: nothing to say
+    with pytest.raises(ConfigError, match="TTT_ENABLED=1: the test-time training evaluation runs in one process"):
+        check_ttt_runnable(BASE.replace(ttt_enabled=True), world_size=2)
