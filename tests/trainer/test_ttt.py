@@ -185,3 +185,38 @@ def test_ttt_runs_in_one_process_only():
     check_ttt_runnable(BASE, world_size=2)                      # off: nothing to say
     with pytest.raises(ConfigError, match="TTT_ENABLED=1: the test-time training evaluation runs in one process"):
         check_ttt_runnable(BASE.replace(ttt_enabled=True), world_size=2)
+
+
+def test_the_adapters_adamw_is_torchs_adamw_in_both_backends():
+    """Three steps on fixed gradients against torch.optim.AdamW (the record's optimizer), betas and
+    weight decay not the defaults, so every term counts."""
+    import mlx.core as mx
+    import torch
+
+    cfg = BASE.replace(ttt_lora_lr=0.01, ttt_beta1=0.5, ttt_beta2=0.9, ttt_weight_decay=0.3)
+    adapters = {}
+    for backend in ("torch", "mlx"):
+        session = make_session(backend, cfg)
+        session.setup(SPEC, cfg)
+        adapters[backend] = session.ttt_adapter(cfg)
+    names = list(adapters["torch"].lora)
+    rng = np.random.default_rng(0)
+    start = {k: rng.standard_normal(tuple(adapters["torch"].lora[k].shape)).astype(np.float32) for k in names}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()} for _ in range(3)]
+    oracle = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in start.items()}
+    opt = torch.optim.AdamW(oracle.values(), lr=0.01, betas=(0.5, 0.9), eps=1e-10, weight_decay=0.3)
+    for g in grads:
+        for k, p in oracle.items():
+            p.grad = torch.from_numpy(g[k])
+        opt.step()
+    with torch.no_grad():
+        for k in names:
+            adapters["torch"].lora[k].copy_(torch.from_numpy(start[k]))
+    adapters["mlx"].lora = {k: mx.array(start[k]) for k in names}
+    for g in grads:
+        adapters["torch"]._adamw({k: torch.from_numpy(v) for k, v in g.items()})
+        adapters["mlx"]._adamw({k: mx.array(v) for k, v in g.items()})
+    for k in names:
+        want = oracle[k].detach().numpy()
+        assert np.allclose(adapters["torch"].lora[k].detach().numpy(), want, rtol=1e-5, atol=1e-6)
+        assert np.allclose(np.array(adapters["mlx"].lora[k]), want, rtol=1e-5, atol=1e-6)
