@@ -14,7 +14,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from core.optimizer import CLIP_EPS, NS_COEFFS, NS_EPS, muon_scale, rank_share, shape_groups
+from core.optimizer import CLIP_EPS, NS_COEFFS, NS_EPS, muon_scale, rank_shares, shape_groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def muon_update(params: list[mx.array], grads: list[mx.array], bufs: list[mx.arr
     the new (params, bufs).
 
     The matrices of one shape are orthogonalized together (core.optimizer.shape_groups). With
-    several ranks each orthogonalizes its rank_share of every shape group and one all_sum of a flat
+    several ranks each orthogonalizes its rank_shares of the shape groups and one all_sum of a flat
     buffer (zeros where another rank's matrices go) shares the results; every rank then applies
     all of them and keeps every momentum buffer current.
     """
@@ -95,11 +95,10 @@ def muon_update(params: list[mx.array], grads: list[mx.array], bufs: list[mx.arr
         # One flat buffer, laid out shape group by shape group: each rank writes the matrices it
         # orthogonalized, the others stay zero, the sum over ranks is complete.
         blocks = []
-        for rows, cols, idx in groups:
+        for (rows, cols, idx), mine in zip(groups, rank_shares(groups, rank, world_size)):
             block = mx.zeros((len(idx), rows, cols), dtype=mx.float32)
-            mine = rank_share(idx, rank, world_size)
-            if mine:
-                block[rank::world_size] = newton_schulz([updates[i] for i in mine], steps, dtype)
+            if idx[mine]:
+                block[mine] = newton_schulz([updates[i] for i in idx[mine]], steps, dtype)
             blocks.append(block)
         flat = all_sum(mx.concatenate([block.reshape(-1) for block in blocks]))
         offsets = [0]

@@ -13,13 +13,14 @@ from core.errors import exit_on_user_error
 from trainer.sampling import parse_sample_settings, run_sampling
 
 
-def make_last_logits(spec, weights):
+def make_last_logits(spec, weights, looping: bool = False):
     """The GPT of these weights, as trainer.sampling's LastLogits: (1, T) ids + caches -> (V,) numpy."""
     import mlx.core as mx
 
     from backend_mlx.model import GPT
 
     model = GPT(spec).load_weights(weights)
+    model.looping = looping
 
     def last_logits(ids: np.ndarray, caches: list) -> np.ndarray:
         out = model.logits(mx.array(ids.astype(np.int32)), caches)[0, -1]

@@ -28,7 +28,7 @@ from core.optimizer import bias_corrections
 from core.params import MATRIX, param_table
 
 from backend_mlx.blas import blas_note
-from backend_mlx.distributed import Ring, init_ring
+from backend_mlx.distributed import Ring, init_ring, local_ranks
 from backend_mlx.model import GPT
 from backend_mlx.optim import adam_update, clip_grad_norm, muon_update
 
@@ -56,12 +56,16 @@ class MLXSession:
     name = "mlx"
     rank = 0
     world_size = 1
+    local_ranks = 1
 
     def __init__(self):
         on_gpu = mx.default_device().type == mx.gpu
         metal = on_gpu and mx.metal.is_available()   # an MLX CUDA build's GPU is not Metal
         self.device = ("mlx gpu (Metal)" if metal else "mlx gpu (CUDA)") if on_gpu else "mlx cpu"
         self.device_kind = ("metal" if metal else "cuda") if on_gpu else "cpu"
+        # backend_mlx/model.py: mx.fast's attention on a GPU (MLX runs it unfused while training on Metal).
+        self.attention = ("mx.fast scaled_dot_product_attention" + (" (unfused while training)" if metal else "")
+                          if on_gpu else "blocked causal attention (CPU)")
         self.compute_dtype = ""
         self.notes: list[str] = []
         self.compiled = False
@@ -71,6 +75,7 @@ class MLXSession:
         self.ring = Ring(group) if group is not None else None
         if self.ring is not None:
             self.rank, self.world_size = self.ring.rank, self.ring.world_size
+            self.local_ranks = local_ranks()
 
     # -- building --
 
@@ -82,8 +87,9 @@ class MLXSession:
             self.ring.check_same_settings(cfg.to_dict())
         if self.device_kind == "metal" and cfg.memory_budget_gb != AUTO:
             # As mlx-lm does: keep the run's memory wired (resident) so macOS does not page it out
-            # under pressure; never more than the plan's budget or Metal's recommended working set.
-            limit = min(int(cfg.memory_budget_gb * 2**30), self.device_memory_bytes())
+            # under pressure; never more than the plan's budget or this rank's share of Metal's
+            # recommended working set (local ranks each wiring the whole can panic the kernel).
+            limit = min(int(cfg.memory_budget_gb * 2**30), self.device_memory_bytes() // self.local_ranks)
             if hasattr(mx, "set_wired_limit"):
                 mx.set_wired_limit(limit)
         if not on_gpu:
@@ -102,16 +108,13 @@ class MLXSession:
         self.load_optimizer_state({})
 
         self.compiled = self.use_compile
-        self._loss_and_grad = nn.value_and_grad(self.model, self._loss_sum)
-        self._eval_loss = self._loss_sum
+        self._forwards: dict[bool, tuple] = {}   # looping -> (loss and grad, eval loss), built on first use
         self._update = self._update_impl
         if self.use_compile:
             # The weights and optimizer state are captured state: read at every call, written back
             # after the update, so the compiled functions never see stale (trace-time) weights.
-            state = [self.model.state, self.state]
-            self._loss_and_grad = mx.compile(self._loss_and_grad, inputs=state, outputs=state)
-            self._eval_loss = mx.compile(self._eval_loss, inputs=state)
-            self._update = mx.compile(self._update, inputs=state, outputs=state)
+            self._update = mx.compile(self._update, inputs=self._compile_state(), outputs=self._compile_state())
+        self.set_looping(False)
 
         self.notes = [
             f"mlx {mx.__version__} on {self.device}, compute dtype {self.compute_dtype}, "
@@ -138,6 +141,22 @@ class MLXSession:
         return self.model.loss(x, y, reduction="sum")
 
     # -- weights and optimizer state, as numpy --
+
+    def _compile_state(self) -> list:
+        return [self.model.state, self.state]
+
+    def set_looping(self, active: bool) -> None:
+        """A compiled function traces model.looping once: each value has its own pair of functions."""
+        looping = bool(active) and self.spec.num_loops > 0
+        self.model.looping = looping
+        if looping not in self._forwards:
+            loss_and_grad, eval_loss = nn.value_and_grad(self.model, self._loss_sum), self._loss_sum
+            if self.use_compile:
+                state = self._compile_state()
+                loss_and_grad = mx.compile(loss_and_grad, inputs=state, outputs=state)
+                eval_loss = mx.compile(eval_loss, inputs=state)
+            self._forwards[looping] = (loss_and_grad, eval_loss)
+        self._loss_and_grad, self._eval_loss = self._forwards[looping]
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         self.model.load_weights(weights)
@@ -270,7 +289,13 @@ class MLXSession:
             info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
             return int(info["max_recommended_working_set_size"])
         if self.device_kind == "cuda":
-            return int(mx.device_info().get("memory_size", 0)) or machine_ram_bytes()
+            # MLX's CUDA build reports free_memory and total_memory (not Metal's memory_size): the free
+            # memory, as torch's mem_get_info gives the CUDA budget.
+            info = mx.device_info()
+            for key in ("free_memory", "total_memory", "memory_size"):
+                if info.get(key):
+                    return int(info[key])
+            return machine_ram_bytes()
         return machine_ram_bytes()
 
     def peak_memory_bytes(self) -> int | None:
@@ -281,10 +306,10 @@ class MLXSession:
         return None
 
     def close(self) -> None:
-        # mlx.launch stops every rank as soon as one exits with an error, so a rank waits here for
-        # rank 0 to finish writing: after a normal end, and after an interruption or a diverged loss
+        # A rank leaving early can look like a failure to its peers, so a rank waits here for rank 0
+        # to finish writing: after a normal end, and after an interruption or a diverged loss
         # (TrainingError), which every rank raises after the same step. Not after an error of one
-        # rank alone: its peers are not coming, and mlx.launch ends them.
+        # rank alone: its peers are not coming; they end at the collective watchdog (distributed.py).
         in_flight = sys.exc_info()[1]
         if self.ring is not None and (in_flight is None or isinstance(in_flight, TrainingError)):
             self.ring.barrier()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from core.optimizer import CLIP_EPS, NS_COEFFS, NS_EPS, muon_scale, rank_share, shape_groups
+from core.optimizer import CLIP_EPS, NS_COEFFS, NS_EPS, muon_scale, rank_shares, shape_groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
     """One Muon step, in place: Nesterov momentum, then each matrix orthogonalized, scaled by muon_scale.
 
     The matrices of one shape are orthogonalized together (core.optimizer.shape_groups). With
-    several ranks each orthogonalizes its rank_share of every shape group and one all-reduce of a
+    several ranks each orthogonalizes its rank_shares of the shape groups and one all-reduce of a
     flat buffer (zeros where another rank's matrices go) shares the results; every rank then
     applies all of them and keeps every momentum buffer current. `also_sum` (a small fp32 vector,
     e.g. the loss) rides in the same all-reduce: its sum over ranks is returned, no other collective.
@@ -113,11 +113,10 @@ def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
     extra = 0 if also_sum is None else also_sum.numel()
     flat = torch.zeros(sum(p.numel() for p in params) + extra, device=params[0].device, dtype=torch.float32)
     blocks, offset = [], 0
-    for rows, cols, idx in groups:
+    for (rows, cols, idx), mine in zip(groups, rank_shares(groups, rank, world_size)):
         block = flat[offset:offset + len(idx) * rows * cols].view(len(idx), rows, cols)
-        mine = rank_share(idx, rank, world_size)
-        if mine:
-            block[rank::world_size] = orthogonalize([updates[i] for i in mine], steps, dtype)
+        if idx[mine]:
+            block[mine] = orthogonalize([updates[i] for i in idx[mine]], steps, dtype)
         blocks.append(block)
         offset += block.numel()
     if also_sum is not None:

@@ -11,16 +11,18 @@ from core.errors import exit_on_user_error
 from trainer.sampling import parse_sample_settings, run_sampling
 
 
-def make_last_logits(spec, weights, device=None):
+def make_last_logits(spec, weights, device=None, looping: bool = False):
     """The GPT of these weights, as trainer.sampling's LastLogits: (1, T) ids + caches -> (V,) numpy."""
     import torch
 
     from backend_torch.model import GPT
+    from backend_torch.precision import tf32_off
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in training: same logits as MLX
+    tf32_off()  # fp32 means fp32, as in training: same logits as MLX
     model = GPT(spec).to(device).load_weights(weights).eval()
+    model.looping = looping
 
     @torch.inference_mode()
     def last_logits(ids: np.ndarray, caches: list) -> np.ndarray:

@@ -119,7 +119,7 @@ def run_row(name: str, config: str, warmup: int, timed: int) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     step_s, best_s = statistics.median(times[warmup:]), min(times[warmup:])
-    fpt = flops_per_token(spec, cfg.train_seq_len)
+    fpt = flops_per_token(spec, cfg.train_seq_len, looping=spec.num_loops > 0)
     ceiling = {"float32": session.matmul_gflops("float32")}
     if setting["compute_dtype"] != "float32":
         ceiling[setting["compute_dtype"]] = session.matmul_gflops(setting["compute_dtype"])

@@ -15,6 +15,8 @@ Header metadata, key "twingpt": a JSON object with sorted keys:
     optimizer_scalars  the non-array values of the optimizer state (step counts, momentum, ...)
     rng_state          the non-array values of the RNG state, or null when none was saved
     backend            "torch", "mlx", ...
+    looping            whether the layers loop (NUM_LOOPS > 0, switched on at ENABLE_LOOPING_AT; docs/spec.md
+                       §4.10); absent in older files, which never loop
     extra              free-form
 
 Saving writes a temporary file next to the target, fsyncs it and renames it over the target
@@ -58,6 +60,7 @@ class Checkpoint:
     rng_state: dict | None
     backend: str = ""
     extra: dict = field(default_factory=dict)
+    looping: bool = False
 
 
 def _split(state: dict, prefix: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -79,11 +82,13 @@ def _json_default(value):
 
 def save_checkpoint(path, *, spec: ModelSpec, config, step: int, weights: dict[str, np.ndarray],
                     optimizer_state: dict[str, Any], data_state: dict, rng_state: dict | None = None,
-                    backend: str = "", extra: dict | None = None) -> None:
+                    backend: str = "", extra: dict | None = None, looping: bool = False) -> None:
     """Write a checkpoint atomically. `config` is a TrainConfig (or its dict)."""
     path = Path(path)
     label = f"checkpoint {path}"
     check_weights(spec, weights, source=label)  # never write what load_checkpoint would refuse
+    if looping and not spec.num_loops:
+        raise ValueError(f"{label}: looping without NUM_LOOPS")
     optim_arrays, optim_scalars = _split(optimizer_state, OPTIM_PREFIX)
     rng_arrays, rng_scalars = _split(rng_state, RNG_PREFIX) if rng_state is not None else ({}, None)
     meta = {
@@ -96,6 +101,7 @@ def save_checkpoint(path, *, spec: ModelSpec, config, step: int, weights: dict[s
         "rng_state": rng_scalars,
         "backend": backend,
         "extra": extra or {},
+        "looping": bool(looping),
     }
     try:
         text = json.dumps(meta, sort_keys=True, default=_json_default)
@@ -148,6 +154,7 @@ def load_checkpoint(path) -> Checkpoint:
     types_ok = (isinstance(meta["step"], int) and isinstance(meta["config"], dict)
                 and isinstance(meta["optimizer_scalars"], dict)
                 and (meta["rng_state"] is None or isinstance(meta["rng_state"], dict)))
+    types_ok = types_ok and isinstance(meta.get("looping", False), bool)
     if not types_ok:
         raise corrupt("metadata values have the wrong types")
     try:
@@ -167,6 +174,7 @@ def load_checkpoint(path) -> Checkpoint:
         path=str(path), spec=spec, config=meta["config"], step=meta["step"], weights=weights,
         optimizer_state={**meta["optimizer_scalars"], **strip(OPTIM_PREFIX)},
         data_state=meta["data_state"], rng_state=rng_state, backend=meta["backend"], extra=meta["extra"],
+        looping=meta.get("looping", False) and spec.num_loops > 0,
     )
 
 

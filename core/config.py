@@ -25,6 +25,9 @@ from core.errors import ConfigError
 
 
 AUTO = "auto"
+# Every document of every twingpt dataset starts with this token id (data/tokenizer.py; the Parameter
+# Golf FineWeb shards too): the document boundary of SMEAR_GATE_ENABLED and DOC_ATTENTION_ENABLED.
+BOS_ID = 1
 TRACKERS = ("tensorboard", "wandb")   # the experiment trackers REPORT_TO may name (trainer/tracking.py)
 
 
@@ -59,19 +62,54 @@ class ModelSpec:
     model_dim: int = setting(512, "residual width d")
     num_heads: int = setting(8, "query heads H")
     num_kv_heads: int = setting(4, "key/value heads K (H % K == 0; K < H is grouped-query attention)")
-    mlp_mult: int = setting(2, "MLP hidden width as a multiple of d")
+    mlp_mult: int | float = setting(2, "MLP hidden width as a multiple of d (a float allowed: hidden = int(mlp_mult*d))")
     tie_embeddings: bool = setting(True, "use the token embedding as the output head")
     tied_embed_init_std: float = setting(0.005, "std of the tied embedding's normal init")
     logit_softcap: float = setting(30.0, "logits = c*tanh(raw/c)")
     rope_base: float = setting(10000.0, "RoPE base frequency")
     qk_gain_init: float = setting(1.5, "initial per-head gain applied to normed, rotated queries")
     norm_eps: float = setting(1e-6, "RMSNorm epsilon (both backends and the reference)")
+    # record options: attention (docs/spec.md §4.1-§4.5); every one off by default
+    xsa_last_n: int = setting(0, "exclusive self-attention in the last N layers: each head's output loses its "
+                              "component along its own token's value (0 = off)")
+    rope_dims: int = setting(0, "partial RoPE: rotate only the first ROPE_DIMS dims of each head, even, at most "
+                             "head_dim (0 = all)")
+    rope_yarn: bool = setting(False, "RoPE base grows with a sequence longer than ROPE_TRAIN_SEQ_LEN (YaRN-style)")
+    rope_train_seq_len: int = setting(0, "the length ROPE_YARN scales from (0 = TRAIN_SEQ_LEN)")
+    sparse_attn_gate_enabled: bool = setting(False, "sigmoid gate per head on the attention output, from the "
+                                             "first GATE_WINDOW dims of the attention input")
+    sparse_attn_gate_scale: float = setting(1.0, "the sparse gate's logit multiplier")
+    sparse_attn_gate_init_std: float = setting(0.0, "std of the sparse gate weights' normal init (0 = zeros)")
+    smear_gate_enabled: bool = setting(False, "add a gated share of the previous token's embedding to each "
+                                       "token's (never across BOS)")
+    gate_window: int = setting(12, "input dims of the sparse attention gate and the smear gate")
+    doc_attention_enabled: bool = setting(False, "attention never crosses a BOS (id 1): each token attends "
+                                          "only within its own document of the packed sequence")
+    # record options: blocks and layout (docs/spec.md §4.6-§4.10); each is off by default
+    mlp_negative_slope: float = setting(0.0, "MLP activation leaky_relu(x, slope)^2 (0: relu^2, the baseline; "
+                                             "the record: 0.5)")
+    ln_scale: bool = setting(False, "scale each block's normed attention and MLP inputs by 1/sqrt(layer+1)")
+    skip_gates_enabled: bool = setting(False, "gated U-Net skips: x = lerp(w*skip, x, sigmoid(gate)) instead of x + w*skip")
+    parallel_start_layer: int = setting(0, "decoder layers from this index on run as two parallel lanes "
+                                           "(attention, MLP) with learned mixing (0 = off; the record: 8)")
+    parallel_final_lane: str = setting("mean", "the hidden state the parallel lanes end in: mean, attn or mlp",
+                                       choices=("mean", "attn", "mlp"))
+    num_loops: int = setting(0, "extra passes through layers LOOP_START..LOOP_END once looping is on "
+                                "(0 = off; the record: 2)")
+    loop_start: int = setting(3, "first layer of the looped segment (with NUM_LOOPS > 0)")
+    loop_end: int = setting(5, "last layer of the looped segment, inclusive (with NUM_LOOPS > 0)")
 
     def __post_init__(self):
-        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult"):
+        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r}: must be a positive integer")
+        m = self.mlp_mult
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or int(m * self.model_dim) <= 0:
+            raise ConfigError(f"mlp_mult={m!r}: must be a positive number (hidden width int(mlp_mult*model_dim) >= 1)")
+        if isinstance(m, float) and m.is_integer():   # 4.0 is 4: the same spec, and the same checkpoint
+            object.__setattr__(self, "mlp_mult", int(m))
+        self._check_layout()
         for name in ("tied_embed_init_std", "logit_softcap", "rope_base", "norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -86,6 +124,69 @@ class ModelSpec:
             raise ConfigError(
                 f"model_dim={self.model_dim}: head_dim = model_dim/num_heads = {self.head_dim} must be even (RoPE)"
             )
+        self._check_attention_options()
+
+    def _check_attention_options(self):
+        """The record's attention options (docs/spec.md §4.1-§4.5)."""
+        for name in ("xsa_last_n", "rope_dims", "rope_train_seq_len", "gate_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r}: must be a non-negative integer")
+        for name in ("sparse_attn_gate_scale", "sparse_attn_gate_init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r}: must be a finite number")
+        if self.sparse_attn_gate_init_std < 0:
+            raise ConfigError(f"sparse_attn_gate_init_std={self.sparse_attn_gate_init_std}: must not be negative")
+        if self.xsa_last_n > self.num_layers:
+            raise ConfigError(f"xsa_last_n={self.xsa_last_n}: more than num_layers={self.num_layers}")
+        if self.rope_dims % 2 or self.rope_dims > self.head_dim:
+            raise ConfigError(f"rope_dims={self.rope_dims}: must be even and at most head_dim={self.head_dim} "
+                              "(0 = all)")
+        if self.rope_yarn and self.rotary_dims < 4:
+            raise ConfigError(f"rope_dims={self.rope_dims}: ROPE_YARN needs at least 4 rotated dims")
+        if self.rope_yarn and self.rope_train_seq_len == 0:
+            raise ConfigError("rope_train_seq_len=0: ROPE_YARN needs the length it scales from")
+        if (self.sparse_attn_gate_enabled or self.smear_gate_enabled) and not 1 <= self.gate_window <= self.model_dim:
+            raise ConfigError(f"gate_window={self.gate_window}: must be in 1..model_dim={self.model_dim}")
+
+    def _check_layout(self) -> None:
+        if not isinstance(self.mlp_negative_slope, (int, float)) or not math.isfinite(self.mlp_negative_slope):
+            raise ConfigError(f"mlp_negative_slope={self.mlp_negative_slope!r}: must be a finite number")
+        if self.parallel_final_lane not in ("mean", "attn", "mlp"):
+            raise ConfigError(f"parallel_final_lane={self.parallel_final_lane!r}: must be one of mean, attn, mlp")
+        for name in ("parallel_start_layer", "num_loops", "loop_start", "loop_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r}: must be a non-negative integer")
+        L = self.num_layers
+        if self.parallel_start_layer >= L:
+            raise ConfigError(f"parallel_start_layer={self.parallel_start_layer}: must be below num_layers={L} "
+                              "(layers 0..num_layers-1; 0 = off)")
+        if self.num_loops:
+            if not self.loop_start <= self.loop_end < L:
+                raise ConfigError(f"loop_end={self.loop_end}: the looped segment loop_start={self.loop_start}.."
+                                  f"loop_end={self.loop_end} must lie within layers 0..{L - 1} (num_layers={L})")
+            if 0 < self.parallel_start_layer <= self.loop_end:
+                raise ConfigError(f"parallel_start_layer={self.parallel_start_layer}: must be after the looped segment "
+                                  f"(loop_end={self.loop_end}) when num_loops > 0")
+
+    def layer_order(self, looping: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(encoder, decoder) block indices in the order they run (docs/spec.md §4.10). Looping on:
+        the segment loop_start..loop_end runs 1 + num_loops times, and the whole sequence is split in
+        half again; off (or num_loops = 0): the first num_layers//2 blocks, then the rest."""
+        L = self.num_layers
+        if looping and self.num_loops:
+            segment = list(range(self.loop_start, self.loop_end + 1))
+            order = list(range(self.loop_start)) + segment * (self.num_loops + 1) + list(range(self.loop_end + 1, L))
+        else:
+            order = list(range(L))
+        half = len(order) // 2
+        return tuple(order[:half]), tuple(order[half:])
+
+    def block_calls(self, looping: bool) -> int:
+        """Blocks one forward runs (a looped block counts once per pass): the caches a sampler keeps."""
+        return sum(map(len, self.layer_order(looping)))
 
     # Derived sizes (docs/spec.md §2 notation).
     @property
@@ -93,12 +194,25 @@ class ModelSpec:
         return self.model_dim // self.num_heads
 
     @property
+    def rotary_dims(self) -> int:
+        """r of docs/spec.md §4.2: the dims of each head that RoPE rotates."""
+        return self.rope_dims or self.head_dim
+
+    def rope_base_for(self, n: int) -> float:
+        """docs/spec.md §4.2: the RoPE base of a sequence of n positions (ROPE_YARN grows it past
+        ROPE_TRAIN_SEQ_LEN by (n/L)^(r/(r-2)))."""
+        r, L = self.rotary_dims, self.rope_train_seq_len
+        if self.rope_yarn and n > L:
+            return self.rope_base * (n / L) ** (r / (r - 2))
+        return self.rope_base
+
+    @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
     @property
     def hidden_dim(self) -> int:
-        return self.mlp_mult * self.model_dim
+        return int(self.mlp_mult * self.model_dim)
 
     @property
     def num_encoder_layers(self) -> int:
@@ -110,7 +224,9 @@ class ModelSpec:
 
     @property
     def num_skip_weights(self) -> int:
-        return min(self.num_encoder_layers, self.num_decoder_layers)
+        """One per skip connection of the longest layer order (the looped one when NUM_LOOPS > 0)."""
+        encoder, decoder = self.layer_order(looping=True)
+        return min(len(encoder), len(decoder))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -200,13 +316,36 @@ class TrainConfig:
     model_dim: int = setting(512, ModelSpec.__dataclass_fields__["model_dim"].metadata["help"])
     num_heads: int = setting(8, ModelSpec.__dataclass_fields__["num_heads"].metadata["help"])
     num_kv_heads: int = setting(4, ModelSpec.__dataclass_fields__["num_kv_heads"].metadata["help"])
-    mlp_mult: int = setting(2, ModelSpec.__dataclass_fields__["mlp_mult"].metadata["help"])
+    mlp_mult: int | float = setting(2, ModelSpec.__dataclass_fields__["mlp_mult"].metadata["help"])
     tie_embeddings: bool = setting(True, ModelSpec.__dataclass_fields__["tie_embeddings"].metadata["help"])
     tied_embed_init_std: float = setting(0.005, ModelSpec.__dataclass_fields__["tied_embed_init_std"].metadata["help"])
     logit_softcap: float = setting(30.0, ModelSpec.__dataclass_fields__["logit_softcap"].metadata["help"])
     rope_base: float = setting(10000.0, ModelSpec.__dataclass_fields__["rope_base"].metadata["help"])
     qk_gain_init: float = setting(1.5, ModelSpec.__dataclass_fields__["qk_gain_init"].metadata["help"])
     norm_eps: float = setting(1e-6, ModelSpec.__dataclass_fields__["norm_eps"].metadata["help"])
+    # record options: attention (see ModelSpec)
+    xsa_last_n: int = setting(0, ModelSpec.__dataclass_fields__["xsa_last_n"].metadata["help"])
+    rope_dims: int = setting(0, ModelSpec.__dataclass_fields__["rope_dims"].metadata["help"])
+    rope_yarn: bool = setting(False, ModelSpec.__dataclass_fields__["rope_yarn"].metadata["help"])
+    rope_train_seq_len: int = setting(0, ModelSpec.__dataclass_fields__["rope_train_seq_len"].metadata["help"])
+    sparse_attn_gate_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["sparse_attn_gate_enabled"].metadata["help"])
+    sparse_attn_gate_scale: float = setting(1.0, ModelSpec.__dataclass_fields__["sparse_attn_gate_scale"].metadata["help"])
+    sparse_attn_gate_init_std: float = setting(0.0, ModelSpec.__dataclass_fields__["sparse_attn_gate_init_std"].metadata["help"])
+    smear_gate_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["smear_gate_enabled"].metadata["help"])
+    gate_window: int = setting(12, ModelSpec.__dataclass_fields__["gate_window"].metadata["help"])
+    doc_attention_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["doc_attention_enabled"].metadata["help"])
+    # record options: blocks and layout (see ModelSpec)
+    mlp_negative_slope: float = setting(0.0, ModelSpec.__dataclass_fields__["mlp_negative_slope"].metadata["help"])
+    ln_scale: bool = setting(False, ModelSpec.__dataclass_fields__["ln_scale"].metadata["help"])
+    skip_gates_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["skip_gates_enabled"].metadata["help"])
+    parallel_start_layer: int = setting(0, ModelSpec.__dataclass_fields__["parallel_start_layer"].metadata["help"])
+    parallel_final_lane: str = setting("mean", ModelSpec.__dataclass_fields__["parallel_final_lane"].metadata["help"],
+                                       choices=("mean", "attn", "mlp"))
+    num_loops: int = setting(0, ModelSpec.__dataclass_fields__["num_loops"].metadata["help"])
+    loop_start: int = setting(3, ModelSpec.__dataclass_fields__["loop_start"].metadata["help"])
+    loop_end: int = setting(5, ModelSpec.__dataclass_fields__["loop_end"].metadata["help"])
+    enable_looping_at: float = setting(0.0, "fraction of training (of ITERATIONS, or of MAX_WALLCLOCK_SECONDS when "
+                                            "capped, whichever is further) after which the layers loop (NUM_LOOPS > 0)")
     # Optimizers
     embed_lr: float = setting(0.6, "Adam learning rate of the embedding when untied")
     head_lr: float = setting(0.008, "Adam learning rate of the untied output head")
@@ -267,6 +406,8 @@ class TrainConfig:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the window length "
                               f"{self.eval_window} (EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); a longer stride skips targets")
         self.check_ttt()
+        if not 0.0 <= self.enable_looping_at <= 1.0:
+            raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at}: must be a fraction of training in [0, 1]")
         if not math.isfinite(self.collective_timeout_seconds):
             raise ConfigError(f"COLLECTIVE_TIMEOUT_SECONDS={self.collective_timeout_seconds}: must be a finite number")
         if self.mlx_max_microbatch_tokens <= 0:
@@ -301,7 +442,7 @@ class TrainConfig:
     def model_spec(self) -> ModelSpec:
         names = [f.name for f in fields(ModelSpec)]
         try:
-            return ModelSpec(**{name: getattr(self, name) for name in names})
+            return ModelSpec(**{name: self.spec_value(name) for name in names})
         except ConfigError as e:
             # Name the setting as the user typed it: NUM_HEADS, not num_heads.
             message = str(e)
@@ -309,6 +450,13 @@ class TrainConfig:
                 if message.startswith(name + "="):
                     message = env_name(name) + message[len(name):]
             raise ConfigError(message) from None
+
+    def spec_value(self, name: str):
+        """The value of ModelSpec field `name` this run's model gets (ROPE_TRAIN_SEQ_LEN=0 under ROPE_YARN
+        is TRAIN_SEQ_LEN)."""
+        if name == "rope_train_seq_len" and self.rope_yarn and not self.rope_train_seq_len:
+            return self.train_seq_len
+        return getattr(self, name)
 
     @property
     def eval_window(self) -> int:
@@ -359,6 +507,9 @@ def parse_value(field_name: str, raw: Any, kind: str) -> Any:
             return AUTO
         kind = kind[:-len("|auto")]
     label = f"{env_name(field_name)}={raw!r}"
+    if kind == "int | float":   # a number: an int when it is whole (MLP_MULT=4.0 is 4), else a float
+        value = parse_value(field_name, raw, "float")
+        return int(value) if value.is_integer() else value
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
@@ -399,7 +550,7 @@ def _field_kinds() -> dict[str, str]:
         if f.metadata.get("auto"):
             kinds[f.name] = f.metadata["auto"] + "|auto"
         else:
-            kinds[f.name] = {"bool": "bool", "int": "int", "float": "float"}.get(str(f.type), "str")
+            kinds[f.name] = {"bool": "bool", "int": "int", "float": "float", "int | float": "int | float"}.get(str(f.type), "str")
     return kinds
 
 

@@ -8,6 +8,8 @@ Draw order and rules (only "normal" and "linear_uniform" parameters consume rand
     tok_emb.weight      normal(0, tied_embed_init_std) when tied, normal(0, 1) when untied
     lm_head.weight      zeros (untied only)
     skip_weights        ones
+    skip_gates          zeros (SKIP_GATES_ENABLED only)
+    parallel_post_lambdas ones, parallel_resid_lambdas 1.1 (PARALLEL_START_LAYER > 0 only)
     per block, in order c_q, c_k, c_v (uniform on [-1/sqrt(in), 1/sqrt(in)], torch's Linear default),
     attn.proj zeros, q_gain = qk_gain_init, mlp.fc uniform, mlp.proj zeros, attn_scale and
     mlp_scale ones, resid_mix row 0 ones and row 1 zeros.

@@ -72,6 +72,9 @@ principles and are less certain:
            the compute dtype, and the working set holds the scores as well; without gradients
            (validation) the fused kernel runs and nothing T x T is allocated. mx.compile fuses
            elementwise chains much as inductor does.
+    mps    torch on Apple's GPU trains through SDPA's math path (backend_torch/attention_kernels.py):
+           as Metal's unfused form, the B x H x T x T probabilities are kept in the compute dtype and
+           the scores sit beside them while they are computed, in validation too.
 
 Budget (default_budget_bytes): the share of a device a plan may use.
     cuda   0.80 of the free memory (torch.cuda.mem_get_info): the CUDA context, cuDNN/cuBLAS
@@ -92,13 +95,14 @@ import os
 from dataclasses import dataclass, field
 
 from core.config import AUTO, ModelSpec
+from core.optimizer import shape_groups
 from core.params import MATRIX, param_table
 from core.sizes import ATTENTION_BLOCK, GIB, MIB
 
 MLX_DEFAULT_CHUNK_TOKENS = 8192
 
 BACKENDS = ("torch", "mlx")
-DEVICES = ("cpu", "cuda", "metal")
+DEVICES = ("cpu", "cuda", "metal", "mps")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 # Shares of a device a plan may fill (see the module docstring).
@@ -198,6 +202,38 @@ def _kept_per_layer(backend: str, c: int, N: int, spec: ModelSpec, P32: int, fus
     return total
 
 
+def _layout_kept_per_layer(c: int, N: int, spec: ModelSpec) -> int:
+    """What the record's block and layout options (docs/spec.md §4.6-§4.10) add to a block's kept
+    tensors (counted from the model files, not measured): the leaky ReLU keeps its input besides its
+    output (N·F, compute dtype); LN_SCALE keeps the two scaled norm outputs (2·N·d fp32); a gated skip
+    its scaled skip and gate product (2·N·d fp32, per block, an upper bound: only decoder steps have
+    one); the parallel lanes the two lane inputs and the mixed outputs (4·N·d fp32)."""
+    d, F, f32 = spec.model_dim, spec.hidden_dim, 4
+    extra = N * F * c if spec.mlp_negative_slope else 0
+    extra += 2 * N * d * f32 if spec.ln_scale else 0
+    extra += 2 * N * d * f32 if spec.skip_gates_enabled else 0
+    extra += 4 * N * d * f32 if spec.parallel_start_layer else 0
+    return extra
+
+
+def _record_attention_kept(spec: ModelSpec, N: int, seq_len: int, c: int, fused: bool) -> int:
+    """Bytes the record's attention options (docs/spec.md §4.1-§4.5) add to what the blocks keep, over
+    all layers and the embedding; counted from the model files, not measured. XSA keeps the fp32
+    attention output and the unit values; the sparse gate its fp32 input window, the gate and the
+    ungated fp32 output; the smear gate the embedding and its shifted copy; document attention on the
+    fused paths its (B, 1, T, T) boolean mask per layer, and on CUDA SDPA's bias in the compute dtype."""
+    d, kv, H, f32 = spec.model_dim, spec.kv_dim, spec.num_heads, 4
+    per_layer = 0
+    kept = spec.xsa_last_n * N * (d + kv + H) * f32
+    if spec.sparse_attn_gate_enabled:
+        per_layer += N * (spec.gate_window + H + d) * f32
+    if spec.doc_attention_enabled and fused:
+        per_layer += N * seq_len * (1 + c)
+    if spec.smear_gate_enabled:
+        kept += 2 * N * d * f32 + N * spec.gate_window * f32
+    return kept + spec.num_layers * per_layer
+
+
 def _mlx_attention_transient(c: int, N: int, spec: ModelSpec, T: int, P32: int, grad: bool) -> int:
     """The attention's working set on MLX's CPU backend, on top of what is kept (fitted, see module doc).
 
@@ -210,6 +246,23 @@ def _mlx_attention_transient(c: int, N: int, spec: ModelSpec, T: int, P32: int, 
     if c == 4:
         return int(13 * Q + 2 * P32)
     return int(8 * Q + 1.7 * P32)
+
+
+def newton_schulz_bytes(spec: ModelSpec, backend: str, steps: int = 5) -> int:
+    """Muon's Newton-Schulz working set: both backends orthogonalize the matrices of one shape together,
+    stacked (core.optimizer.shape_groups), so one group's n matrices are in flight at once, fp32
+    counted. Per matrix (X of rows x cols, A and B of min(rows, cols)^2): torch runs eagerly and
+    frees as it goes (the stack, its normalized copy, the old and new X, A and B); MLX evaluates the
+    whole iteration as one graph and keeps every step's A, B and X until it ends (measured on its
+    CPU backend, tests/core/test_memory.py). Counting one matrix missed the stack (BASE, torch:
+    94 MB, not 5 MB). steps: MUON_BACKEND_STEPS (5)."""
+    shapes = [p.shape for p in param_table(spec) if p.group == MATRIX]
+
+    def per_matrix(rows: int, cols: int) -> int:
+        x, a = rows * cols, min(rows, cols) ** 2
+        return 3 * x + steps * (x + 2 * a) if backend == "mlx" else 4 * x + 2 * a
+
+    return max((len(idx) * per_matrix(rows, cols) * 4 for rows, cols, idx in shape_groups(shapes)), default=0)
 
 
 def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: str, micro_batch_tokens: int,
@@ -233,7 +286,7 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
     if micro_batch_tokens <= 0 or seq_len <= 0 or micro_batch_tokens % seq_len:
         raise ValueError(f"micro_batch_tokens={micro_batch_tokens}: must be a positive multiple of seq_len={seq_len}")
     c = DTYPE_BYTES[compute_dtype]
-    d, V, L, H = spec.model_dim, spec.vocab_size, spec.num_layers, spec.num_heads
+    d, V, H = spec.model_dim, spec.vocab_size, spec.num_heads
     weights, optimizer = parameter_bytes(spec)
     mlx = backend == "mlx"
     fused = device != "cpu"
@@ -253,12 +306,17 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
         NV = N * V * 4
         if fused:
             P32 = 0
-            probs = seqs * H * seq_len * seq_len * c if mlx else 0   # Metal's unfused training SDPA
+            # Metal's unfused training SDPA, and torch's math path on mps
+            probs = seqs * H * seq_len * seq_len * c if mlx or device == "mps" else 0
         else:
             P32 = 4 * blocked_attention_elements(seqs, H, seq_len)
             probs = 0
-        acts = L * (_kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs)
+        # A looped block keeps its tensors once per pass: the looped graph's block calls (docs/spec.md §4.10).
+        calls = spec.block_calls(looping=True)
+        acts = calls * (_kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs
+                        + _layout_kept_per_layer(c, N, spec))
         acts += N * d * 4                                   # the embedding (the first norm's input)
+        acts += _record_attention_kept(spec, N, seq_len, c, fused)
         # The head: the final norm's input and output (the head's input, in the compute dtype), the
         # tanh output and the log-softmax / logits, fp32.
         logits = N * d * 4 + N * d * c + 2 * NV
@@ -297,7 +355,7 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
     # -- the optimizer step: gradients, plus the new weights and state beside the old ones (MLX
     # builds new arrays), or Muon's flat update vector (torch) and Newton-Schulz work --
     matrices = [p for p in param_table(spec) if p.group == MATRIX]
-    ns_work = max((3 * min(p.shape) ** 2 + 2 * p.numel) * 4 for p in matrices) if matrices else 0
+    ns_work = newton_schulz_bytes(spec, backend)
     step_extra = (weights + optimizer if mlx else sum(4 * p.numel for p in matrices)) + ns_work
     step = MemoryEstimate(weights, weights, optimizer, 0, 0, step_extra, phase="optimizer")
 
@@ -314,7 +372,8 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
             head = 3 * NV + 2 * D
         else:
             last = vrows * H * min(ATTENTION_BLOCK, seq_len) * seq_len * 4
-            attn = (2 * last if not fused else 0) + 6 * D
+            math_scores = 2 * vrows * H * seq_len * seq_len * c if device == "mps" else 0   # scores, probabilities
+            attn = (2 * last if not fused else math_scores) + 6 * D
             head = 3 * NV + 2 * D
         val = MemoryEstimate(weights, 0, optimizer, 0, 0, max(attn, head, 6 * D + 3 * N * spec.hidden_dim * c),
                              phase="validation")

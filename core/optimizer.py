@@ -36,7 +36,14 @@ def shape_groups(shapes: list[tuple[int, ...]]) -> list[tuple[int, int, list[int
     return [(rows, cols, idx) for (rows, cols), idx in groups.items()]
 
 
-def rank_share(indices: list[int], rank: int, world_size: int) -> list[int]:
-    """The matrices of one shape group this rank orthogonalizes: every world_size-th, from its rank
-    (the others' results arrive through one all-reduce, as in the reference trainer)."""
-    return indices[rank::world_size]
+def rank_shares(groups: list[tuple[int, int, list[int]]], rank: int, world_size: int) -> list[slice]:
+    """For each shape group, the slice of its matrices this rank orthogonalizes (the others' results
+    arrive through one all-reduce). One round-robin over every matrix, group after group, as the
+    reference deals out i % world_size over all its matrices: each rank gets its count to within one.
+    A round-robin restarted in every group gave the lowest ranks every group's remainder (BASE, 8
+    ranks: rank 0 got 8 of the 36 matrices, rank 7 got 4)."""
+    slices, before = [], 0
+    for _, _, idx in groups:
+        slices.append(slice((rank - before) % world_size, None, world_size))
+        before += len(idx)
+    return slices

@@ -15,8 +15,12 @@ from core.config import ModelSpec
 # fp32 in the artifact. The plural forms are the reference trainers' spellings.
 CONTROL_PATTERNS = (
     "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
-    "q_gain", "skip_weight", "skip_weights",
+    "q_gain", "skip_weight", "skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas",
+    "attn_gate_w", "smear_gate", "smear_lambda",   # record options: attention (docs/spec.md §4.3, §4.4)
 )
+
+# The initial weight of each lane's own residual in the parallel decoder (docs/spec.md §4.9), the record's.
+PARALLEL_RESID_INIT = 1.1
 
 # Optimizer groups (docs/spec.md §6).
 EMBED, HEAD, MATRIX, SCALAR = "embed", "head", "matrix", "scalar"
@@ -62,6 +66,17 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
     if not spec.tie_embeddings:
         table.append(ParamInfo("lm_head.weight", (V, d), "zeros", HEAD))
     table.append(ParamInfo("skip_weights", (spec.num_skip_weights, d), "ones", SCALAR))
+    # record options: blocks and layout (docs/spec.md §4.8, §4.9); no random draws, so the other
+    # parameters' initial values do not depend on them.
+    if spec.skip_gates_enabled:
+        table.append(ParamInfo("skip_gates", (spec.num_skip_weights, d), "zeros", SCALAR))
+    if spec.parallel_start_layer:
+        L = spec.num_layers
+        table.append(ParamInfo("parallel_post_lambdas", (L, 2, 2), "ones", SCALAR))
+        table.append(ParamInfo("parallel_resid_lambdas", (L, 2), "const", SCALAR, PARALLEL_RESID_INIT))
+    if spec.smear_gate_enabled:   # docs/spec.md §4.4
+        table += [ParamInfo("smear_gate.weight", (1, spec.gate_window), "zeros", SCALAR),
+                  ParamInfo("smear_lambda", (1,), "zeros", SCALAR)]
     for i in range(spec.num_layers):
         p = f"blocks.{i}."
         table += [
@@ -70,6 +85,12 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
             ParamInfo(p + "attn.c_v.weight", (kv, d), "linear_uniform", MATRIX),
             ParamInfo(p + "attn.proj.weight", (d, d), "zeros", MATRIX),
             ParamInfo(p + "attn.q_gain", (H,), "const", SCALAR, spec.qk_gain_init),
+        ]
+        if spec.sparse_attn_gate_enabled:   # docs/spec.md §4.3
+            std = spec.sparse_attn_gate_init_std
+            table.append(ParamInfo(p + "attn.attn_gate_w", (H, spec.gate_window), "normal" if std else "zeros",
+                                   SCALAR, std))
+        table += [
             ParamInfo(p + "mlp.fc.weight", (F, d), "linear_uniform", MATRIX),
             ParamInfo(p + "mlp.proj.weight", (d, F), "zeros", MATRIX),
             ParamInfo(p + "attn_scale", (d,), "ones", SCALAR),
@@ -143,11 +164,14 @@ def infer_spec(weights: dict, *, source: str = "weights", **settings) -> ModelSp
     """The ModelSpec whose parameter table `weights` match, read from the tensor shapes.
 
     Every size is in a shape: V and d in tok_emb, L in the block count, H in q_gain, K in c_k's
-    rows over the head width, the MLP multiple in fc, tying in lm_head's absence. What no shape
-    holds (logit_softcap, rope_base, norm_eps, ...) comes from `settings` or the defaults. Used by
+    rows over the head width, the MLP multiple in fc (a float when fc's rows are no multiple of d),
+    tying in lm_head's absence, gated skips in skip_gates' presence, the sparse attention and smear
+    gates in their presence and GATE_WINDOW in their width. What no shape holds (logit_softcap,
+    rope_base, norm_eps, XSA_LAST_N, ROPE_DIMS, the loop and lane settings, ...) comes from
+    `settings` or the defaults. Used by
     everything that reads weights without a spec: our artifact and the reference trainers' files.
     """
-    from core.errors import CheckpointError
+    from core.errors import CheckpointError, ConfigError
 
     def shape(name: str) -> tuple[int, ...]:
         if name not in weights:
@@ -161,11 +185,23 @@ def infer_spec(weights: dict, *, source: str = "weights", **settings) -> ModelSp
     (num_heads,) = shape("blocks.0.attn.q_gain")
     kv_rows, hidden = shape("blocks.0.attn.c_k.weight")[0], shape("blocks.0.mlp.fc.weight")[0]
     head_dim = model_dim // num_heads if num_heads and model_dim % num_heads == 0 else 0
-    if not head_dim or kv_rows % head_dim or hidden % model_dim:
+    mlp_mult = hidden // model_dim if hidden % model_dim == 0 else hidden / model_dim
+    if not head_dim or kv_rows % head_dim or int(mlp_mult * model_dim) != hidden:
         raise CheckpointError(f"{source}: shapes tok_emb {(vocab_size, model_dim)}, q_gain {(num_heads,)}, "
                               f"c_k {(kv_rows, model_dim)}, fc {(hidden, model_dim)} fit no model spec")
-    spec = ModelSpec(**{**settings, "vocab_size": vocab_size, "num_layers": num_layers, "model_dim": model_dim,
-                        "num_heads": num_heads, "num_kv_heads": kv_rows // head_dim,
-                        "mlp_mult": hidden // model_dim, "tie_embeddings": "lm_head.weight" not in weights})
+    # The gates of docs/spec.md §4.3-§4.4 are there or not, and their width is GATE_WINDOW.
+    gates = {"sparse_attn_gate_enabled": "blocks.0.attn.attn_gate_w" in weights,
+             "smear_gate_enabled": "smear_gate.weight" in weights}
+    for name in ("blocks.0.attn.attn_gate_w", "smear_gate.weight"):
+        if name in weights:
+            gates["gate_window"] = shape(name)[-1]
+    shaped = {"vocab_size": vocab_size, "num_layers": num_layers, "model_dim": model_dim, "num_heads": num_heads,
+              "num_kv_heads": kv_rows // head_dim, "mlp_mult": mlp_mult,
+              "tie_embeddings": "lm_head.weight" not in weights, "skip_gates_enabled": "skip_gates" in weights,
+              **gates}
+    try:
+        spec = ModelSpec(**{**settings, **shaped})
+    except ConfigError as err:   # the settings do not fit the shapes (LOOP_END past these layers, ...)
+        raise CheckpointError(f"{source}: {err}") from None
     check_weights(spec, weights, source=source)
     return spec

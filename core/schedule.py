@@ -39,6 +39,20 @@ def muon_momentum(step: int, *, start: float, end: float, warmup_steps: int) -> 
     return (1 - frac) * start + frac * end
 
 
+def training_fraction(step: int, elapsed_ms: float, *, iterations: int, max_wallclock_ms: float | None) -> float:
+    """How far training is, in [0, 1]: of ITERATIONS, or of the wall-clock cap, whichever is further."""
+    frac = step / max(iterations, 1)
+    if max_wallclock_ms is not None and max_wallclock_ms > 0:
+        frac = max(frac, elapsed_ms / max_wallclock_ms)
+    return min(frac, 1.0)
+
+
+def looping_due(cfg, step: int, elapsed_ms: float) -> bool:
+    """Whether the layers loop from this step on (NUM_LOOPS > 0 and ENABLE_LOOPING_AT reached)."""
+    return cfg.num_loops > 0 and training_fraction(step, elapsed_ms, iterations=cfg.iterations,
+                                                   max_wallclock_ms=wallclock_cap_ms(cfg)) >= cfg.enable_looping_at
+
+
 def wallclock_cap_ms(cfg) -> float | None:
     """MAX_WALLCLOCK_SECONDS in ms, or None when there is no cap (0)."""
     return 1000.0 * cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else None

@@ -51,10 +51,14 @@ def strip_wrapper_prefixes(weights: dict) -> dict:
 
 def flip_rope_halves(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Negate the second half of every head's rows of c_q and c_k (see the docstring): converts
-    weights between train_gpt.py's -θ RoPE and ours, in either direction. Returns a new dict."""
-    hd, d = spec.head_dim, spec.model_dim
+    weights between train_gpt.py's -θ RoPE and ours, in either direction. Returns a new dict.
+
+    With partial RoPE (ROPE_DIMS = r < hd, docs/spec.md §4.2) the rotated pairs are (i, i + r/2) for
+    i < r/2, in both scripts' layout and ours: rows r/2 ... r-1 of each head are negated, and the
+    unrotated rows r ... hd-1 are left alone. (r = hd is the full RoPE above.)"""
+    hd, d, r = spec.head_dim, spec.model_dim, spec.rotary_dims
     sign = np.ones(hd, dtype=np.float32)
-    sign[hd // 2:] = -1.0
+    sign[r // 2:r] = -1.0
     out = dict(weights)
     for i in range(spec.num_layers):
         for proj, heads in (("c_q", spec.num_heads), ("c_k", spec.num_kv_heads)):

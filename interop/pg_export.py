@@ -23,6 +23,7 @@ from data.datasets import resolve_dataset
 from data.stream import load_validation_tokens
 from interop.conventions import TORCH_SCRIPT_EPS
 from interop.export import eps_difference, reference_state_dict
+from interop.record_layout import bank, check_exportable, record_settings_text, uses_record_options
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,13 @@ class ExportSettings:
     data_path: str = setting("", "dataset of the epsilon check (empty: the one the checkpoint was trained on)")
     tokenizer_path: str = setting("", "its tokenizer (empty: the dataset's)")
     eps_check_seqs: int = setting(1, "validation sequences the epsilon check scores (0: no check)")
+    layout: str = setting("auto", "baseline (the naive baseline's train_gpt.py), record (the 1.0611 record's banked "
+                                  "train_gpt.py) or auto (record when the checkpoint uses a record option)",
+                          choices=("auto", "baseline", "record"))
 
     def __post_init__(self):
+        if self.layout not in ("auto", "baseline", "record"):
+            raise ConfigError(f"LAYOUT={self.layout!r}: must be one of auto, baseline, record")
         if self.eps_check_seqs < 0:
             raise ConfigError(f"EPS_CHECK_SEQS={self.eps_check_seqs}: must be >= 0")
 
@@ -67,7 +73,14 @@ def export_checkpoint(settings: ExportSettings) -> list[str]:
     if not settings.out:
         raise ConfigError("OUT is not set: OUT=final_model.pt")
     ckpt = load_checkpoint(settings.checkpoint)
+    record = settings.layout == "record" or (settings.layout == "auto" and uses_record_options(ckpt.spec))
+    if record:
+        check_exportable(ckpt.spec)
     arrays, notes = reference_state_dict(ckpt.spec, ckpt.weights)
+    if record:
+        arrays = bank(ckpt.spec, arrays)
+        notes.append("banked as the record's train_gpt.py holds them (qo_bank, kv_bank, mlp_up_bank, mlp_down_bank); "
+                     "load it with the run's settings: " + record_settings_text(ckpt.spec))
     warning = eps_warning(ckpt, settings)
     from interop.torch_files import torch_save_bytes
     try:
@@ -75,7 +88,8 @@ def export_checkpoint(settings: ExportSettings) -> list[str]:
     except OSError as err:
         raise CheckpointError(f"OUT={settings.out}: cannot write it ({err.strerror or err})") from None
     lines = [warning] if warning else []
-    lines.append(f"wrote {settings.out}: {len(arrays)} tensors as train_gpt.py saves them (tok_emb.weight bfloat16, "
+    script = "the record's train_gpt.py" if record else "train_gpt.py"
+    lines.append(f"wrote {settings.out}: {len(arrays)} tensors as {script} saves them (tok_emb.weight bfloat16, "
                  "the rest float32), RoPE converted to its -θ direction")
     return lines + [f"  {note}" for note in notes]
 

@@ -20,6 +20,10 @@ from core.errors import ConfigError, exit_on_user_error
 from interop.reference_files import ImportedModel, read_reference_file
 
 
+RECORD_LAYOUT_SETTINGS = ("ln_scale", "parallel_start_layer", "parallel_final_lane", "num_loops", "loop_start",
+                         "loop_end")
+
+
 @dataclass(frozen=True)
 class ImportSettings:
     src: str = setting("", "the reference file: final_model.pt, final_model.int8.ptz, <run>_mlx_model.npz "
@@ -29,6 +33,14 @@ class ImportSettings:
                                    "1e-6 for train_gpt_mlx.py)")
     logit_softcap: float = setting(30.0, "the source run's LOGIT_SOFTCAP (no tensor holds it)")
     rope_base: float = setting(10000.0, "the source run's ROPE_BASE (no tensor holds it)")
+    # record options: blocks and layout (the record's final_model.pt: its run's settings; no tensor holds them)
+    ln_scale: bool = setting(False, "the source run's LN_SCALE")
+    parallel_start_layer: int = setting(0, "the source run's PARALLEL_START_LAYER")
+    parallel_final_lane: str = setting("mean", "the source run's PARALLEL_FINAL_LANE")
+    num_loops: int = setting(0, "the source run's NUM_LOOPS (an imported model with NUM_LOOPS > 0 loops, as the "
+                                "record evaluates its own)")
+    loop_start: int = setting(3, "the source run's LOOP_START")
+    loop_end: int = setting(5, "the source run's LOOP_END")
     data_path: str = setting("", "dataset recorded in the checkpoint's config (empty: the default one)")
     tokenizer_path: str = setting("", "tokenizer recorded in the checkpoint's config (empty: the dataset's)")
 
@@ -42,13 +54,14 @@ def import_file(settings: ImportSettings) -> ImportedModel:
     src, out = Path(settings.src), Path(settings.out)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise ConfigError(f"OUT={out} is SRC: the checkpoint would overwrite the file it is read from")
-    model_settings = {"logit_softcap": settings.logit_softcap, "rope_base": settings.rope_base}
+    model_settings = {name: getattr(settings, name) for name in RECORD_LAYOUT_SETTINGS}
+    model_settings.update(logit_softcap=settings.logit_softcap, rope_base=settings.rope_base)
     if settings.norm_eps:
         model_settings["norm_eps"] = settings.norm_eps
     model = read_reference_file(src, **model_settings)
     config = TrainConfig(**model.spec.to_dict(), data_path=settings.data_path, tokenizer_path=settings.tokenizer_path)
     save_checkpoint(out, spec=model.spec, config=config, step=0, weights=model.weights, optimizer_state={},
-                    data_state={}, rng_state=None, backend=f"pg-import {model.kind}",
+                    data_state={}, rng_state=None, backend=f"pg-import {model.kind}", looping=model.spec.num_loops > 0,
                     extra={"imported_from": str(src), "kind": model.kind, "notes": list(model.notes)})
     return model
 

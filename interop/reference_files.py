@@ -5,6 +5,8 @@
     torch-int8         train_gpt.py        final_model.int8.ptz        zlib(torch.save(int8 object))
     mlx-npz            train_gpt_mlx.py    <run>_mlx_model.npz         mx.savez(**flat parameters)
     mlx-int8           train_gpt_mlx.py    <run>_mlx_model.int8.ptz    zlib(pickle(int8 object))
+    record-state-dict  the record's         final_model.pt              torch.save(model.state_dict()), banked
+                       train_gpt.py                                    matrices (interop/record_layout.py)
 
 The kind is read from the bytes, never the file name: a zip holding a data.pkl record is a
 torch.save file, a zip of .npy entries an npz; a zlib stream whose first bytes are a zip is the
@@ -41,14 +43,16 @@ from core.errors import CheckpointError, ConfigError
 from core.params import infer_spec
 from interop.bfloat16 import BF16, bf16_to_float32, round_to_bf16
 from interop.conventions import MLX_SCRIPT_EPS, TORCH_SCRIPT_EPS, flip_rope_halves, strip_wrapper_prefixes
+from interop.record_layout import RECORD_NEGATIVE_SLOPE, is_banked, unbank
 from interop.safe_pickle import safe_loads
 
 TORCH_STATE_DICT, TORCH_INT8, MLX_NPZ, MLX_INT8 = "torch-state-dict", "torch-int8", "mlx-npz", "mlx-int8"
-KINDS = (TORCH_STATE_DICT, TORCH_INT8, MLX_NPZ, MLX_INT8)
-TORCH_KINDS = (TORCH_STATE_DICT, TORCH_INT8)
-SOURCE_EPS = {TORCH_STATE_DICT: TORCH_SCRIPT_EPS, TORCH_INT8: TORCH_SCRIPT_EPS,
+RECORD_STATE_DICT = "record-state-dict"   # a torch state dict with the record's banks: known once it is read
+KINDS = (TORCH_STATE_DICT, TORCH_INT8, MLX_NPZ, MLX_INT8, RECORD_STATE_DICT)
+TORCH_KINDS = (TORCH_STATE_DICT, TORCH_INT8, RECORD_STATE_DICT)
+SOURCE_EPS = {TORCH_STATE_DICT: TORCH_SCRIPT_EPS, TORCH_INT8: TORCH_SCRIPT_EPS, RECORD_STATE_DICT: TORCH_SCRIPT_EPS,
               MLX_NPZ: MLX_SCRIPT_EPS, MLX_INT8: MLX_SCRIPT_EPS}
-SCRIPT = {TORCH_STATE_DICT: "train_gpt.py", TORCH_INT8: "train_gpt.py",
+SCRIPT = {TORCH_STATE_DICT: "train_gpt.py", TORCH_INT8: "train_gpt.py", RECORD_STATE_DICT: "the record's train_gpt.py",
           MLX_NPZ: "train_gpt_mlx.py", MLX_INT8: "train_gpt_mlx.py"}
 INT8_FORMAT = "int8_clean_per_row_v1"
 MAX_DECOMPRESSED_BYTES = 4 << 30   # a zlib stream inflating past this is not a model of this challenge
@@ -236,6 +240,12 @@ def read_reference_file(path, **settings) -> ImportedModel:
                               "<run>_mlx_model.npz or <run>_mlx_model.int8.ptz)")
     weights, notes = _raw_weights(kind, raw, source)
     weights = strip_wrapper_prefixes(weights)
+    if kind == TORCH_STATE_DICT and is_banked(weights):
+        kind = RECORD_STATE_DICT
+        weights, banked_notes = unbank(weights, source, settings.get("parallel_start_layer", 0))
+        notes += banked_notes
+        settings = {**settings, "mlp_negative_slope": RECORD_NEGATIVE_SLOPE}
+        notes.append(f"MLP: leaky_relu(x, {RECORD_NEGATIVE_SLOPE:g})^2, the record's (MLP_NEGATIVE_SLOPE)")
     eps = SOURCE_EPS[kind]
     spec = infer_spec(weights, source=source, **{"norm_eps": eps, **settings})
     notes.append(f"norm_eps={spec.norm_eps:.8g}" + (f" ({SCRIPT[kind]}'s RMSNorm epsilon)" if spec.norm_eps == eps

@@ -56,6 +56,8 @@ class TrainerBackend(Protocol):
     compute_dtype: str   # "float32" or "bfloat16", resolved from the config
     notes: list[str]     # lines the loop writes to the log at start (BLAS in use, compile, ...)
     compiled: bool       # whether the train step is compiled (the loop's warmup steps exist to prime it)
+    local_ranks: int     # processes of this run sharing this device (local CPU or Mac ranks): they split its memory
+    attention: str       # the attention kernel a training step runs on this device (make doctor shows it)
 
     def runtime_choices(self, cfg: TrainConfig) -> tuple[str, bool]:
         """(compute dtype, compiled) the session uses for `cfg`; known before setup, for the memory plan."""
@@ -64,6 +66,10 @@ class TrainerBackend(Protocol):
         """Build the model and its optimizers (weights are loaded separately)."""
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+
+    def set_looping(self, active: bool) -> None:
+        """Whether the layers loop from now on (NUM_LOOPS > 0; docs/spec.md §4.10). Compiled, the
+        looped forward is a second graph, traced the first time it runs."""
 
     def export_weights(self) -> dict[str, np.ndarray]: ...
 
@@ -105,7 +111,8 @@ class TrainerBackend(Protocol):
 
     def device_memory_bytes(self) -> int:
         """The memory this process's device offers a run: CUDA's free memory (mem_get_info), Metal's
-        recommended working set, the machine's RAM on the CPU. MEMORY_BUDGET_GB=auto is a fraction of it."""
+        recommended working set, the machine's RAM on the CPU, whole. MEMORY_BUDGET_GB=auto is a fraction of
+        it, divided between the local_ranks that share it."""
 
     def peak_memory_bytes(self) -> int | None: ...
 

@@ -79,6 +79,7 @@ def run_eval(settings: EvalFileSettings, path: Path, kind: str, cfg, session, ou
     check_ttt_runnable(cfg, session.world_size)
     session.setup(model.spec, cfg)
     session.load_weights(model.weights)
+    session.set_looping(model.looping)
     master = session.rank == 0
     t0 = time.perf_counter()
     if cfg.eval_stride > 0:

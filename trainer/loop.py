@@ -36,11 +36,11 @@ from core import artifact
 from core.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
 from core.config import ModelSpec, TrainConfig, load_config
 from core.errors import RankError, TrainingError, UserError, exit_on_user_error
-from core.flops import flops_per_token
+from core.flops import flops_per_token, matmul_ceiling_gflops
 from core.init import init_weights
 from core.metrics import build_byte_tables, unigram_baseline
 from core.params import ParamCount, count_params
-from core.schedule import learning_rates, momentum, wallclock_cap_ms
+from core.schedule import learning_rates, looping_due, momentum, wallclock_cap_ms
 from data.datasets import Dataset, resolve_dataset
 from data.stream import DistributedTokenLoader, load_validation_tokens
 from trainer.backend import TrainerBackend
@@ -161,6 +161,7 @@ def build_or_resume(run: Run, loader: DistributedTokenLoader) -> tuple[int, floa
         backend.load_weights(init_weights(run.spec, run.cfg.seed))
         return 0, 0.0
     backend.load_weights(ckpt.weights)
+    backend.set_looping(ckpt.looping)
     backend.load_optimizer_state(ckpt.optimizer_state)
     if ckpt.data_state:   # a weights-only checkpoint (make pg-import) starts at the data's beginning
         loader.restore(ckpt.data_state)
@@ -179,10 +180,17 @@ def next_micro_batches(cfg: TrainConfig, loader: DistributedTokenLoader) -> list
 
 def warm_up(run: Run, loader: DistributedTokenLoader, step: int) -> None:
     cfg, backend = run.cfg, run.backend
-    if cfg.warmup_steps and backend.compiled and step == 0:
+    # A resumed run compiles too: it is primed the same way, from the checkpoint's state, so that its
+    # clock (and the wall-clock cap, the time-based warmdown) does not count the compilation.
+    if cfg.warmup_steps and backend.compiled:
         weights0, optim0, data0 = backend.export_weights(), backend.export_optimizer_state(), loader.state()
-        for _ in range(cfg.warmup_steps):
-            backend.train_step(next_micro_batches(cfg, loader), learning_rates(cfg, 0, 0.0), momentum(cfg, 0), 0)
+        # With NUM_LOOPS the looped forward is a second graph: primed too, then looping is off again.
+        for looping in (False, True) if cfg.num_loops else (False,):
+            backend.set_looping(looping)
+            for _ in range(cfg.warmup_steps):
+                backend.train_step(next_micro_batches(cfg, loader), learning_rates(cfg, step, 0.0),
+                                   momentum(cfg, step), step)
+        backend.set_looping(run.checkpoint is not None and run.checkpoint.looping)   # as the run starts
         backend.load_weights(weights0)
         backend.load_optimizer_state(optim0)
         loader.restore(data0)
@@ -217,6 +225,7 @@ class Training:
         # rank's, agreed after every step (check_stop). Each rank's own clock drifts (only rank 0
         # plots and writes), and replicas given different learning rates would train apart.
         self.shared_clock_ms = elapsed_ms
+        self.looping = run.checkpoint.looping if run.checkpoint is not None else False
         self.t0 = time.perf_counter()
 
     # -- the clock --
@@ -263,6 +272,11 @@ class Training:
     def train_one_step(self) -> None:
         cfg, step = self.cfg, self.step
         clock_ms = self.now_ms() if self.backend.world_size == 1 else self.shared_clock_ms
+        if not self.looping and looping_due(cfg, step, clock_ms):
+            self.looping = True
+            self.backend.set_looping(True)
+            encoder, decoder = self.run.spec.layer_order(True)
+            self.log(f"layer_loop:enabled step:{step} encoder:{list(encoder)} decoder:{list(decoder)}")
         self.unread_losses.append(self.backend.train_step(next_micro_batches(cfg, self.loader),
                                                           learning_rates(cfg, step, clock_ms), momentum(cfg, step), step))
         self.step = step = step + 1
@@ -350,7 +364,7 @@ class Training:
         path = run.run_dir / "checkpoints" / f"step_{self.step:06d}.safetensors"
         save_checkpoint(path, spec=run.spec, config=self.cfg.to_dict(), step=self.step,
                         weights=weights, optimizer_state=self.backend.export_optimizer_state(),
-                        data_state=self.loader.state(), backend=self.backend.name,
+                        data_state=self.loader.state(), backend=self.backend.name, looping=self.looping,
                         extra={"train_time_ms": self.elapsed_ms, "run_id": run.run_id})
         self.log(f"checkpoint:{path}")
         return path
@@ -412,13 +426,14 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
 
     step, start_step = training.step, training.start_step
     tokens_per_step, world = training.tokens_per_step, backend.world_size
-    flops_token = flops_per_token(spec, cfg.train_seq_len)
+    flops_token = flops_per_token(spec, cfg.train_seq_len, looping=spec.num_loops > 0)
     trained_steps = max(step - start_step, 1)
     run_ms = training.elapsed_ms - training.resumed_ms  # this run's time, without a resumed run's earlier time
     tok_s = tokens_per_step * (step - start_step) / max(run_ms / 1000.0, 1e-9) if step > start_step else 0.0
     # MFU: model FLOPs per second per process over the matrix-product ceiling in the compute dtype,
     # measured here now (an fp32 ceiling would put a bf16 GPU run far above 100%).
-    ceiling_gflops = backend.matmul_gflops(backend.compute_dtype, n=1024, seconds=0.25) if step > start_step else None
+    ceiling_gflops = (matmul_ceiling_gflops(lambda n: backend.matmul_gflops(backend.compute_dtype, n=n, seconds=0.25),
+                                            backend.device_kind) if step > start_step else None)
     mfu = tok_s * flops_token / world / (ceiling_gflops * 1e9) if ceiling_gflops else None
     peak, baseline = backend.peak_memory_bytes(), None
     if peak is None:  # the process's resident peak, and how much of it the process held before the run

@@ -34,7 +34,13 @@ from interop import detect_kind, read_reference_file
 
 SETTING = {"checkpoint": "CHECKPOINT", "artifact": "ARTIFACT"}
 # What no tensor shape holds: an artifact's spec takes these from the settings.
-UNSHAPED = ("tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "norm_eps")
+UNSHAPED = ("tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "norm_eps",
+            # record options: attention (docs/spec.md §4.1-§4.5) that no tensor shows
+            "xsa_last_n", "rope_dims", "rope_yarn", "rope_train_seq_len", "sparse_attn_gate_scale",
+            "doc_attention_enabled",
+            # record options: blocks and layout
+            "mlp_negative_slope", "ln_scale", "parallel_start_layer", "parallel_final_lane",
+            "num_loops", "loop_start", "loop_end")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class ModelFile:
     weights: dict[str, np.ndarray]
     kind: str                                   # "checkpoint", "artifact" or a reference kind (interop.KINDS)
     config: dict = field(default_factory=dict)  # the training run's settings, when the file holds them
+    looping: bool = False                       # whether the layers loop (docs/spec.md §4.10)
 
 
 def file_kind(path: Path) -> str | None:
@@ -73,16 +80,17 @@ def load_model_file(path: str | Path, kind: str, settings: TrainConfig) -> Model
         if reference is None:
             raise CheckpointError(f"{name}: not a twingpt checkpoint (.safetensors) or artifact (model.int8.zlib), "
                                   "nor a Parameter Golf reference file")
-        model = read_reference_file(path, **{k: getattr(settings, k) for k in UNSHAPED if k != "norm_eps"})
-        return ModelFile(model.spec, model.weights, model.kind)
+        model = read_reference_file(path, **{k: settings.spec_value(k) for k in UNSHAPED if k != "norm_eps"})
+        return ModelFile(model.spec, model.weights, model.kind, looping=model.spec.num_loops > 0)
     if found != kind:
         raise CheckpointError(f"{name}: this file is a twingpt {found}; give it as {SETTING[found]}={path}")
     if kind == "checkpoint":
         ckpt = load_checkpoint(path)
-        return ModelFile(ckpt.spec, ckpt.weights, kind, dict(ckpt.config))
+        return ModelFile(ckpt.spec, ckpt.weights, kind, dict(ckpt.config), ckpt.looping)
     weights = artifact.load_artifact(path)
-    spec = infer_spec(weights, source=f"artifact {path}", **{k: getattr(settings, k) for k in UNSHAPED})
-    return ModelFile(spec, weights, kind)
+    spec = infer_spec(weights, source=f"artifact {path}", **{k: settings.spec_value(k) for k in UNSHAPED})
+    # An artifact is a finished model: it loops when its spec does, as the record evaluates its own.
+    return ModelFile(spec, weights, kind, looping=spec.num_loops > 0)
 
 
 def run_config(path: str | Path, kind: str) -> dict:

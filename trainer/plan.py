@@ -21,8 +21,8 @@ from core.errors import ConfigError
 from core.sizes import GIB
 from trainer.backend import TrainerBackend
 
-# torch on Apple's GPU: SDPA like CUDA's (nothing T x T kept), and a budget like Metal's (unified memory).
-ESTIMATE_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mps": "cuda"}
+# torch on Apple's GPU: SDPA's math path (T x T probabilities kept), and a budget like Metal's (unified memory).
+ESTIMATE_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mps": "mps"}
 BUDGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mps": "metal"}
 DEVICE_MEMORY = {"cpu": "RAM", "cuda": "free CUDA memory", "metal": "Metal's recommended working set",
                  "mps": "Metal's recommended working set"}
@@ -77,8 +77,12 @@ def budget_bytes(cfg: TrainConfig, backend: TrainerBackend) -> tuple[int, str]:
                           "set MEMORY_BUDGET_GB to a number of GiB")
     kind = BUDGET_DEVICE[backend.device_kind]
     fraction = memory.BUDGET_FRACTION[kind]
-    return (memory.default_budget_bytes(kind, offered),
-            f"auto: {fraction:g} of {offered / GIB:.1f} GiB {DEVICE_MEMORY[backend.device_kind]}")
+    # Local ranks on one CPU or Mac share its memory: each plans for its share (each budgeting the whole
+    # would fill it several times over, and wire that much on Metal).
+    share = max(backend.local_ranks, 1)
+    return (memory.default_budget_bytes(kind, offered) // share,
+            f"auto: {fraction:g} of {offered / GIB:.1f} GiB {DEVICE_MEMORY[backend.device_kind]}"
+            + (f", split between {share} local ranks" if share > 1 else ""))
 
 
 def make_plan(cfg: TrainConfig, backend: TrainerBackend) -> RunPlan:

@@ -91,15 +91,25 @@ LastLogits = Callable[[np.ndarray, list], np.ndarray]  # ((1, T) int64 ids, cach
 
 
 class KVCacheDecoder:
-    """prefill/step over a GPT's logits(ids, caches): one cache dict per layer, whose "offset" (the
-    number of positions already cached) the caller advances after each call."""
+    """prefill/step over a GPT's logits(ids, caches): one cache dict per block call (per layer, and
+    per pass of a looped layer), whose "offset" (the number of positions already cached) the caller
+    advances after each call.
 
-    def __init__(self, last_logits: LastLogits, num_layers: int):
+    `exact_len`: the longest sequence whose cached keys stay exact. With ROPE_YARN (docs/spec.md §4.2)
+    a sequence longer than ROPE_TRAIN_SEQ_LEN rotates every position with a larger base, so past it
+    each call recomputes the whole sequence from an empty cache."""
+
+    def __init__(self, last_logits: LastLogits, num_layers: int, exact_len: int | None = None):
         self.last_logits = last_logits
         self.num_layers = num_layers
+        self.exact_len = exact_len
         self.caches: list[dict] = []
+        self.ids = np.zeros(0, dtype=np.int64)
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
+        self.ids = np.concatenate((self.ids, ids))
+        if self.exact_len is not None and self.ids.size > self.exact_len:
+            self.caches, ids = [{"offset": 0} for _ in range(self.num_layers)], self.ids
         out = self.last_logits(ids[None, :], self.caches)
         for cache in self.caches:
             cache["offset"] += ids.size
@@ -107,10 +117,18 @@ class KVCacheDecoder:
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         self.caches = [{"offset": 0} for _ in range(self.num_layers)]
+        self.ids = np.zeros(0, dtype=np.int64)
         return self._run(np.asarray(ids, dtype=np.int64))
 
     def step(self, token: int) -> np.ndarray:
         return self._run(np.array([token], dtype=np.int64))
+
+
+def kv_decoder(spec, last_logits: LastLogits, looping: bool = False) -> KVCacheDecoder:
+    """The cached decoder of a model of `spec` (exact past ROPE_TRAIN_SEQ_LEN under ROPE_YARN too);
+    one cache per block call, so a looped block has one per pass (docs/spec.md §4.10)."""
+    return KVCacheDecoder(last_logits, spec.block_calls(looping),
+                          exact_len=spec.rope_train_seq_len if spec.rope_yarn else None)
 
 
 def generate(decoder, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
@@ -203,7 +221,7 @@ def run_sampling(settings: SampleSettings, make_last_logits: Callable, backend: 
                  out=None, err=None) -> SampleResult:
     """Load, generate, print the text on `out` (stdout) and one summary line on `err` (stderr).
 
-    `make_last_logits(spec, weights)` builds the backend's model and returns its LastLogits; it is
+    `make_last_logits(spec, weights, looping=...)` builds the backend's model and returns its LastLogits; it is
     called only once the checkpoint, tokenizer and prompt are known to be good.
     """
     out = sys.stdout if out is None else out
@@ -212,7 +230,7 @@ def run_sampling(settings: SampleSettings, make_last_logits: Callable, backend: 
     ckpt = load_checkpoint(path)
     sp = load_tokenizer_for(ckpt, settings.tokenizer_path)
     prompt_ids = encode_prompt(sp, settings.prompt)
-    decoder = KVCacheDecoder(make_last_logits(ckpt.spec, ckpt.weights), ckpt.spec.num_layers)
+    decoder = kv_decoder(ckpt.spec, make_last_logits(ckpt.spec, ckpt.weights, looping=ckpt.looping), ckpt.looping)
     start = time.perf_counter()
     new_ids = generate(decoder, prompt_ids, settings.max_new_tokens, settings.temperature,
                        settings.top_k, settings.seed)

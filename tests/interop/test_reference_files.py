@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import parity_lib
 from core.artifact import save_artifact
 from core.config import ModelSpec
+from core.init import random_weights
 from core.reference import rope
 from interop import detect_kind, read_reference_file
 from interop.conventions import MLX_SCRIPT_EPS, TORCH_SCRIPT_EPS, flip_rope_halves
@@ -119,6 +120,19 @@ def test_an_mlx_script_int8_artifact_dequantizes_to_the_scripts_weights(tmp_path
     for name in expected:
         assert np.array_equal(model.weights[name], expected[name]), name
     assert_both_backends_give(model, mlx_script_logits(expected))
+
+
+def test_passthrough_tensors_are_cast_back_to_their_original_dtype(tmp_path):
+    # Every tensor small enough to pass through: tok_emb stored in fp16 with its original dtype
+    # bfloat16, which the scripts cast it back to (values of float32 weights, so the cast rounds).
+    w = random_weights(SPEC, seed=8)
+    path = tmp_path / "run_mlx_model.int8.ptz"
+    expected = write_mlx_int8(path, w, max_keep=1 << 20)
+    stored = w["tok_emb.weight"].astype(np.float16).astype(np.float32)
+    assert not np.array_equal(expected["tok_emb.weight"], stored)   # the cast back changes values here
+    model = read_reference_file(path)
+    for name in expected:
+        assert np.array_equal(model.weights[name], expected[name]), name
 
 
 def test_settings_no_tensor_holds_pass_through_and_override(tmp_path):

@@ -72,13 +72,13 @@ def test_rotary_is_positive_half_split_and_precise_at_long_positions():
     x = np.random.default_rng(0).standard_normal((1, 2, 2048, 16)).astype(np.float32)
     for base in (10000.0, 500.0):
         ref = reference.rope(x.astype(np.float64), base)
-        assert rel(Rotary(16, base)(mx.array(x)), ref) <= 1e-6
+        assert rel(Rotary(ModelSpec(model_dim=16, num_heads=1, num_kv_heads=1, rope_base=base))(mx.array(x)), ref) <= 1e-6
         # mx.fast.rope(traditional=False) rotates the same way (why docs/spec.md §4 names it); checked on
         # short sequences, where its fp32 angles are still accurate.
         fast = mx.fast.rope(mx.array(x[:, :, :64]), 16, traditional=False, base=base, scale=1.0, offset=0)
         assert rel(fast, ref[:, :, :64]) <= 1e-6
     # An offset continues the positions.
-    assert rel(Rotary(16, 10000.0)(mx.array(x[:, :, 100:103]), offset=100),
+    assert rel(Rotary(ModelSpec(model_dim=16, num_heads=1, num_kv_heads=1))(mx.array(x[:, :, 100:103]), offset=100),
                reference.rope(x.astype(np.float64), 10000.0)[:, :, 100:103]) <= 1e-6
 
 

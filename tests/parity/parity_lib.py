@@ -183,12 +183,10 @@ def on_device(device: Device):
         finally:
             mx.set_default_device(before)
     elif device.name == "cuda":
-        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
+        from backend_torch.precision import exact_fp32
+
+        with exact_fp32():
             yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     else:
         yield
 
@@ -250,6 +248,19 @@ ROWS = [
     Row("ranks_val", "final val_loss/val_bpb, 2 MLX ranks vs those two runs", 1e-6, "<= 1e-6", True,
         expanded=False),
     Row("tied_head", "tied head is tok_emb; unique params vs count_params (abs)", 0.0, "== 0", False),
+    # The record's attention options (docs/spec.md §4.1-§4.5; tests/parity/test_parity_record_attention.py),
+    # each alone and all together, at the §10 tolerances of the rows above.
+    Row("record_attn_logits", "record attention options: logits fp32, torch/MLX/ref, 2 paths",
+        1e-5, "<= 1e-5", False),
+    Row("record_attn_grads", "record attention options: gradients, torch vs MLX and vs FD", 1e-4,
+        "<= 1e-4", False),
+    Row("record_attn_step", "record attention options: weights after one Muon + Adam step", 1e-5, "<= 1e-5", False),
+    # The record's block and layout options (docs/spec.md §4.6-§4.10), one case per option and all at
+    # once, looping off and on: tests/parity/test_parity_record_blocks.py.
+    Row("blocks_logits", "record blocks: logits fp32, torch and MLX vs float64 reference", 1e-5, "<= 1e-5", False),
+    Row("blocks_grads", "record blocks: gradients, torch vs MLX, vs float64 differences", 1e-4, "<= 1e-4", False),
+    Row("blocks_step", "record blocks: weights after one Muon + Adam step, torch vs MLX", 1e-5, "<= 1e-5", False),
+    Row("blocks_curve", "record blocks: 8-step losses, looping on at step 5, torch vs MLX", 1e-4, "<= 1e-4", False),
     # The mutants prove the comparison can fail: a property of the reference and the checks, not of a device.
     Row("mutants", "mutants (RoPE reversed, eps, no softcap): smallest error", 1e-5, "> 1e-5", False, "exceeds",
         expanded=False),

@@ -73,6 +73,13 @@ def test_an_artifact_is_scored_as_the_checkpoint_of_its_weights(files, capsys):
     assert a["val_bpb"] == c["val_bpb"] and a["val_loss"] == c["val_loss"]
 
 
+def test_a_setting_given_beats_the_files_run(files, capsys):
+    own, _ = run("mlx", capsys, CHECKPOINT=files["checkpoint"])
+    shorter, line = run("mlx", capsys, CHECKPOINT=files["checkpoint"], TRAIN_SEQ_LEN=16)
+    assert " stride:0 seq_len:16 " in line and shorter["eval_seq_len"] == 16 and own["eval_seq_len"] == 32
+    assert shorter["val_loss"] != own["val_loss"]
+
+
 @pytest.mark.parametrize("env, message", [
     ({}, "give exactly one of CHECKPOINT=<checkpoint.safetensors> or ARTIFACT=<model.int8.zlib>"),
     ({"CHECKPOINT": "{checkpoint}", "ARTIFACT": "{artifact}"}, "(both were given)"),
