@@ -271,6 +271,12 @@ class MLXSession:
             total += float(self._eval_loss(_ids(xc), _ids(yc)))   # float(): evaluates, sums in float64
         return total
 
+    def ttt_adapter(self, cfg: TrainConfig):
+        """The test-time training adapter of this session's model (trainer/ttt.py)."""
+        from backend_mlx.ttt import MLXTTT
+
+        return MLXTTT(self, cfg)
+
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Per-token cross-entropies, chunk by chunk as eval_loss_sum, as float64 on the host."""
         rows = [np.array(self.model.loss(_ids(xc), _ids(yc), reduction="none"), dtype=np.float64)

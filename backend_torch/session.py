@@ -249,6 +249,12 @@ class TorchSession:
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
         return float(self.eval_token_losses(x, y).sum())   # summed in float64 on the host: mps has none
 
+    def ttt_adapter(self, cfg: TrainConfig):
+        """The test-time training adapter of this session's model (trainer/ttt.py)."""
+        from backend_torch.ttt import TorchTTT
+
+        return TorchTTT(self, cfg)
+
     @torch.no_grad()
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         losses = self.model.loss(self._to_device(x), self._to_device(y), reduction="none")

@@ -52,6 +52,11 @@ MEMORY_BAND = (MEASURED + "test_the_estimate_is_within_the_band_of_the_measured_
 EAGER_BOUND = (MEASURED + "test_mlx_eager_eval_bounds_the_step_to_one_chunk",)
 PLAN = ("tests/trainer/test_plan.py",)
 SPEC_TOLERANCES = ("tests/parity/test_spec_tolerances.py",)
+TTT_PLAN = ("tests/data/test_ttt_plan.py",)
+TTT = ("tests/trainer/test_ttt.py::test_documents_shorter_than_a_chunk_leave_legal_ttt_nothing_to_learn_from",
+       "tests/trainer/test_ttt.py::test_an_adapter_that_keeps_what_it_learned_across_documents_is_caught",
+       "tests/trainer/test_ttt.py::test_the_adapters_adamw_is_torchs_adamw_in_both_backends",
+       "tests/trainer/test_ttt.py::test_torch_and_mlx_give_the_same_ttt_figures_with_adapters_and_global_phases")
 
 MUTANTS = [
     # core/schedule.py: the learning-rate and momentum schedules
@@ -390,6 +395,15 @@ MUTANTS = [
     Mutant("tying-8", "trainer/tying.py",
            "return float(-np.sum(log_probs_of_targets, dtype=np.float64) / log_probs_of_targets.size / LN2)",
            "return float(-np.sum(log_probs_of_targets, dtype=np.float64) / log_probs_of_targets.size)", TYING),
+    # data/ttt_plan.py, trainer/ttt.py, backend_*/ttt.py: score-first test-time training
+    Mutant("ttt-1", "data/ttt_plan.py", "end = starts[i + 1] + 1 if i + 1 < len(starts) else len(tokens)",
+           "end = starts[i + 1] if i + 1 < len(starts) else len(tokens)", TTT_PLAN),
+    Mutant("ttt-2", "data/ttt_plan.py", "window_start = max(0, end - window)", "window_start = max(0, first - window)",
+           TTT_PLAN),
+    Mutant("ttt-3", "trainer/ttt.py", "seen[later] |= self.scored[idx[later] - 1]", "seen[later] = True", TTT),
+    Mutant("ttt-4", "trainer/ttt.py", "return 1.0 - lr * cfg.ttt_weight_decay, lr / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t)",
+           "return 1.0 - lr * cfg.ttt_weight_decay, lr / (1.0 - b1 ** t), 1.0", TTT),
+    Mutant("ttt-5", "backend_mlx/ttt.py", "self.t = 0", "pass", TTT),
     # core/files.py: files written whole or not at all
     Mutant("files-1", "core/files.py",
            "os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary data files", "os.chmod(tmp, 0o600)", FILES),

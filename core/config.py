@@ -311,6 +311,38 @@ class TrainConfig(ModelSettings):
     resume_from: str = setting("", "checkpoint to continue from (weights, optimizer, step, data position)")
     report_to: str = setting("", "experiment trackers that also get every train/val record, the config and the "
                              "summary (rank 0): comma-separated tensorboard, wandb (offline); empty = none")
+    # Score-first test-time training at evaluation (docs/spec.md §14, trainer/ttt.py). Per document a
+    # LoRA adapter scores each chunk, then trains on it; adapters reset at every document. The
+    # defaults are the Parameter Golf record's run (train_seed42.log).
+    ttt_enabled: bool = setting(False, "score-first test-time training at the end of training and in make eval")
+    ttt_lora_rank: int = setting(80, "rank r of each LoRA adapter")
+    ttt_lora_alpha: float = setting(144.0, "LoRA scale: the adapted matrix is W + (alpha/r) B A")
+    ttt_lora_lr: float = setting(1e-4, "AdamW learning rate of the adapters")
+    ttt_chunk_size: int = setting(48, "targets scored per chunk; the adapter trains on each chunk once it is scored")
+    ttt_eval_seq_len: int = setting(0, "context window of each chunk's forward (0 = TRAIN_SEQ_LEN)")
+    ttt_batch_size: int = setting(64, "documents per batch of the record's order (sorted by length, longest "
+                                  "batch first); here each is adapted one at a time, with the same result")
+    ttt_grad_steps: int = setting(1, "adapter optimizer steps on each scored chunk")
+    ttt_weight_decay: float = setting(0.5, "AdamW weight decay of the adapters")
+    ttt_beta1: float = setting(0.0, "AdamW beta1 of the adapters")
+    ttt_beta2: float = setting(0.99, "AdamW beta2 of the adapters")
+    ttt_k_lora: bool = setting(True, "adapt the key projections (queries and values always are)")
+    ttt_mlp_lora: bool = setting(True, "adapt the MLP output projections")
+    ttt_o_lora: bool = setting(True, "adapt the attention output projections")
+    ttt_head_lora: bool = setting(True, "adapt the output head (when tied: the shared embedding matrix)")
+    phased_ttt_prefix_docs: int = setting(2500, "documents (in TTT order) after which global SGD runs on what "
+                                          "is scored so far (0 = no global phases)")
+    phased_ttt_num_phases: int = setting(3, "global SGD phases, at equal steps of the prefix documents")
+    global_ttt_lr: float = setting(0.001, "SGD learning rate of a global phase (cosine over its chunks)")
+    global_ttt_momentum: float = setting(0.9, "SGD momentum of a global phase")
+    global_ttt_epochs: int = setting(1, "passes over each chunk of a global phase")
+    global_ttt_chunk_tokens: int = setting(32768, "tokens per chunk of a global phase (its last chunk is not trained)")
+    global_ttt_batch_seqs: int = setting(32, "sequences of TTT_EVAL_SEQ_LEN per SGD step of a global phase")
+    global_ttt_warmup_start_lr: float = setting(0.0, "learning rate of a global phase's first warmup chunk")
+    global_ttt_warmup_chunks: int = setting(0, "chunks of linear warmup in a global phase")
+    global_ttt_grad_clip: float = setting(1.0, "gradient norm clip of a global phase (0 = off)")
+    eval_time_budget_seconds: float = setting(600.0, "the TTT evaluation stops with an error past this time "
+                                              "(0 = no budget)")
     # Layer looping (the model's NUM_LOOPS, LOOP_START, LOOP_END): when it starts
     enable_looping_at: float = setting(0.0, "fraction of training (of ITERATIONS, or of MAX_WALLCLOCK_SECONDS when "
                                             "capped, whichever is further) after which the layers loop (NUM_LOOPS > 0)")
@@ -425,6 +457,7 @@ class TrainConfig(ModelSettings):
         if self.eval_stride > self.eval_window:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the window length "
                               f"{self.eval_window} (EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); a longer stride skips targets")
+        self.check_ttt()
         if not 0.0 <= self.enable_looping_at <= 1.0:
             raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at}: must be a fraction of training in [0, 1]")
         if not math.isfinite(self.collective_timeout_seconds):
@@ -437,6 +470,30 @@ class TrainConfig(ModelSettings):
                                   "stored one per int8)")
         parse_report_to(self.report_to)
         self.model_spec()  # validates the model settings too
+
+    def check_ttt(self) -> None:
+        """The TTT settings' ranges, checked whether or not TTT_ENABLED (a typo never waits for the end of
+        a run); the chunk against the window only when on (TRAIN_SEQ_LEN may be shorter than 48)."""
+        for name in ("ttt_lora_rank", "ttt_chunk_size", "ttt_batch_size", "ttt_grad_steps",
+                     "phased_ttt_num_phases", "global_ttt_chunk_tokens", "global_ttt_batch_seqs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
+        for name in ("ttt_lora_alpha", "ttt_lora_lr", "ttt_eval_seq_len", "ttt_weight_decay", "phased_ttt_prefix_docs",
+                     "global_ttt_lr", "global_ttt_epochs", "global_ttt_warmup_start_lr", "global_ttt_warmup_chunks",
+                     "global_ttt_grad_clip", "eval_time_budget_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must not be negative")
+        for name in ("ttt_beta1", "ttt_beta2", "global_ttt_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be in [0, 1)")
+        if self.ttt_enabled and self.ttt_chunk_size > self.ttt_window:
+            raise ConfigError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size}: must not exceed the TTT window {self.ttt_window} "
+                              "(TTT_EVAL_SEQ_LEN, else TRAIN_SEQ_LEN)")
+
+    @property
+    def ttt_window(self) -> int:
+        """Context window of the TTT forwards: TTT_EVAL_SEQ_LEN, else TRAIN_SEQ_LEN."""
+        return self.ttt_eval_seq_len or self.train_seq_len
 
     def model_spec(self) -> ModelSpec:
         names = model_fields()

@@ -124,6 +124,9 @@ class TrainerBackend(Protocol):
         """QUANT=gptq's calibration: X^T X (float32) of the inputs of every matrix the model multiplies
         by, summed over this rank's `batches` and over all ranks, keyed by the weight's name."""
 
+    def ttt_adapter(self, cfg: TrainConfig):
+        """The score-first test-time training adapter of this model (trainer/ttt.py's TTTAdapter)."""
+
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
         """Sum across ranks (identity on one process)."""
 

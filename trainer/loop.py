@@ -52,6 +52,7 @@ from trainer.quantize_file import artifact_label, artifact_name, build_artifact
 from trainer.run_folder import RunLog, create_run_dir, make_run_dir, source_snapshot
 from trainer.tracking import check_trackers
 from trainer.summary import format_summary
+from trainer.ttt import BudgetExceeded, check_ttt_runnable, legality_line, run_ttt, ttt_summary
 from trainer.validation import evaluate, evaluate_sliding, train_token_counts
 
 
@@ -101,6 +102,7 @@ def prepare(cfg: TrainConfig, backend: TrainerBackend) -> Run:
     spec = cfg.model_spec()
     plan = make_plan(cfg, backend)
     check_fits(plan)
+    check_ttt_runnable(cfg, backend.world_size)
     cfg = plan.cfg   # GRAD_ACCUM_STEPS, MLX_EAGER_EVAL and the budget resolved
     master = backend.rank == 0
     # resolve_dataset reads the header and token range of every shard (data/datasets.py).
@@ -437,7 +439,22 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         log.metric(kind="sliding_val", step=training.step, tokens=training.step * training.tokens_per_step,
                    val_loss=sl_loss, val_bpb=sl_bpb, eval_stride=cfg.eval_stride, eval_seq_len=cfg.eval_window,
                    weights=f"{label}_roundtrip")
-    backend.load_weights(weights)
+    ttt = {}
+    if cfg.ttt_enabled:   # the same roundtrip weights, with score-first test-time training (docs/spec.md §14)
+        try:
+            result = run_ttt(backend, run.val_tokens, run.tables, cfg, EvalProgress("ttt", run.master, unit="target"))
+        except BudgetExceeded as e:   # the run is kept; make check-submission reports the eval as over its cap
+            log(f"final_{label}_roundtrip_ttt error: {e}")
+            ttt = {"ttt_error": str(e)}
+        else:
+            ttt = ttt_summary(result)
+            log(f"final_{label}_roundtrip_ttt val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
+                f"documents:{result.documents} phases:{result.phases_run} (standard val_bpb:{rt_bpb:.8f}) "
+                f"eval_time:{1000.0 * result.seconds:.0f}ms")
+            log(legality_line(result.record))
+            log.metric(kind="ttt_val", step=training.step, tokens=training.step * training.tokens_per_step,
+                       val_loss=result.val_loss, val_bpb=result.val_bpb, weights=f"{label}_roundtrip")
+    backend.load_weights(weights)   # global TTT phases change the weights; the checkpoint's are these
 
     step, start_step = training.step, training.start_step
     tokens_per_step, world = training.tokens_per_step, backend.world_size
@@ -471,7 +488,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "memory_budget_bytes": run.plan.memory.budget, "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,
         "artifact": str(artifact_path), "exported_weights": "ema" if ema is not None else "trained",
-    } | sliding
+    } | sliding | ttt
     if run.master:
         log.summary(summary)
         for line in format_summary(summary):

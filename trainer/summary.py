@@ -19,7 +19,10 @@ def format_summary(s: dict) -> list[str]:
         f"({100.0 * s['artifact_bytes'] / s['artifact_budget_bytes']:.1f}% of the "
         f"{s['artifact_budget_bytes']:,}-byte budget)"
         + (f"; sliding (stride {s['eval_stride']}) val_bpb {s['roundtrip_sliding_val_bpb']:.4f}"
-           if "roundtrip_sliding_val_bpb" in s else ""),
+           if "roundtrip_sliding_val_bpb" in s else "")
+        + (f"; test-time training val_bpb {s['ttt_val_bpb']:.4f} in {s['ttt_eval_time_s']:.0f} s"
+           if "ttt_val_bpb" in s else "")
+        + ("; test-time training failed: " + s["ttt_error"] if "ttt_error" in s else ""),
         f"parameters {s['params_unique']:,} unique ({s['params_non_embedding']:,} non-embedding); "
         f"{s['params_total']:,} as used, tying the head to the embedding saves {s['params_saved_by_tying']:,}",
         f"speed {s['tokens_per_s']:,.0f} tokens/s, {s['step_avg_ms']:.0f} ms/step, "
