@@ -84,6 +84,15 @@ def ring_hosts(environ=os.environ) -> list[list[str]] | None:
     return hosts
 
 
+def local_ranks(environ=os.environ) -> int:
+    """How many ranks of the ring run on this rank's host (the same IP address), itself included."""
+    hosts = ring_hosts(environ)
+    if hosts is None:
+        return 1
+    addresses = [host[0].rsplit(":", 1)[0] for host in hosts]
+    return addresses.count(addresses[int(environ["MLX_RANK"])])
+
+
 def connect_timeout(environ=os.environ) -> float:
     value = environ.get("MLX_CONNECT_TIMEOUT", str(DEFAULT_CONNECT_TIMEOUT_S))
     try:

@@ -24,11 +24,11 @@ from core.config import AUTO, ModelSpec, TrainConfig
 from core.errors import TrainingError
 from core.flops import measure_gflops
 from core.memory import eager_eval, machine_ram_bytes
-from core.optimizer import bias_corrections
+from core.optimizer import bias_corrections, group_weight_decay
 from core.params import MATRIX, param_table
 
 from backend_mlx.blas import blas_note
-from backend_mlx.distributed import Ring, init_ring
+from backend_mlx.distributed import Ring, init_ring, local_ranks
 from backend_mlx.model import GPT
 from backend_mlx.optim import adam_update, clip_grad_norm, muon_update
 
@@ -56,12 +56,16 @@ class MLXSession:
     name = "mlx"
     rank = 0
     world_size = 1
+    local_ranks = 1
 
     def __init__(self):
         on_gpu = mx.default_device().type == mx.gpu
         metal = on_gpu and mx.metal.is_available()   # an MLX CUDA build's GPU is not Metal
         self.device = ("mlx gpu (Metal)" if metal else "mlx gpu (CUDA)") if on_gpu else "mlx cpu"
         self.device_kind = ("metal" if metal else "cuda") if on_gpu else "cpu"
+        # backend_mlx/model.py: mx.fast's attention on a GPU (MLX runs it unfused while training on Metal).
+        self.attention = ("mx.fast scaled_dot_product_attention" + (" (unfused while training)" if metal else "")
+                          if on_gpu else "blocked causal attention (CPU)")
         self.compute_dtype = ""
         self.notes: list[str] = []
         self.compiled = False
@@ -71,6 +75,7 @@ class MLXSession:
         self.ring = Ring(group) if group is not None else None
         if self.ring is not None:
             self.rank, self.world_size = self.ring.rank, self.ring.world_size
+            self.local_ranks = local_ranks()
 
     # -- building --
 
@@ -82,8 +87,9 @@ class MLXSession:
             self.ring.check_same_settings(cfg.to_dict())
         if self.device_kind == "metal" and cfg.memory_budget_gb != AUTO:
             # As mlx-lm does: keep the run's memory wired (resident) so macOS does not page it out
-            # under pressure; never more than the plan's budget or Metal's recommended working set.
-            limit = min(int(cfg.memory_budget_gb * 2**30), self.device_memory_bytes())
+            # under pressure; never more than the plan's budget or this rank's share of Metal's
+            # recommended working set (local ranks each wiring the whole can panic the kernel).
+            limit = min(int(cfg.memory_budget_gb * 2**30), self.device_memory_bytes() // self.local_ranks)
             if hasattr(mx, "set_wired_limit"):
                 mx.set_wired_limit(limit)
         if not on_gpu:
@@ -101,6 +107,7 @@ class MLXSession:
         self.state: dict[str, mx.array] = {}
         self.load_optimizer_state({})
 
+        self.ema = None   # the loop starts it (load_ema) when EMA_DECAY > 0
         self.compiled = self.use_compile
         self._forwards: dict[bool, tuple] = {}   # looping -> (loss and grad, eval loss), built on first use
         self._update = self._update_impl
@@ -167,6 +174,18 @@ class MLXSession:
     def export_optimizer_state(self) -> dict[str, np.ndarray]:
         return {key: np.array(value) for key, value in self.state.items()}
 
+    def load_ema(self, weights: dict[str, np.ndarray] | None) -> None:
+        self.ema = None if weights is None else {name: mx.array(np.asarray(weights[name], np.float32))
+                                                 for name in (p.name for p in self.table)}
+
+    def export_ema(self) -> dict[str, np.ndarray] | None:
+        return None if self.ema is None else {name: np.array(a) for name, a in self.ema.items()}
+
+    def _update_ema(self) -> None:
+        decay = self.cfg.ema_decay
+        params = dict(tree_flatten(self.model.parameters()))
+        self.ema = {name: decay * avg + (1.0 - decay) * params[name] for name, avg in self.ema.items()}
+
     # -- training and evaluation --
 
     def _update_impl(self, grads: dict[str, mx.array], scalars: dict[str, mx.array]) -> None:
@@ -182,13 +201,15 @@ class MLXSession:
             [state[f"{n}.momentum_buffer"] for n in matrices],
             lr=scalars[MATRIX], momentum=scalars["momentum"], steps=cfg.muon_backend_steps,
             dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size,
-            all_sum=self.ring.all_sum if self.ring is not None else None)
+            all_sum=self.ring.all_sum if self.ring is not None else None, coeffs=cfg.muon_ns_coeffs,
+            row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd)
         adam = [p for p in self.table if p.group != MATRIX]
         new_adam, ms, vs = adam_update(
             [params[p.name] for p in adam], [grads[p.name] for p in adam],
             [state[f"{p.name}.exp_avg"] for p in adam], [state[f"{p.name}.exp_avg_sq"] for p in adam],
             lrs=[scalars[p.group] for p in adam], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps,
-            bias_correction1=scalars["bc1"], bias_correction2=scalars["bc2"])
+            bias_correction1=scalars["bc1"], bias_correction2=scalars["bc2"],
+            weight_decays=[group_weight_decay(p.group, cfg) for p in adam])
         for name, buf in zip(matrices, bufs):
             state[f"{name}.momentum_buffer"] = buf
         for p, m, v in zip(adam, ms, vs):
@@ -222,7 +243,9 @@ class MLXSession:
         scalars.update(momentum=mx.array(muon_momentum, dtype=mx.float32),
                        bc1=mx.array(bc1, dtype=mx.float32), bc2=mx.array(bc2, dtype=mx.float32))
         self._update(grads, scalars)
-        updated = (loss, self.model.parameters(), self.state)
+        if self.ema is not None:
+            self._update_ema()
+        updated = (loss, self.model.parameters(), self.state, self.ema or {})
         if self.ring is not None:
             self.ring.wait(f"step {step + 1}'s Muon all-reduce", *updated)
         else:
@@ -277,7 +300,13 @@ class MLXSession:
             info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
             return int(info["max_recommended_working_set_size"])
         if self.device_kind == "cuda":
-            return int(mx.device_info().get("memory_size", 0)) or machine_ram_bytes()
+            # MLX's CUDA build reports free_memory and total_memory (not Metal's memory_size): the free
+            # memory, as torch's mem_get_info gives the CUDA budget.
+            info = mx.device_info()
+            for key in ("free_memory", "total_memory", "memory_size"):
+                if info.get(key):
+                    return int(info[key])
+            return machine_ram_bytes()
         return machine_ram_bytes()
 
     def peak_memory_bytes(self) -> int | None:
@@ -288,10 +317,10 @@ class MLXSession:
         return None
 
     def close(self) -> None:
-        # mlx.launch stops every rank as soon as one exits with an error, so a rank waits here for
-        # rank 0 to finish writing: after a normal end, and after an interruption or a diverged loss
+        # A rank leaving early can look like a failure to its peers, so a rank waits here for rank 0
+        # to finish writing: after a normal end, and after an interruption or a diverged loss
         # (TrainingError), which every rank raises after the same step. Not after an error of one
-        # rank alone: its peers are not coming, and mlx.launch ends them.
+        # rank alone: its peers are not coming; they end at the collective watchdog (distributed.py).
         in_flight = sys.exc_info()[1]
         if self.ring is not None and (in_flight is None or isinstance(in_flight, TrainingError)):
             self.ring.barrier()

@@ -131,17 +131,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return torch.cat(outs, dim=3).view(B, H, T, hd)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                   gqa_in_kernel: bool = True) -> torch.Tensor:
     """F.scaled_dot_product_attention, causal (top-left) or with a boolean mask, on CUDA's fast kernels.
 
     q (B, H, T, hd); k, v (B, K, S, hd); query head h reads KV head h // (H/K). enable_gqa keeps
     K/V unexpanded, but CUDA's flash and memory-efficient kernels take it only for bf16/fp16
     inputs without a mask; otherwise SDPA falls back to the math kernel, which materializes the
     B·H·T·S fp32 probabilities. There K and V are expanded to the query heads instead (their
-    size times H/K), and the efficient kernels apply in every dtype and with a mask.
+    size times H/K), and the efficient kernels apply in every dtype and with a mask. gqa_in_kernel=False
+    (no flash kernel: below sm80, mps; backend_torch/attention_kernels.py) expands them always.
     """
     H, K = q.size(1), k.size(1)
-    if K != H and (mask is not None or q.dtype not in (torch.bfloat16, torch.float16)):
+    if K != H and (mask is not None or q.dtype not in (torch.bfloat16, torch.float16) or not gqa_in_kernel):
         k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
     gqa = k.size(1) != H
     if mask is None:
@@ -180,6 +182,8 @@ class CausalSelfAttention(nn.Module):
         # None: the fused kernel on GPUs, causal_attention on the CPU. The tests set True and False
         # to check both against the reference on the CPU, so the GPU's path is tested here too.
         self.fused_attention: bool | None = None
+        # Whether the fused kernel takes grouped K/V heads in place (flash); the session sets it.
+        self.gqa_in_kernel = True
 
     def forward(self, x: torch.Tensor, cache: dict | None = None, docs: torch.Tensor | None = None) -> torch.Tensor:
         """docs (B, S): the document of every position, cached ones first (DOC_ATTENTION_ENABLED), else None."""
@@ -205,13 +209,13 @@ class CausalSelfAttention(nn.Module):
         if not fused:
             y = causal_attention(q, k, v, hd ** -0.5, docs)
         elif docs is None and (cache is None or offset == 0):
-            y = sdpa_attention(q, k, v)
+            y = sdpa_attention(q, k, v, gqa_in_kernel=self.gqa_in_kernel)
         else:
             S = k.size(2)
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             if docs is not None:                                           # (B, 1, T, S)
                 mask = (mask & (docs[:, S - T:, None] == docs[:, None, :]))[:, None]
-            y = sdpa_attention(q, k, v, mask)
+            y = sdpa_attention(q, k, v, mask, self.gqa_in_kernel)
         if self.xsa:
             y = exclusive(y, v_own)
         if self.attn_gate_w is not None:   # one sigmoid gate per token and head, in fp32

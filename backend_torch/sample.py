@@ -16,10 +16,11 @@ def make_last_logits(spec, weights, device=None, looping: bool = False):
     import torch
 
     from backend_torch.model import GPT
+    from backend_torch.precision import tf32_off
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in training: same logits as MLX
+    tf32_off()  # fp32 means fp32, as in training: same logits as MLX
     model = GPT(spec).to(device).load_weights(weights).eval()
     model.looping = looping
 

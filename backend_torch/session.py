@@ -7,6 +7,7 @@ CPU tests run the very code a GPU run executes, with only these choices differen
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,14 +19,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from backend_torch.attention_kernels import (DESCRIPTIONS, FLASH_MIN_CAPABILITY, attention_kernel,
+                                             pin_cuda_kernel, use_kernel)
 from backend_torch.model import GPT
 from backend_torch.optim import adam_update, clip_grad_norm, muon_update, newton_schulz
+from backend_torch.precision import tf32_off
 from trainer.backend import checked_optimizer_state
 from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError, TrainingError
 from core.flops import measure_gflops
 from core.memory import machine_ram_bytes
-from core.optimizer import bias_corrections
+from core.optimizer import bias_corrections, group_weight_decay
 from core.params import MATRIX, param_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -39,6 +43,8 @@ class Runtime:
     rank: int
     local_rank: int
     world_size: int
+    local_ranks: int       # processes sharing this device: torchrun's local ranks on the CPU, 1 on a GPU each
+    attention: str         # the attention kernel (backend_torch/attention_kernels.py)
 
 
 def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
@@ -61,26 +67,38 @@ def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
         device = torch.device("mps")
     else:
         device = torch.device("cpu")
-    # bf16 by default on CUDA only: mps's bf16 support depends on the macOS version, fp32 is safe.
-    compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if use_cuda else "float32")
+    # bf16 by default on CUDA from sm80 (Ampere) on, as the reference; older GPUs have no bf16 tensor
+    # cores (and no flash kernel): fp32 there. mps's bf16 support depends on the macOS version: fp32.
+    capability = torch.cuda.get_device_capability(device) if use_cuda else None
+    bf16_ok = capability is not None and capability >= FLASH_MIN_CAPABILITY
+    if cfg.compute_dtype == "bfloat16" and use_cuda and not bf16_ok:
+        raise ConfigError(f"COMPUTE_DTYPE=bfloat16: this GPU (sm_{capability[0]}{capability[1]}) has no bf16 tensor "
+                          "cores; use COMPUTE_DTYPE=float32 or auto")
+    compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if bf16_ok else "float32")
     # torch.compile pays on CUDA. On the CPU it stays off unless asked for (COMPILE=1): measured on
     # 2 cores at 2,048 tokens a step, BASE in bf16 ran 0.79 s a step compiled against 1.08 s eager
     # and fp32 2.72 s against 2.90 s, but the first step took 70-80 s to compile (4 s from
     # inductor's cache), so it pays only after ~250 (bf16) or ~400 (fp32) steps, more than the
     # small CPU presets and the tests run. `make bench` measures it again.
     compile_model = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
-    return Runtime(device, compute_dtype, compile_model, rank, local_rank, world_size)
+    local_ranks = int(environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    return Runtime(device, compute_dtype, compile_model, rank, local_rank, world_size, local_ranks,
+                   attention_kernel(device.type, capability, compute_dtype, masked=cfg.doc_attention_enabled))
 
 
-def tf32_off() -> None:
-    """fp32 means fp32 on CUDA (matrix products and cuDNN convolutions): the fp32 parity rows hold on
-    GPUs too. Through fp32_precision (torch >= 2.9); the allow_tf32 flags only where that is absent."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+def nccl_device_id(torch_version: str, device: torch.device) -> torch.device | None:
+    """init_process_group's device_id: this rank's GPU, as the reference passes it (eager NCCL init;
+    without it torch guesses the GPU from the rank, and lazily-created communicators have hung
+    all-reduces, pytorch#142356), except on torch after 2.6.0 and before 2.7.1, where passing it makes
+    NCCL 2.26 hang at random during communication (pytorch#153960, worked around in 2.7.1)."""
+    version = tuple(int(part) for part in re.findall(r"\d+", torch_version)[:3])
+    return None if (2, 6, 0) < version < (2, 7, 1) else device
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Token ids onto the device. non_blocking only to CUDA: a host-to-mps copy that does not wait can
+    read the numpy buffer after it is freed (open torch issues)."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device, non_blocking=device.type == "cuda")
 
 
 class TorchSession:
@@ -89,27 +107,31 @@ class TorchSession:
     def __init__(self, cfg: TrainConfig, environ=os.environ):
         rt = resolve_runtime(cfg, environ)
         self.runtime = rt
-        self.rank, self.world_size = rt.rank, rt.world_size
+        self.rank, self.world_size, self.local_ranks = rt.rank, rt.world_size, rt.local_ranks
         self.compute_dtype = rt.compute_dtype
         self.compiled = rt.compile
         self.torch_device = rt.device
         self.device_kind = rt.device.type   # "cpu", "cuda" or "mps"
+        self.attention = f"{rt.attention}: {DESCRIPTIONS[rt.attention]}"
         if rt.device.type == "cuda":
             torch.cuda.set_device(rt.device)
             self.device = f"cuda:{rt.local_rank} ({torch.cuda.get_device_name(rt.device)})"
             tf32_off()
+            pin_cuda_kernel(rt.attention)
         else:
             self.device = str(rt.device)
         if rt.world_size > 1 and not dist.is_initialized():
-            # device_id binds NCCL's communicator to this rank's GPU at once (no guessing, no lazy init).
+            # device_id binds NCCL's communicator to this rank's GPU at once (no guessing, no lazy init),
+            # as the reference does; not on the torch versions where it hangs NCCL (nccl_device_id).
             # timeout: a collective a failed or hung peer never joins fails after COLLECTIVE_TIMEOUT_SECONDS (60)
             # (gloo at once; NCCL through its watchdog) instead of torch's 10 to 30 minutes.
             cuda = rt.device.type == "cuda"
             dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rt.rank, world_size=rt.world_size,
-                                    device_id=rt.device if cuda else None,
+                                    device_id=nccl_device_id(torch.__version__, rt.device) if cuda else None,
                                     timeout=timedelta(seconds=cfg.collective_timeout_seconds))
         self.notes = [f"torch {torch.__version__} device:{self.device} compute_dtype:{self.compute_dtype} "
-                      f"compile:{int(rt.compile)} world_size:{rt.world_size}"]
+                      f"compile:{int(rt.compile)} world_size:{rt.world_size} attention:{rt.attention} "
+                      f"({DESCRIPTIONS[rt.attention]})"]
 
     def runtime_choices(self, cfg: TrainConfig) -> tuple[str, bool]:
         """(compute dtype, compiled), chosen by resolve_runtime (the memory plan reads them)."""
@@ -120,6 +142,7 @@ class TorchSession:
     def setup(self, spec: ModelSpec, cfg: TrainConfig) -> None:
         self.spec, self.cfg = spec, cfg
         self.model = GPT(spec, DTYPES[self.compute_dtype]).to(self.torch_device).build_rotary(cfg.train_seq_len)
+        use_kernel(self.model, self.runtime.attention)
         params = dict(self.model.named_parameters())
         self.table = param_table(spec)
         self.params = {p.name: params[p.name] for p in self.table}
@@ -138,6 +161,7 @@ class TorchSession:
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids, broadcast_buffers=False,
                                                        find_unused_parameters=spec.num_skip_weights == 0)
         self.load_optimizer_state({})
+        self.ema = None   # the loop starts it (load_ema) when EMA_DECAY > 0
 
     def set_looping(self, active: bool) -> None:
         # torch.compile guards on the attribute: the looped forward is a second graph, not a recompile per step.
@@ -157,10 +181,24 @@ class TorchSession:
     def export_optimizer_state(self) -> dict[str, np.ndarray]:
         return {key: t.detach().cpu().numpy().copy() for key, t in self.state.items()}
 
+    def load_ema(self, weights: dict[str, np.ndarray] | None) -> None:
+        self.ema = None if weights is None else {
+            p.name: torch.tensor(np.asarray(weights[p.name], np.float32), device=self.torch_device) for p in self.table}
+
+    def export_ema(self) -> dict[str, np.ndarray] | None:
+        return None if self.ema is None else {name: t.cpu().numpy().copy() for name, t in self.ema.items()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.cfg.ema_decay
+        averages = list(self.ema.values())
+        torch._foreach_mul_(averages, decay)
+        torch._foreach_add_(averages, [self.params[name].detach() for name in self.ema], alpha=1.0 - decay)
+
     # -- training --
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.torch_device, non_blocking=True)
+        return to_device(a, self.torch_device)
 
     def train_step(self, micro_batches: Sequence, lrs: dict[str, float], muon_momentum: float,
                    step: int) -> torch.Tensor:
@@ -180,6 +218,8 @@ class TorchSession:
             clip_grad_norm([p.grad for p in self.params.values() if p.grad is not None], self.cfg.grad_clip_norm)
         summed = self._optimizer_step(lrs, muon_momentum, t=step + 1,
                                       also_sum=mean_loss.reshape(1) if self.world_size > 1 else None)
+        if self.ema is not None:
+            self._update_ema()
         return mean_loss if summed is None else summed[0] / self.world_size
 
     def _optimizer_step(self, lrs: dict[str, float], muon_momentum: float, t: int,
@@ -190,7 +230,8 @@ class TorchSession:
                              [state[f"{n}.momentum_buffer"] for n in self.matrix_names],
                              lr=lrs[MATRIX], momentum=muon_momentum, steps=cfg.muon_backend_steps,
                              dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size,
-                             orthogonalize=self.orthogonalize, also_sum=also_sum)
+                             orthogonalize=self.orthogonalize, also_sum=also_sum, coeffs=cfg.muon_ns_coeffs,
+                             row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd)
         adam = [p for p in self.table if p.group != MATRIX]
         bc1, bc2 = bias_corrections(cfg.beta1, cfg.beta2, t)
         # A parameter the forward never reads has no .grad: its gradient is zero (as in MLX). This
@@ -199,7 +240,8 @@ class TorchSession:
         adam_update(params, [q.grad if q.grad is not None else torch.zeros_like(q) for q in params],
                     [state[f"{p.name}.exp_avg"] for p in adam], [state[f"{p.name}.exp_avg_sq"] for p in adam],
                     lrs=[lrs[p.group] for p in adam], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps,
-                    bias_correction1=bc1, bias_correction2=bc2)
+                    bias_correction1=bc1, bias_correction2=bc2,
+                    weight_decays=[group_weight_decay(p.group, cfg) for p in adam])
         for param in self.params.values():
             param.grad = None
         return summed
@@ -210,7 +252,8 @@ class TorchSession:
     @torch.no_grad()
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         losses = self.model.loss(self._to_device(x), self._to_device(y), reduction="none")
-        return losses.to("cpu", torch.float64).numpy().reshape(np.shape(y))
+        # To the host first, then float64: mps has no float64, and .to("cpu", torch.float64) casts on the device.
+        return losses.float().cpu().numpy().astype(np.float64).reshape(np.shape(y))
 
     # -- distributed and housekeeping --
 

@@ -579,7 +579,7 @@ def memory(doc: Doctor, present: list[Device]) -> None:
     from core.config import load_config
     from trainer.plan import BUDGET_DEVICE, make_plan
     preset = make_train_settings()
-    doc.section(f"memory: what each device offers a run, MEMORY_BUDGET_GB=auto's share of it "
+    doc.section(f"memory and attention: what each device offers a run, MEMORY_BUDGET_GB=auto's share of it "
                 f"({', '.join(f'{k} {v:g}' for k, v in core_memory.BUDGET_FRACTION.items())}), and the make-train "
                 f"preset's estimated peak")
     if not preset:
@@ -599,12 +599,16 @@ def memory(doc: Doctor, present: list[Device]) -> None:
             doc.fail("memory", dev.label, e)
             continue
         m = plan.memory
+        # Local ranks (NPROC=2) on one CPU or Mac split its memory; CUDA ranks have a GPU each.
+        two_local = budget if session.device_kind == "cuda" else budget // 2
         rows.append(dict(device=dev.label, device_kind=session.device_kind, offered_bytes=offered,
-                         auto_budget_bytes=budget, budget_source=plan.budget_source, preset=preset,
+                         auto_budget_bytes=budget, budget_per_rank_of_2_local=two_local,
+                         attention=session.attention, budget_source=plan.budget_source, preset=preset,
                          grad_accum_steps=m.grad_accum_steps, mlx_eager_eval=m.mlx_eager_eval,
                          estimated_peak_bytes=m.estimate.total, estimate=m.estimate.describe(), fits=m.fits,
                          compute_dtype=plan.compute_dtype, compiled=plan.compiled))
-        doc.row(dev.label, f"{offered / GIB:.1f} GiB, auto budget {budget / GIB:.1f} GiB ({plan.budget_source})")
+        doc.row(dev.label, f"{offered / GIB:.1f} GiB, auto budget {budget / GIB:.1f} GiB ({plan.budget_source}), "
+                           f"{two_local / GIB:.1f} GiB a rank with 2 local ranks; attention: {session.attention}")
         doc.record(Check("memory", f"make train on {dev.label}", m.fits,
                          detail=f"{m.estimate.total / GIB:.2f} GiB estimated peak, in {m.estimate.phase} "
                                 f"({'fits' if m.fits else 'does NOT fit'} the budget; {plan.compute_dtype}, "

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from core.errors import ConfigError
+from core.presets import Preset, load_preset
 
 
 AUTO = "auto"
@@ -29,6 +30,7 @@ AUTO = "auto"
 # Golf FineWeb shards too): the document boundary of SMEAR_GATE_ENABLED and DOC_ATTENTION_ENABLED.
 BOS_ID = 1
 TRACKERS = ("tensorboard", "wandb")   # the experiment trackers REPORT_TO may name (trainer/tracking.py)
+NS_COEFF_CHOICES = ("fixed", "polar-express")   # MUON_NS_COEFFS (core/optimizer.py)
 
 
 def parse_report_to(value: str) -> list[str]:
@@ -41,12 +43,22 @@ def parse_report_to(value: str) -> list[str]:
     return names
 
 
-def setting(default, help: str, *, choices: Sequence[str] | None = None, auto: str | None = None):
+# The role of each model setting (the `role` of its `setting`): what a file of weights tells of it,
+# and whether a resumed run must keep it.
+SHAPES = "shapes"         # the weights' shapes follow it: read back from the tensors (core.params.infer_spec)
+INIT_ONLY = "init_only"   # only the initial weights follow it: a resumed run may change it
+UNSHAPED = "unshaped"     # what the model computes follows it, no shape does: weights alone do not hold it
+ROLES = (SHAPES, INIT_ONLY, UNSHAPED)
+
+
+def setting(default, help: str, *, choices: Sequence[str] | None = None, auto: str | None = None,
+            role: str | None = None):
     """A dataclass field with its help text (and allowed values) in the metadata, as mlx-lm does.
 
     `auto` names the field's kind ("int", "float" or "bool") when it also accepts the word "auto":
-    a value the run resolves itself (the memory plan, trainer/plan.py)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "auto": auto})
+    a value the run resolves itself (the memory plan, trainer/plan.py). `role` (one of ROLES) is
+    what a model setting is to the weights; every ModelSettings field has one."""
+    return field(default=default, metadata={"help": help, "choices": choices, "auto": auto, "role": role})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,50 +66,70 @@ def setting(default, help: str, *, choices: Sequence[str] | None = None, auto: s
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """The shape of the GPT (docs/spec.md §2-§4). Validated on construction."""
+class ModelSettings:
+    """The model's settings, declared once: ModelSpec (validated, with its derived sizes) and TrainConfig
+    (whose flags and environment variables they also are) both inherit them. A new model option is one
+    `setting(default, help, role=...)` line here, OFF by default."""
 
-    vocab_size: int = setting(1024, "tokenizer vocabulary size V")
-    num_layers: int = setting(9, "transformer blocks L (first L//2 encoder, rest decoder)")
-    model_dim: int = setting(512, "residual width d")
-    num_heads: int = setting(8, "query heads H")
-    num_kv_heads: int = setting(4, "key/value heads K (H % K == 0; K < H is grouped-query attention)")
-    mlp_mult: int | float = setting(2, "MLP hidden width as a multiple of d (a float allowed: hidden = int(mlp_mult*d))")
-    tie_embeddings: bool = setting(True, "use the token embedding as the output head")
-    tied_embed_init_std: float = setting(0.005, "std of the tied embedding's normal init")
-    logit_softcap: float = setting(30.0, "logits = c*tanh(raw/c)")
-    rope_base: float = setting(10000.0, "RoPE base frequency")
-    qk_gain_init: float = setting(1.5, "initial per-head gain applied to normed, rotated queries")
-    norm_eps: float = setting(1e-6, "RMSNorm epsilon (both backends and the reference)")
+    vocab_size: int = setting(1024, "tokenizer vocabulary size V", role=SHAPES)
+    num_layers: int = setting(9, "transformer blocks L (first L//2 encoder, rest decoder)", role=SHAPES)
+    model_dim: int = setting(512, "residual width d", role=SHAPES)
+    num_heads: int = setting(8, "query heads H", role=SHAPES)
+    num_kv_heads: int = setting(4, "key/value heads K (H % K == 0; K < H is grouped-query attention)", role=SHAPES)
+    mlp_mult: int | float = setting(2, "MLP hidden width as a multiple of d (a float allowed: hidden = int(mlp_mult*d))",
+                                    role=SHAPES)
+    tie_embeddings: bool = setting(True, "use the token embedding as the output head", role=SHAPES)
+    tied_embed_init_std: float = setting(0.005, "std of the tied embedding's normal init", role=INIT_ONLY)
+    logit_softcap: float = setting(30.0, "logits = c*tanh(raw/c)", role=UNSHAPED)
+    rope_base: float = setting(10000.0, "RoPE base frequency", role=UNSHAPED)
+    qk_gain_init: float = setting(1.5, "initial per-head gain applied to normed, rotated queries", role=INIT_ONLY)
+    norm_eps: float = setting(1e-6, "RMSNorm epsilon (both backends and the reference)", role=UNSHAPED)
     # record options: attention (docs/spec.md §4.1-§4.5); every one off by default
     xsa_last_n: int = setting(0, "exclusive self-attention in the last N layers: each head's output loses its "
-                              "component along its own token's value (0 = off)")
+                              "component along its own token's value (0 = off)", role=UNSHAPED)
     rope_dims: int = setting(0, "partial RoPE: rotate only the first ROPE_DIMS dims of each head, even, at most "
-                             "head_dim (0 = all)")
-    rope_yarn: bool = setting(False, "RoPE base grows with a sequence longer than ROPE_TRAIN_SEQ_LEN (YaRN-style)")
-    rope_train_seq_len: int = setting(0, "the length ROPE_YARN scales from (0 = TRAIN_SEQ_LEN)")
+                             "head_dim (0 = all)", role=UNSHAPED)
+    rope_yarn: bool = setting(False, "RoPE base grows with a sequence longer than ROPE_TRAIN_SEQ_LEN (YaRN-style)",
+                              role=UNSHAPED)
+    rope_train_seq_len: int = setting(0, "the length ROPE_YARN scales from (0 = TRAIN_SEQ_LEN)", role=UNSHAPED)
     sparse_attn_gate_enabled: bool = setting(False, "sigmoid gate per head on the attention output, from the "
-                                             "first GATE_WINDOW dims of the attention input")
-    sparse_attn_gate_scale: float = setting(1.0, "the sparse gate's logit multiplier")
-    sparse_attn_gate_init_std: float = setting(0.0, "std of the sparse gate weights' normal init (0 = zeros)")
+                                             "first GATE_WINDOW dims of the attention input", role=SHAPES)
+    sparse_attn_gate_scale: float = setting(1.0, "the sparse gate's logit multiplier", role=UNSHAPED)
+    sparse_attn_gate_init_std: float = setting(0.0, "std of the sparse gate weights' normal init (0 = zeros)",
+                                               role=INIT_ONLY)
     smear_gate_enabled: bool = setting(False, "add a gated share of the previous token's embedding to each "
-                                       "token's (never across BOS)")
-    gate_window: int = setting(12, "input dims of the sparse attention gate and the smear gate")
+                                       "token's (never across BOS)", role=SHAPES)
+    gate_window: int = setting(12, "input dims of the sparse attention gate and the smear gate", role=SHAPES)
     doc_attention_enabled: bool = setting(False, "attention never crosses a BOS (id 1): each token attends "
-                                          "only within its own document of the packed sequence")
+                                          "only within its own document of the packed sequence", role=UNSHAPED)
     # record options: blocks and layout (docs/spec.md §4.6-§4.10); each is off by default
     mlp_negative_slope: float = setting(0.0, "MLP activation leaky_relu(x, slope)^2 (0: relu^2, the baseline; "
-                                             "the record: 0.5)")
-    ln_scale: bool = setting(False, "scale each block's normed attention and MLP inputs by 1/sqrt(layer+1)")
-    skip_gates_enabled: bool = setting(False, "gated U-Net skips: x = lerp(w*skip, x, sigmoid(gate)) instead of x + w*skip")
+                                             "the record: 0.5)", role=UNSHAPED)
+    ln_scale: bool = setting(False, "scale each block's normed attention and MLP inputs by 1/sqrt(layer+1)",
+                             role=UNSHAPED)
+    skip_gates_enabled: bool = setting(False, "gated U-Net skips: x = lerp(w*skip, x, sigmoid(gate)) instead of "
+                                       "x + w*skip", role=SHAPES)
     parallel_start_layer: int = setting(0, "decoder layers from this index on run as two parallel lanes "
-                                           "(attention, MLP) with learned mixing (0 = off; the record: 8)")
+                                           "(attention, MLP) with learned mixing (0 = off; the record: 8)", role=UNSHAPED)
     parallel_final_lane: str = setting("mean", "the hidden state the parallel lanes end in: mean, attn or mlp",
-                                       choices=("mean", "attn", "mlp"))
+                                       choices=("mean", "attn", "mlp"), role=UNSHAPED)
     num_loops: int = setting(0, "extra passes through layers LOOP_START..LOOP_END once looping is on "
-                                "(0 = off; the record: 2)")
-    loop_start: int = setting(3, "first layer of the looped segment (with NUM_LOOPS > 0)")
-    loop_end: int = setting(5, "last layer of the looped segment, inclusive (with NUM_LOOPS > 0)")
+                                "(0 = off; the record: 2)", role=UNSHAPED)
+    loop_start: int = setting(3, "first layer of the looped segment (with NUM_LOOPS > 0)", role=UNSHAPED)
+    loop_end: int = setting(5, "last layer of the looped segment, inclusive (with NUM_LOOPS > 0)", role=UNSHAPED)
+
+
+def model_fields(*roles: str) -> tuple[str, ...]:
+    """Names of the model settings with one of `roles` (all of them when none is given), in order."""
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown role(s) {sorted(unknown)}; roles are {ROLES}")
+    return tuple(f.name for f in fields(ModelSettings) if not roles or f.metadata["role"] in roles)
+
+
+@dataclass(frozen=True)
+class ModelSpec(ModelSettings):
+    """The shape of the GPT (docs/spec.md §2-§4): the model settings, validated on construction."""
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads"):
@@ -245,8 +277,9 @@ class ModelSpec:
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a training run. Field `num_layers` is env NUM_LAYERS and flag --num-layers."""
+class TrainConfig(ModelSettings):
+    """Every setting of a training run: the model's (inherited from ModelSettings) and the run's.
+    Field `num_layers` is env NUM_LAYERS and flag --num-layers."""
 
     # Data and bookkeeping
     data_path: str = setting("", "dataset folder of *_train_*.bin / *_val_*.bin shards "
@@ -278,40 +311,7 @@ class TrainConfig:
     resume_from: str = setting("", "checkpoint to continue from (weights, optimizer, step, data position)")
     report_to: str = setting("", "experiment trackers that also get every train/val record, the config and the "
                              "summary (rank 0): comma-separated tensorboard, wandb (offline); empty = none")
-    # Model (see ModelSpec)
-    vocab_size: int = setting(1024, ModelSpec.__dataclass_fields__["vocab_size"].metadata["help"])
-    num_layers: int = setting(9, ModelSpec.__dataclass_fields__["num_layers"].metadata["help"])
-    model_dim: int = setting(512, ModelSpec.__dataclass_fields__["model_dim"].metadata["help"])
-    num_heads: int = setting(8, ModelSpec.__dataclass_fields__["num_heads"].metadata["help"])
-    num_kv_heads: int = setting(4, ModelSpec.__dataclass_fields__["num_kv_heads"].metadata["help"])
-    mlp_mult: int | float = setting(2, ModelSpec.__dataclass_fields__["mlp_mult"].metadata["help"])
-    tie_embeddings: bool = setting(True, ModelSpec.__dataclass_fields__["tie_embeddings"].metadata["help"])
-    tied_embed_init_std: float = setting(0.005, ModelSpec.__dataclass_fields__["tied_embed_init_std"].metadata["help"])
-    logit_softcap: float = setting(30.0, ModelSpec.__dataclass_fields__["logit_softcap"].metadata["help"])
-    rope_base: float = setting(10000.0, ModelSpec.__dataclass_fields__["rope_base"].metadata["help"])
-    qk_gain_init: float = setting(1.5, ModelSpec.__dataclass_fields__["qk_gain_init"].metadata["help"])
-    norm_eps: float = setting(1e-6, ModelSpec.__dataclass_fields__["norm_eps"].metadata["help"])
-    # record options: attention (see ModelSpec)
-    xsa_last_n: int = setting(0, ModelSpec.__dataclass_fields__["xsa_last_n"].metadata["help"])
-    rope_dims: int = setting(0, ModelSpec.__dataclass_fields__["rope_dims"].metadata["help"])
-    rope_yarn: bool = setting(False, ModelSpec.__dataclass_fields__["rope_yarn"].metadata["help"])
-    rope_train_seq_len: int = setting(0, ModelSpec.__dataclass_fields__["rope_train_seq_len"].metadata["help"])
-    sparse_attn_gate_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["sparse_attn_gate_enabled"].metadata["help"])
-    sparse_attn_gate_scale: float = setting(1.0, ModelSpec.__dataclass_fields__["sparse_attn_gate_scale"].metadata["help"])
-    sparse_attn_gate_init_std: float = setting(0.0, ModelSpec.__dataclass_fields__["sparse_attn_gate_init_std"].metadata["help"])
-    smear_gate_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["smear_gate_enabled"].metadata["help"])
-    gate_window: int = setting(12, ModelSpec.__dataclass_fields__["gate_window"].metadata["help"])
-    doc_attention_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["doc_attention_enabled"].metadata["help"])
-    # record options: blocks and layout (see ModelSpec)
-    mlp_negative_slope: float = setting(0.0, ModelSpec.__dataclass_fields__["mlp_negative_slope"].metadata["help"])
-    ln_scale: bool = setting(False, ModelSpec.__dataclass_fields__["ln_scale"].metadata["help"])
-    skip_gates_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["skip_gates_enabled"].metadata["help"])
-    parallel_start_layer: int = setting(0, ModelSpec.__dataclass_fields__["parallel_start_layer"].metadata["help"])
-    parallel_final_lane: str = setting("mean", ModelSpec.__dataclass_fields__["parallel_final_lane"].metadata["help"],
-                                       choices=("mean", "attn", "mlp"))
-    num_loops: int = setting(0, ModelSpec.__dataclass_fields__["num_loops"].metadata["help"])
-    loop_start: int = setting(3, ModelSpec.__dataclass_fields__["loop_start"].metadata["help"])
-    loop_end: int = setting(5, ModelSpec.__dataclass_fields__["loop_end"].metadata["help"])
+    # Layer looping (the model's NUM_LOOPS, LOOP_START, LOOP_END): when it starts
     enable_looping_at: float = setting(0.0, "fraction of training (of ITERATIONS, or of MAX_WALLCLOCK_SECONDS when "
                                             "capped, whichever is further) after which the layers loop (NUM_LOOPS > 0)")
     # Optimizers
@@ -328,6 +328,23 @@ class TrainConfig:
     beta2: float = setting(0.95, "Adam beta2")
     adam_eps: float = setting(1e-8, "Adam epsilon")
     grad_clip_norm: float = setting(0.0, "clip the global gradient norm to this (0 = off)")
+    # The record's training recipe (docs/spec.md §6; the record's names and meanings). Each is off
+    # by default, and a run with all of them off is the baseline's, loss for loss.
+    muon_ns_coeffs: str = setting("fixed", "Newton-Schulz coefficients of Muon: fixed (one (a, b, c) for every "
+                                  "iteration) or polar-express (one tuple per iteration, the record's)",
+                                  choices=NS_COEFF_CHOICES)
+    muon_row_normalize: bool = setting(False, "Muon: divide each row of the momentum update by its L2 norm "
+                                       "before Newton-Schulz")
+    muon_wd: float = setting(0.0, "decoupled weight decay of the Muon matrices: w *= 1 - lr*MUON_WD each step")
+    adam_wd: float = setting(0.0, "decoupled weight decay of the Adam scalar (and untied head) parameters")
+    embed_wd: float = setting(0.0, "decoupled weight decay of the token embedding")
+    warmdown_frac: float = setting(0.0, "warm down over this fraction of training, by steps or by the wall-clock "
+                                   "cap, whichever is further (0 = WARMDOWN_ITERS decides)")
+    min_lr: float = setting(0.0, "floor of the learning-rate multiplier during the warmdown (a fraction of each peak rate)")
+    ema_decay: float = setting(0.0, "keep an exponential moving average of the weights with this decay; it is "
+                               "what is evaluated at the end and exported (0 = off)")
+    preset: str = setting("", "a named set of settings (presets/<name>.json) under the environment, flags and "
+                          "CONFIG file; empty = none")
     # Hardware
     device: str = setting("auto", "torch device: cuda, cpu, mps (Apple GPU), or auto (cuda when available, else cpu)",
                           choices=("auto", "cpu", "cuda", "mps"))
@@ -370,6 +387,15 @@ class TrainConfig:
         for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be in [0, 1)")
+        for name in ("muon_wd", "adam_wd", "embed_wd", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must not be negative")
+        if not 0.0 <= self.warmdown_frac <= 1.0:
+            raise ConfigError(f"WARMDOWN_FRAC={self.warmdown_frac}: must be in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"EMA_DECAY={self.ema_decay}: must be in [0, 1)")
+        if self.min_lr > 1.0:
+            raise ConfigError(f"MIN_LR={self.min_lr}: must be in [0, 1] (a fraction of the peak rate)")
         if self.eval_stride > self.eval_window:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the window length "
                               f"{self.eval_window} (EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); a longer stride skips targets")
@@ -383,7 +409,7 @@ class TrainConfig:
         self.model_spec()  # validates the model settings too
 
     def model_spec(self) -> ModelSpec:
-        names = [f.name for f in fields(ModelSpec)]
+        names = model_fields()
         try:
             return ModelSpec(**{name: self.spec_value(name) for name in names})
         except ConfigError as e:
@@ -411,18 +437,6 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
-
-    def check_batch_geometry(self, world_size: int) -> None:
-        """docs/spec.md §7: each micro-step of each rank takes a whole number of sequences (with
-        GRAD_ACCUM_STEPS=auto: each rank's share of the step does; the plan picks the micro-steps)."""
-        accum = 1 if self.grad_accum_steps == AUTO else self.grad_accum_steps
-        per_micro = self.train_batch_tokens // max(world_size * accum, 1)
-        if self.train_batch_tokens % (world_size * accum) or per_micro % self.train_seq_len or per_micro == 0:
-            raise ConfigError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens}: must split into WORLD_SIZE={world_size} x "
-                f"GRAD_ACCUM_STEPS={self.grad_accum_steps} micro-batches of whole "
-                f"TRAIN_SEQ_LEN={self.train_seq_len} sequences"
-            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,20 +534,18 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-def build_arg_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
-    parser.add_argument("--config", default=None, help="JSON file of settings (env CONFIG)")
-    for f in fields(TrainConfig):
+class _ArgumentParserRaising(argparse.ArgumentParser):
+    def error(self, message):  # one-line error instead of usage + exit
+        raise ConfigError(message)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of the settings dataclass `cls`, with its help and default."""
+    for f in fields(cls):
         # A true/false setting's flag alone means true: --plan is --plan 1.
         flag_alone = {"nargs": "?", "const": "1"} if str(f.type) == "bool" else {}
         parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name), **flag_alone,
                             help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"))
-    return parser
-
-
-class _ArgumentParserRaising(argparse.ArgumentParser):
-    def error(self, message):  # one-line error instead of usage + exit
-        raise ConfigError(message)
 
 
 def parse_settings(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
@@ -547,9 +559,7 @@ def parse_settings(cls, argv: Sequence[str] | None = None, environ: Mapping[str,
     parser = _ArgumentParserRaising(prog=prog, allow_abbrev=False, description=description, add_help=not pass_on,
                                     epilog="Each flag can also be set as the environment variable named in "
                                            "capitals; a flag wins.")
-    for f in fields(cls):
-        parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name),
-                            help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"))
+    add_setting_flags(parser, cls)
     argv = list(argv) if argv is not None else []
     args, rest = parser.parse_known_args(argv) if pass_on else (parser.parse_args(argv), [])
     values = {}
@@ -570,8 +580,9 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     setting and exits.
     """
     environ = os.environ if environ is None else environ
-    parser = build_arg_parser(prog)
-    parser.__class__ = _ArgumentParserRaising
+    parser = _ArgumentParserRaising(prog=prog, allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="JSON file of settings (env CONFIG)")
+    add_setting_flags(parser, TrainConfig)
     args = parser.parse_args(list(argv) if argv is not None else [])
     kinds = _field_kinds()
 
@@ -585,9 +596,18 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     for name in kinds:
         if getattr(args, name) is not None:
             raw[name] = getattr(args, name)
+    # A preset sits under everything else: what the user set explicitly wins.
+    preset_name = str(raw.get("preset", "")).strip()
+    if preset_name:
+        raw = {**load_preset(preset_name, kinds).settings, **raw, "preset": preset_name}
 
     values = {name: parse_value(name, value, kinds[name]) for name, value in raw.items()}
     return TrainConfig(**values)
+
+
+def preset_of(cfg: TrainConfig) -> Preset | None:
+    """The preset a config was loaded with (PRESET=...), or None."""
+    return load_preset(cfg.preset, _field_kinds()) if cfg.preset else None
 
 
 def settings_table() -> list[tuple[str, str, Any, str]]:

@@ -72,6 +72,9 @@ principles and are less certain:
            the compute dtype, and the working set holds the scores as well; without gradients
            (validation) the fused kernel runs and nothing T x T is allocated. mx.compile fuses
            elementwise chains much as inductor does.
+    mps    torch on Apple's GPU trains through SDPA's math path (backend_torch/attention_kernels.py):
+           as Metal's unfused form, the B x H x T x T probabilities are kept in the compute dtype and
+           the scores sit beside them while they are computed, in validation too.
 
 Budget (default_budget_bytes): the share of a device a plan may use.
     cuda   0.80 of the free memory (torch.cuda.mem_get_info): the CUDA context, cuDNN/cuBLAS
@@ -92,13 +95,14 @@ import os
 from dataclasses import dataclass, field
 
 from core.config import AUTO, ModelSpec
+from core.optimizer import shape_groups
 from core.params import MATRIX, param_table
 from core.sizes import ATTENTION_BLOCK, GIB, MIB
 
 MLX_DEFAULT_CHUNK_TOKENS = 8192
 
 BACKENDS = ("torch", "mlx")
-DEVICES = ("cpu", "cuda", "metal")
+DEVICES = ("cpu", "cuda", "metal", "mps")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 # Shares of a device a plan may fill (see the module docstring).
@@ -244,6 +248,23 @@ def _mlx_attention_transient(c: int, N: int, spec: ModelSpec, T: int, P32: int, 
     return int(8 * Q + 1.7 * P32)
 
 
+def newton_schulz_bytes(spec: ModelSpec, backend: str, steps: int = 5) -> int:
+    """Muon's Newton-Schulz working set: both backends orthogonalize the matrices of one shape together,
+    stacked (core.optimizer.shape_groups), so one group's n matrices are in flight at once, fp32
+    counted. Per matrix (X of rows x cols, A and B of min(rows, cols)^2): torch runs eagerly and
+    frees as it goes (the stack, its normalized copy, the old and new X, A and B); MLX evaluates the
+    whole iteration as one graph and keeps every step's A, B and X until it ends (measured on its
+    CPU backend, tests/core/test_memory.py). Counting one matrix missed the stack (BASE, torch:
+    94 MB, not 5 MB). steps: MUON_BACKEND_STEPS (5)."""
+    shapes = [p.shape for p in param_table(spec) if p.group == MATRIX]
+
+    def per_matrix(rows: int, cols: int) -> int:
+        x, a = rows * cols, min(rows, cols) ** 2
+        return 3 * x + steps * (x + 2 * a) if backend == "mlx" else 4 * x + 2 * a
+
+    return max((len(idx) * per_matrix(rows, cols) * 4 for rows, cols, idx in shape_groups(shapes)), default=0)
+
+
 def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: str, micro_batch_tokens: int,
                   seq_len: int, val_batch_tokens: int = 0, mlx_chunk_tokens: int = MLX_DEFAULT_CHUNK_TOKENS,
                   mlx_eager_eval: bool = False, compiled: bool = False, grad_accum_steps: int = 1) -> MemoryEstimate:
@@ -285,7 +306,8 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
         NV = N * V * 4
         if fused:
             P32 = 0
-            probs = seqs * H * seq_len * seq_len * c if mlx else 0   # Metal's unfused training SDPA
+            # Metal's unfused training SDPA, and torch's math path on mps
+            probs = seqs * H * seq_len * seq_len * c if mlx or device == "mps" else 0
         else:
             P32 = 4 * blocked_attention_elements(seqs, H, seq_len)
             probs = 0
@@ -333,7 +355,7 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
     # -- the optimizer step: gradients, plus the new weights and state beside the old ones (MLX
     # builds new arrays), or Muon's flat update vector (torch) and Newton-Schulz work --
     matrices = [p for p in param_table(spec) if p.group == MATRIX]
-    ns_work = max((3 * min(p.shape) ** 2 + 2 * p.numel) * 4 for p in matrices) if matrices else 0
+    ns_work = newton_schulz_bytes(spec, backend)
     step_extra = (weights + optimizer if mlx else sum(4 * p.numel for p in matrices)) + ns_work
     step = MemoryEstimate(weights, weights, optimizer, 0, 0, step_extra, phase="optimizer")
 
@@ -350,7 +372,8 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
             head = 3 * NV + 2 * D
         else:
             last = vrows * H * min(ATTENTION_BLOCK, seq_len) * seq_len * 4
-            attn = (2 * last if not fused else 0) + 6 * D
+            math_scores = 2 * vrows * H * seq_len * seq_len * c if device == "mps" else 0   # scores, probabilities
+            attn = (2 * last if not fused else math_scores) + 6 * D
             head = 3 * NV + 2 * D
         val = MemoryEstimate(weights, 0, optimizer, 0, 0, max(attn, head, 6 * D + 3 * N * spec.hidden_dim * c),
                              phase="validation")

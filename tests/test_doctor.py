@@ -42,6 +42,9 @@ def test_the_doctor_passes_on_this_machine_and_writes_its_report(tmp_path):
     assert {r["device"] for r in report["memory"]} == {"torch cpu", "mlx cpu"}
     for r in report["memory"]:
         assert 0 < r["estimated_peak_bytes"] and 0 < r["auto_budget_bytes"] < r["offered_bytes"] and r["fits"]
+        assert r["budget_per_rank_of_2_local"] == r["auto_budget_bytes"] // 2   # two local ranks share the CPU
+        assert r["attention"] in {"blocked: blocked causal attention (CPU)", "blocked causal attention (CPU)"}
+        assert f"attention: {r['attention']}" in "\n".join(report["printed"])
     rows = report["timing"]["rows"]
     assert [r["backend"] for r in rows] == ["torch", "mlx"] and all(r["tokens_per_s"] > 0 for r in rows)
     assert all(c["ok"] for c in checks)

@@ -17,6 +17,8 @@ import pytest
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.errors import CheckpointError, ConfigError, DatasetError
 from data.shards import write_shard
+from core.config import load_config
+from trainer.loop import run_training
 from trainer_helpers import REPO, tiny_env, train
 
 BACKENDS = ["torch", "mlx"]
@@ -157,3 +159,27 @@ def test_a_bad_shard_is_refused_before_anything_is_written(backend, split, defec
                           capture_output=True, text=True)
     assert (proc.returncode, proc.stderr.strip()) == (2, expected)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_resumed_compiled_run_primes_compilation_before_its_clock_starts(tiny_dataset, tmp_path):
+    """WARMUP_STEPS prime compilation, then everything is put back: a resumed run too, or its first
+    timed steps would include the compile (minutes on a GPU) and eat its wall-clock cap. Compilation is
+    stood in for (compiled=True on an eager session): the primed steps, and the exact losses after."""
+    from backend_torch.session import TorchSession
+
+    full = train("torch", tiny_env(tiny_dataset, tmp_path, RUN_ID="full", CHECKPOINT_EVERY=4))
+    ckpt = tmp_path / "runs" / "full" / "checkpoints" / "step_000004.safetensors"
+    cfg = load_config([], environ=tiny_env(tiny_dataset, tmp_path, RUN_ID="resumed", RESUME_FROM=ckpt,
+                                           WARMUP_STEPS=2))
+    session = TorchSession(cfg, environ={})
+    session.compiled = True
+    steps = []
+    original = session.train_step
+    session.train_step = lambda batches, lrs, mom, step: steps.append(step) or original(batches, lrs, mom, step)
+    try:
+        resumed = run_training(cfg, session)
+    finally:
+        session.close()
+    assert steps == [4, 4, 4, 5, 6, 7]   # two primed steps from the checkpoint, then the four of the run
+    assert resumed.train_losses == full.train_losses[4:]
+    assert "warmup:2 steps primed compilation" in (tmp_path / "runs" / "resumed" / "log.txt").read_text()

@@ -56,6 +56,8 @@ class TrainerBackend(Protocol):
     compute_dtype: str   # "float32" or "bfloat16", resolved from the config
     notes: list[str]     # lines the loop writes to the log at start (BLAS in use, compile, ...)
     compiled: bool       # whether the train step is compiled (the loop's warmup steps exist to prime it)
+    local_ranks: int     # processes of this run sharing this device (local CPU or Mac ranks): they split its memory
+    attention: str       # the attention kernel a training step runs on this device (make doctor shows it)
 
     def runtime_choices(self, cfg: TrainConfig) -> tuple[str, bool]:
         """(compute dtype, compiled) the session uses for `cfg`; known before setup, for the memory plan."""
@@ -74,6 +76,14 @@ class TrainerBackend(Protocol):
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None: ...
 
     def export_optimizer_state(self) -> dict[str, np.ndarray]: ...
+
+    def load_ema(self, weights: dict[str, np.ndarray] | None) -> None:
+        """Start the moving average of the weights (EMA_DECAY, docs/spec.md §6) from `weights` (a
+        checkpoint's, or the weights training starts from); None turns it off. While it is on, every
+        train_step ends with ema = EMA_DECAY * ema + (1 - EMA_DECAY) * weights, in fp32."""
+
+    def export_ema(self) -> dict[str, np.ndarray] | None:
+        """The moving average as numpy float32, keyed as export_weights; None when it is off."""
 
     def train_step(self, micro_batches: Sequence[Batch], lrs: dict[str, float], muon_momentum: float,
                    step: int) -> DeviceScalar:
@@ -106,7 +116,8 @@ class TrainerBackend(Protocol):
 
     def device_memory_bytes(self) -> int:
         """The memory this process's device offers a run: CUDA's free memory (mem_get_info), Metal's
-        recommended working set, the machine's RAM on the CPU. MEMORY_BUDGET_GB=auto is a fraction of it."""
+        recommended working set, the machine's RAM on the CPU, whole. MEMORY_BUDGET_GB=auto is a fraction of
+        it, divided between the local_ranks that share it."""
 
     def peak_memory_bytes(self) -> int | None: ...
 

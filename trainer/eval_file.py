@@ -30,12 +30,13 @@ from core.files import write_bytes_atomic
 from core.metrics import build_byte_tables
 from data.datasets import resolve_dataset
 from data.stream import load_validation_tokens
-from trainer.model_files import SETTING, UNSHAPED, load_model_file, run_config
+from trainer.model_files import NOT_IN_SHAPES, SETTING, load_model_file, run_config
+from trainer.plan import eval_geometry
 from trainer.progress import EvalProgress
 from trainer.validation import evaluate, evaluate_sliding
 
 # The settings a file's own run gives when the user does not: its data, its windows, its batches.
-INHERITED = ("data_path", "tokenizer_path", "train_seq_len", "val_batch_size", *UNSHAPED)
+INHERITED = ("data_path", "tokenizer_path", "train_seq_len", "val_batch_size", *NOT_IN_SHAPES)
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,13 @@ def run_eval(settings: EvalFileSettings, path: Path, kind: str, cfg, session, ou
     session.set_looping(model.looping)
     master = session.rank == 0
     t0 = time.perf_counter()
+    geometry = eval_geometry(cfg, session.world_size)
+    progress = EvalProgress("eval", master, stream=err)
     if cfg.eval_stride > 0:
-        loss, bpb = evaluate_sliding(session, val_tokens, tables, cfg, EvalProgress("eval", master, stream=err))
+        loss, bpb = evaluate_sliding(session, val_tokens, tables, cfg.eval_window, cfg.eval_stride,
+                                     geometry.sliding_batch_seqs, progress)
     else:
-        loss, bpb = evaluate(session, val_tokens, tables, cfg, EvalProgress("eval", master, stream=err))
+        loss, bpb = evaluate(session, val_tokens, tables, cfg.train_seq_len, geometry.val_batch_seqs, progress)
     seconds = time.perf_counter() - t0
     seq_len = cfg.eval_window if cfg.eval_stride > 0 else cfg.train_seq_len
     figures = {"backend": session.name, "device": session.device, "compute_dtype": session.compute_dtype,

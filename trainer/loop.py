@@ -34,9 +34,9 @@ import numpy as np
 
 from core import artifact
 from core.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
-from core.config import ModelSpec, TrainConfig, load_config
+from core.config import ModelSpec, TrainConfig, load_config, preset_of
 from core.errors import RankError, TrainingError, UserError, exit_on_user_error
-from core.flops import flops_per_token
+from core.flops import flops_per_token, matmul_ceiling_gflops
 from core.init import init_weights
 from core.metrics import build_byte_tables, unigram_baseline
 from core.params import ParamCount, count_params
@@ -45,7 +45,7 @@ from data.datasets import Dataset, resolve_dataset
 from data.stream import DistributedTokenLoader, load_validation_tokens
 from trainer.backend import TrainerBackend
 from trainer.interrupt import InterruptFlag
-from trainer.plan import RunPlan, check_fits, make_plan
+from trainer.plan import RunGeometry, RunPlan, check_fits, make_plan
 from trainer.plot import plot_losses
 from trainer.progress import EvalProgress, Progress, format_seconds
 from trainer.run_folder import RunLog, create_run_dir, make_run_dir, source_snapshot
@@ -130,6 +130,8 @@ def start(run: Run) -> tuple[ParamCount, float, float]:
     log(f"twingpt run {run.run_id} backend:{backend.name} {source_snapshot()}")
     log(f"python {platform.python_version()} {platform.platform()} argv:{' '.join(sys.argv)}", console=False)
     log("config " + json.dumps(cfg.to_dict(), sort_keys=True), console=False)
+    for line in preset_lines(cfg):
+        log(line)
     backend.setup(spec, cfg)
     for note in backend.notes:
         log(note)
@@ -167,9 +169,23 @@ def build_or_resume(run: Run, loader: DistributedTokenLoader) -> tuple[int, floa
     return ckpt.step, float(ckpt.extra.get("train_time_ms", 0.0))
 
 
-def next_micro_batches(cfg: TrainConfig, loader: DistributedTokenLoader) -> list:
-    return [loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, cfg.grad_accum_steps)
-            for _ in range(cfg.grad_accum_steps)]
+def start_ema(run: Run, step: int) -> None:
+    """EMA_DECAY > 0: the moving average starts from the weights training starts from, or continues
+    from the checkpoint's (a checkpoint without one starts it from its weights)."""
+    if run.cfg.ema_decay <= 0:
+        return
+    backend, ckpt = run.backend, run.checkpoint
+    if ckpt is not None and ckpt.ema is not None:
+        backend.load_ema(ckpt.ema)
+        run.log(f"ema: decay {run.cfg.ema_decay:g}, continued from the checkpoint's moving average")
+    else:
+        backend.load_ema(backend.export_weights())
+        run.log(f"ema: decay {run.cfg.ema_decay:g}, started from the weights of step {step}; the final "
+                "validation, the artifact and its roundtrip use the moving average")
+
+
+def next_micro_batches(geometry: RunGeometry, loader: DistributedTokenLoader) -> list:
+    return [loader.next_batch(geometry.micro_batch_tokens, geometry.seq_len) for _ in range(geometry.micro_steps)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,14 +194,17 @@ def next_micro_batches(cfg: TrainConfig, loader: DistributedTokenLoader) -> list
 
 def warm_up(run: Run, loader: DistributedTokenLoader, step: int) -> None:
     cfg, backend = run.cfg, run.backend
-    if cfg.warmup_steps and backend.compiled and step == 0:
+    # A resumed run compiles too: it is primed the same way, from the checkpoint's state, so that its
+    # clock (and the wall-clock cap, the time-based warmdown) does not count the compilation.
+    if cfg.warmup_steps and backend.compiled:
         weights0, optim0, data0 = backend.export_weights(), backend.export_optimizer_state(), loader.state()
         # With NUM_LOOPS the looped forward is a second graph: primed too, then looping is off again.
         for looping in (False, True) if cfg.num_loops else (False,):
             backend.set_looping(looping)
             for _ in range(cfg.warmup_steps):
-                backend.train_step(next_micro_batches(cfg, loader), learning_rates(cfg, 0, 0.0), momentum(cfg, 0), 0)
-        backend.set_looping(False)
+                backend.train_step(next_micro_batches(run.plan.geometry, loader), learning_rates(cfg, step, 0.0),
+                                   momentum(cfg, step), step)
+        backend.set_looping(run.checkpoint is not None and run.checkpoint.looping)   # as the run starts
         backend.load_weights(weights0)
         backend.load_optimizer_state(optim0)
         loader.restore(data0)
@@ -250,7 +269,7 @@ class Training:
                 last_step = self.step >= cfg.iterations or (self.stop_after is not None and self.step >= self.stop_after)
                 if last_step or (cfg.val_loss_every > 0 and self.step > self.start_step
                                  and self.step % cfg.val_loss_every == 0):
-                    self.validate()
+                    self.validate(final=last_step)
                 if last_step:
                     break
                 self.train_one_step()
@@ -272,7 +291,7 @@ class Training:
             self.backend.set_looping(True)
             encoder, decoder = self.run.spec.layer_order(True)
             self.log(f"layer_loop:enabled step:{step} encoder:{list(encoder)} decoder:{list(decoder)}")
-        self.unread_losses.append(self.backend.train_step(next_micro_batches(cfg, self.loader),
+        self.unread_losses.append(self.backend.train_step(next_micro_batches(self.run.plan.geometry, self.loader),
                                                           learning_rates(cfg, step, clock_ms), momentum(cfg, step), step))
         self.step = step = step + 1
         log_step = step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations
@@ -308,16 +327,26 @@ class Training:
             remaining = min(remaining, max(self.max_ms - train_ms, 0.0))
         return remaining / 1000.0
 
-    def validate(self) -> None:
+    def validate(self, final: bool = False) -> None:
+        """The training weights; the final validation, with EMA_DECAY > 0, the moving average (the
+        weights are put back after, so the final checkpoint keeps both)."""
         run, cfg, step = self.run, self.cfg, self.step
         self.pause_clock()
         self.read_losses()
-        self.val_loss, self.val_bpb = evaluate(self.backend, run.val_tokens, run.tables, cfg,
-                                               EvalProgress(f"val step {step}", run.master))
+        ema = self.backend.export_ema() if final else None
+        if ema is not None:
+            live = self.backend.export_weights()
+            self.backend.load_weights(ema)
+        self.val_loss, self.val_bpb = evaluate(self.backend, run.val_tokens, run.tables, cfg.train_seq_len,
+                                               run.plan.geometry.val_batch_seqs, EvalProgress(f"val step {step}", run.master))
+        if ema is not None:
+            self.backend.load_weights(live)
+        which = {"weights": "ema"} if ema is not None else {}
         self.log(f"step:{step}/{cfg.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
-                 f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / max(step, 1):.2f}ms")
+                 f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / max(step, 1):.2f}ms"
+                 + (" (moving average)" if ema is not None else ""))
         self.log.metric(kind="val", step=step, tokens=step * self.tokens_per_step, val_loss=self.val_loss,
-                        val_bpb=self.val_bpb, train_time_ms=self.elapsed_ms)
+                        val_bpb=self.val_bpb, train_time_ms=self.elapsed_ms, **which)
         if run.master:
             plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png",
                         title=f"{run.run_id} ({self.backend.name}, {run.dataset.name})")
@@ -360,7 +389,7 @@ class Training:
         save_checkpoint(path, spec=run.spec, config=self.cfg.to_dict(), step=self.step,
                         weights=weights, optimizer_state=self.backend.export_optimizer_state(),
                         data_state=self.loader.state(), backend=self.backend.name, looping=self.looping,
-                        extra={"train_time_ms": self.elapsed_ms, "run_id": run.run_id})
+                        extra={"train_time_ms": self.elapsed_ms, "run_id": run.run_id}, ema=self.backend.export_ema())
         self.log(f"checkpoint:{path}")
         return path
 
@@ -376,7 +405,8 @@ class Training:
 def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[float, float],
            wall_start: float) -> TrainResult:
     cfg, spec, backend, log = run.cfg, run.spec, run.backend, run.log
-    weights = backend.export_weights()
+    ema = backend.export_ema()
+    weights = ema if ema is not None else backend.export_weights()   # EMA_DECAY > 0: the moving average ships
     blob = artifact.pack(weights)
     artifact_path = run.run_dir / "model.int8.zlib"
     if run.master:
@@ -384,15 +414,16 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         log(f"serialized_model_int8_zlib:{len(blob)} bytes {artifact.size_report(len(blob))}")
     t_eval = time.perf_counter()
     backend.load_weights(artifact.unpack(blob))
-    rt_loss, rt_bpb = evaluate(backend, run.val_tokens, run.tables, cfg, EvalProgress("roundtrip val", run.master))
+    rt_loss, rt_bpb = evaluate(backend, run.val_tokens, run.tables, cfg.train_seq_len, run.plan.geometry.val_batch_seqs,
+                              EvalProgress("roundtrip val", run.master))
     log(f"final_int8_zlib_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} "
         f"eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
     log(f"final_int8_zlib_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
     sliding = {}
     if cfg.eval_stride > 0:   # the same roundtrip weights, scored in sliding windows (docs/spec.md §7)
         t_eval = time.perf_counter()
-        sl_loss, sl_bpb = evaluate_sliding(backend, run.val_tokens, run.tables, cfg,
-                                           EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
+        sl_loss, sl_bpb = evaluate_sliding(backend, run.val_tokens, run.tables, cfg.eval_window, cfg.eval_stride,
+                                           run.plan.geometry.sliding_batch_seqs, EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
         sliding = {"eval_stride": cfg.eval_stride, "eval_seq_len": cfg.eval_window,
                    "roundtrip_sliding_val_loss": sl_loss, "roundtrip_sliding_val_bpb": sl_bpb,
                    "sliding_eval_time_s": time.perf_counter() - t_eval}
@@ -412,7 +443,8 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
     tok_s = tokens_per_step * (step - start_step) / max(run_ms / 1000.0, 1e-9) if step > start_step else 0.0
     # MFU: model FLOPs per second per process over the matrix-product ceiling in the compute dtype,
     # measured here now (an fp32 ceiling would put a bf16 GPU run far above 100%).
-    ceiling_gflops = backend.matmul_gflops(backend.compute_dtype, n=1024, seconds=0.25) if step > start_step else None
+    ceiling_gflops = (matmul_ceiling_gflops(lambda n: backend.matmul_gflops(backend.compute_dtype, n=n, seconds=0.25),
+                                            backend.device_kind) if step > start_step else None)
     mfu = tok_s * flops_token / world / (ceiling_gflops * 1e9) if ceiling_gflops else None
     peak, baseline = backend.peak_memory_bytes(), None
     if peak is None:  # the process's resident peak, and how much of it the process held before the run
@@ -434,7 +466,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "peak_memory_bytes": int(peak), "peak_memory_baseline_bytes": baseline, "peak_memory_estimate_bytes": run.plan.memory.estimate.total,
         "memory_budget_bytes": run.plan.memory.budget, "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,
-        "artifact": str(artifact_path),
+        "artifact": str(artifact_path), "exported_weights": "ema" if ema is not None else "trained",
     } | sliding
     if run.master:
         log.summary(summary)
@@ -456,6 +488,7 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
     loader = DistributedTokenLoader(run.dataset.train_files, backend.rank, backend.world_size, run.spec.vocab_size)
     step, elapsed_ms = build_or_resume(run, loader)
     warm_up(run, loader, step)
+    start_ema(run, step)
     training = Training(run, loader, step, elapsed_ms)
     training.run_steps()
     return finish(run, training, counts, (uni_loss, uni_bpb), wall_start)
@@ -489,6 +522,14 @@ def print_plan(cfg: TrainConfig, backend: TrainerBackend) -> None:
     """--plan: the resolved run on stdout, nothing written; a plan that cannot fit is still an error."""
     plan = make_plan(cfg, backend)
     if backend.rank == 0:
-        for line in plan.describe(backend):
+        for line in preset_lines(cfg) + plan.describe(backend):
             print(line, flush=True)
     check_fits(plan)
+
+
+def preset_lines(cfg: TrainConfig) -> list[str]:
+    """PRESET=...: its name, then every setting of it this build does not apply."""
+    preset = preset_of(cfg)
+    if preset is None:
+        return []
+    return [f"preset {preset.name}: {preset.description}"] + preset.unsupported_lines()

@@ -41,6 +41,27 @@ def test_default_spec_at_1024_tokens():
     assert isinstance(flops_per_token(spec, 1024), int)
 
 
+def test_the_mfu_ceiling_on_a_big_gpu_is_measured_on_products_big_enough_to_fill_it():
+    """An H100 stood in: bf16 products timed from Python reach ~15% of its peak at 1024^2 and level off
+    from 4096^2. A run at 400 TFLOP/s measured against the 1024^2 figure would claim 270% MFU."""
+    from core.flops import matmul_ceiling_gflops
+
+    h100 = {1024: 150_000.0, 2048: 480_000.0, 4096: 700_000.0, 8192: 720_000.0}
+    asked = []
+
+    def measure(n):
+        asked.append(n)
+        return h100[n]
+
+    ceiling = matmul_ceiling_gflops(measure, "cuda")
+    assert ceiling == 720_000.0 and asked == [1024, 2048, 4096, 8192]
+    assert 400_000.0 / ceiling <= 1.0
+    asked.clear()
+    assert matmul_ceiling_gflops(measure, "cpu") == 150_000.0 and asked == [1024]   # the CPU: one size, as before
+    flat = {1024: 100.0, 2048: 104.0}
+    assert matmul_ceiling_gflops(flat.__getitem__, "metal") == 104.0                # stops once it levels off
+
+
 def test_looped_blocks_count_once_per_pass_and_a_float_mlp_mult_its_width():
     from core.config import ModelSpec
 

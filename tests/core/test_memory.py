@@ -223,7 +223,8 @@ def test_machine_ram_is_plausible():
 def test_memory_imports_only_stdlib_and_core_config_params():
     source = (REPO / "core" / "memory.py").read_text()
     imported = set(re.findall(r"^(?:from|import) ([\w.]+)", source, re.M))
-    assert imported <= {"__future__", "math", "os", "dataclasses", "core.config", "core.params", "core.sizes"}
+    assert imported <= {"__future__", "math", "os", "dataclasses", "core.config", "core.params", "core.sizes",
+                        "core.optimizer"}
 
 
 def test_memory_estimate_is_frozen():
@@ -247,6 +248,49 @@ def test_mlx_chunks_round_up_to_whole_chunks():
     assert memory.mlx_chunks(4 * 1024, 1024, 2048) == 2 and memory.mlx_chunks(1024, 1024, 8192) == 1
     assert memory.eager_eval("auto", 3 * 1024, 1024, 2048) is True
     assert memory.eager_eval("auto", 2 * 1024, 1024, 2048) is False
+
+
+def test_the_optimizer_phase_counts_newton_schulz_on_the_stacked_matrices_of_a_shape():
+    """Both backends orthogonalize every matrix of one shape together: the working set is the largest
+    stack's, measured here with MLX's peak counter (Newton-Schulz alone, after its inputs exist), and
+    the optimizer phase must hold it (counting one matrix missed the stack: 5 MB for BASE, not 94)."""
+    import mlx.core as mx
+
+    from backend_mlx.optim import newton_schulz
+    from core.optimizer import shape_groups
+    from core.params import MATRIX, param_table
+
+    spec = ModelSpec(model_dim=128)   # BASE's layout: stacks of 18, 18, 9 and 9 matrices
+    shapes = [p.shape for p in param_table(spec) if p.group == MATRIX]
+    measured = 0
+    for rows, cols, idx in shape_groups(shapes):
+        us = [mx.random.normal((rows, cols)) for _ in idx]
+        mx.eval(us)
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        mx.eval(newton_schulz(us, 5, mx.float32))
+        measured = max(measured, mx.get_peak_memory() - before)
+        del us
+    counted = memory.newton_schulz_bytes(spec, "mlx")
+    assert measured <= 1.02 * counted and counted <= 1.25 * measured
+    one_matrix = max((3 * min(s) ** 2 + 2 * s[0] * s[1]) * 4 for s in shapes)   # the old count
+    assert measured > 10 * one_matrix
+    step = est(backend="mlx", device="metal", tokens=64, seq=64, spec=spec)
+    assert step.phase == "optimizer" and step.transient >= measured
+
+
+def test_torch_on_mps_plans_for_the_math_attention_it_runs():
+    """torch trains on mps through SDPA's math path: the plan keeps L x B x H x T x T probabilities (CUDA's
+    flash and memory-efficient kernels keep none), and validation holds the scores beside them."""
+    from trainer.plan import ESTIMATE_DEVICE
+
+    L, H, T, seqs = SPEC.num_layers, SPEC.num_heads, 1024, 16
+    mps = est(backend="torch", device=ESTIMATE_DEVICE["mps"], tokens=seqs * T)
+    cuda = est(backend="torch", device="cuda", tokens=seqs * T)
+    assert mps.total - cuda.total >= L * seqs * H * T * T * 4
+    val_mps = est(backend="torch", device="mps", tokens=T, val_batch_tokens=seqs * T)
+    val_cuda = est(backend="torch", device="cuda", tokens=T, val_batch_tokens=seqs * T)
+    assert val_mps.phase == "validation" and val_mps.transient >= 2 * seqs * H * T * T * 4 > val_cuda.transient
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])

@@ -178,3 +178,40 @@ def test_backend_mlx_never_imports_torch():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'backend_torch')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_local_ranks_on_one_mac_each_wire_at_most_their_share(monkeypatch):
+    """Metal stood in: two ranks on one Mac each wire half its recommended working set, not all of it
+    (mlx-lm reports kernel panics from wiring too much)."""
+    wired = []
+    monkeypatch.setattr(mx, "set_wired_limit", wired.append, raising=False)
+    monkeypatch.setattr(MLXSession, "device_memory_bytes", lambda self: 16 * 2**30)
+    cfg = TrainConfig(vocab_size=V, num_layers=1, model_dim=32, num_heads=4, num_kv_heads=2, train_seq_len=T,
+                      compile="0", compute_dtype="float32", memory_budget_gb=12.0)
+    for local_ranks, expected in ((1, 12 * 2**30), (2, 8 * 2**30)):
+        session = MLXSession()
+        session.device_kind, session.local_ranks = "metal", local_ranks
+        session.setup(cfg.model_spec(), cfg)
+        assert wired.pop() == expected
+
+
+def test_local_ranks_are_the_ring_hosts_at_this_rank_address(tmp_path):
+    from backend_mlx.distributed import local_ranks
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text('[["10.0.0.1:5000"], ["10.0.0.1:5001"], ["10.0.0.2:5000"]]')
+    assert [local_ranks({"MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)}) for r in range(3)] == [2, 2, 1]
+    assert local_ranks({}) == 1
+
+
+def test_mlx_on_cuda_budgets_from_the_gpu_memory_its_device_info_reports(monkeypatch):
+    """MLX's CUDA build reports free_memory and total_memory, not Metal's memory_size; the budget must
+    come from the GPU, not fall back to host RAM."""
+    info = {"device_name": "NVIDIA H100 80GB HBM3", "architecture": "sm_90",
+            "free_memory": 70 * 2**30, "total_memory": 80 * 2**30}
+    monkeypatch.setattr(mx, "device_info", lambda *args: info, raising=False)
+    session = MLXSession()
+    session.device_kind = "cuda"
+    assert session.device_memory_bytes() == 70 * 2**30
+    del info["free_memory"]
+    assert session.device_memory_bytes() == 80 * 2**30

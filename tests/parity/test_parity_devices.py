@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import parity_lib
+from backend_torch.precision import NEW_API, set_tf32_state, tf32_allowed, tf32_state
 from core.config import ModelSpec
 from parity_lib import (CPU_LABEL, DEVICES, PAIRS, Device, ParityReport, devices, devices_header, on_device,
                         pair_params, present, session_config, train_config)
@@ -171,14 +172,26 @@ def test_on_device_sets_and_restores_mlx_default_device(monkeypatch):
 
 
 def test_on_device_turns_tf32_off_for_cuda_and_restores_it():
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    flags = tf32_state()
     try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        set_tf32_state(("tf32", "tf32", "tf32") if NEW_API else (True, True))
         with on_device(Device("torch", "cuda")):
-            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+            assert not tf32_allowed()
+        assert tf32_allowed()
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        set_tf32_state(flags)
+
+
+def test_on_device_after_a_cuda_session_set_tf32_off_reads_no_legacy_flag():
+    """A TorchSession on CUDA sets fp32_precision (torch >= 2.9); reading the legacy
+    torch.backends.cudnn.allow_tf32 after that raises, and the parity rows read the flags."""
+    flags = tf32_state()
+    try:
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"  # the old tf32_off
+        with on_device(Device("torch", "cuda")):
+            assert not tf32_allowed()
+    finally:
+        set_tf32_state(flags)
 
 
 def test_device_records_map_to_framework_devices_and_session_configs():

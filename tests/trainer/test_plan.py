@@ -8,7 +8,7 @@ import pytest
 
 from core import memory
 from core.config import load_config
-from trainer_helpers import REPO, make_session, tiny_env, train
+from trainer_helpers import REPO, make_session, run_mlx_ranks, tiny_env, train
 
 BACKENDS = ["torch", "mlx"]
 GIB = 2 ** 30
@@ -81,3 +81,59 @@ def test_the_auto_budget_is_the_documented_share_of_the_machine(tiny_dataset, tm
     ram = memory.machine_ram_bytes()
     assert budget == int(0.6 * ram) and source == f"auto: 0.6 of {ram / GIB:.1f} GiB RAM"
     assert budget_bytes(cfg.replace(memory_budget_gb=1.5), session) == (int(1.5 * GIB), "MEMORY_BUDGET_GB=1.5")
+
+
+
+def plan_budget(out: str) -> float:
+    """The budget --plan prints, in GiB."""
+    (line,) = [line for line in out.splitlines() if line.strip().startswith("budget: ")]
+    return float(line.split("budget: ")[1].split(" GiB")[0])
+
+
+def test_two_local_mlx_ranks_split_the_auto_budget_of_their_machine(tiny_dataset, tmp_path):
+    """PLAN=1 on 2 local ranks (mlx.launch -n 2): each rank plans for half of what one rank plans for,
+    not the whole machine each (two MLX ranks on one Mac each wired 0.75 of its working set)."""
+    env = tiny_env(tiny_dataset, tmp_path, PLAN=1, TWINGPT_NO_BLAS_PRELOAD=1)
+    one = subprocess.run([sys.executable, "-m", "backend_mlx.train"], cwd=REPO, env=os.environ | env,
+                         capture_output=True, text=True)
+    two = run_mlx_ranks(env, timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert "(world size 2)" in two.stdout and ", split between 2 local ranks)" in two.stdout
+    assert plan_budget(two.stdout) <= plan_budget(one.stdout) / 2 + 0.01   # printed to 0.01 GiB
+
+
+def test_local_torch_ranks_on_the_cpu_split_the_auto_budget_and_gpus_do_not(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """torchrun's LOCAL_WORLD_SIZE processes on one CPU share its RAM; on CUDA each rank has its own GPU.
+    (Two real torchrun ranks cost a minute here; the session reads what torchrun sets.)"""
+    from backend_torch.session import TorchSession
+    from trainer.loop import print_plan
+
+    cfg = load_config([], environ=tiny_env(tiny_dataset, tmp_path, PLAN=1))
+    budgets = []
+    for environ in ({}, {"LOCAL_WORLD_SIZE": "2"}):
+        session = TorchSession(cfg, environ=environ)
+        print_plan(cfg, session)
+        budgets.append(plan_budget(capsys.readouterr().out))
+    assert budgets[1] <= budgets[0] / 2 + 0.01
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    from backend_torch.session import resolve_runtime
+    assert resolve_runtime(cfg.replace(device="cuda"), {"LOCAL_WORLD_SIZE": "8"}).local_ranks == 1
+
+
+def test_the_geometry_is_checked_once_with_one_error_and_gives_plain_numbers():
+    from core.config import TrainConfig
+    from core.errors import ConfigError
+    from trainer.plan import eval_geometry, micro_batch_tokens, run_geometry
+
+    cfg = TrainConfig(train_batch_tokens=8192, train_seq_len=256, val_batch_size=65536, eval_seq_len=512)
+    assert micro_batch_tokens(cfg, 2, 2) == 2048   # 8 sequences a micro-step on each rank
+    with pytest.raises(ConfigError, match="^TRAIN_BATCH_TOKENS=8192: must split into WORLD_SIZE=3 x GRAD_ACCUM_STEPS=1 "):
+        micro_batch_tokens(cfg, 3, 1)
+    with pytest.raises(ConfigError, match="TRAIN_BATCH_TOKENS=8192: must split into WORLD_SIZE=1 x GRAD_ACCUM_STEPS=64 "):
+        micro_batch_tokens(cfg, 1, 64)   # 128 tokens: half a sequence
+    g = run_geometry(cfg, 2, 4, eager_eval=True)
+    # validation: VAL_BATCH_SIZE / (WORLD_SIZE x GRAD_ACCUM_STEPS) = 8192 tokens a rank, as the reference
+    assert (g.micro_steps, g.micro_batch_tokens, g.val_batch_seqs, g.sliding_batch_seqs) == (4, 1024, 32, 16)
+    assert run_geometry(cfg.replace(eval_batch_seqs=3), 2, 4, eager_eval=True).sliding_batch_seqs == 3
+    # make eval: no training batch to check; GRAD_ACCUM_STEPS=auto counts as one micro-step
+    assert eval_geometry(cfg.replace(train_batch_tokens=100), 1).val_batch_seqs == 256
