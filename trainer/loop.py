@@ -11,9 +11,9 @@ identically. A run goes through six phases, one function (or class) each, in thi
     start            build the model, log what this run is (config, source, dataset, baseline)
     build_or_resume  initial weights, or a checkpoint's weights, optimizer state and data position
     warm_up          prime compilation on real steps, then put everything back
-    Training.run     train, validating and checkpointing on schedule, until the last step, the
+    Training.run_steps  train, validating and checkpointing on schedule, until the last step, the
                      wall-clock cap or Ctrl-C
-    finish           artifact, roundtrip evaluation, summary
+    finish           artifact, roundtrip evaluation (roundtrip), summary (summarize)
 
 What a run writes is described in trainer/run_folder.py.
 """
@@ -375,9 +375,11 @@ class Training:
 # Phase 6: the artifact, the model evaluated again after its int8 roundtrip, and the summary
 # ---------------------------------------------------------------------------------------------
 
-def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[float, float],
-           wall_start: float) -> TrainResult:
-    cfg, spec, backend, log = run.cfg, run.spec, run.backend, run.log
+def roundtrip(run: Run, training: Training) -> tuple[int, float, float, dict]:
+    """Write the int8+zlib artifact, score the model it holds (and in sliding windows with
+    EVAL_STRIDE), then put the trained weights back. Returns (artifact bytes, val_loss, val_bpb,
+    the sliding figures or {})."""
+    cfg, backend, log = run.cfg, run.backend, run.log
     weights = backend.export_weights()
     blob = artifact.pack(weights)
     artifact_path = run.run_dir / "model.int8.zlib"
@@ -395,7 +397,8 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
     if cfg.eval_stride > 0:   # the same roundtrip weights, scored in sliding windows (docs/spec.md §7)
         t_eval = time.perf_counter()
         sl_loss, sl_bpb = evaluate_sliding(backend, run.val_tokens, run.tables, cfg.eval_window, cfg.eval_stride,
-                                           run.plan.geometry.sliding_batch_seqs, EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
+                                           run.plan.geometry.sliding_batch_seqs,
+                                           EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
         sliding = {"eval_stride": cfg.eval_stride, "eval_seq_len": cfg.eval_window,
                    "roundtrip_sliding_val_loss": sl_loss, "roundtrip_sliding_val_bpb": sl_bpb,
                    "sliding_eval_time_s": time.perf_counter() - t_eval}
@@ -406,7 +409,13 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
                    val_loss=sl_loss, val_bpb=sl_bpb, eval_stride=cfg.eval_stride, eval_seq_len=cfg.eval_window,
                    weights="int8_zlib_roundtrip")
     backend.load_weights(weights)
+    return len(blob), rt_loss, rt_bpb, sliding
 
+
+def summarize(run: Run, training: Training, counts: ParamCount, unigram: tuple[float, float], wall_start: float,
+              artifact_bytes: int, rt_loss: float, rt_bpb: float) -> dict:
+    """The figures of summary.json: what was trained, how well, how fast, in how much memory."""
+    cfg, spec, backend = run.cfg, run.spec, run.backend
     step, start_step = training.step, training.start_step
     tokens_per_step, world = training.tokens_per_step, backend.world_size
     flops_token = flops_per_token(spec, cfg.train_seq_len, looping=spec.num_loops > 0)
@@ -422,13 +431,13 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
     if peak is None:  # the process's resident peak, and how much of it the process held before the run
         peak, baseline = peak_rss_bytes(), run.rss_at_start
     uni_loss, uni_bpb = unigram
-    summary = {
+    return {
         "run_id": run.run_id, "backend": backend.name, "device": backend.device,
         "compute_dtype": backend.compute_dtype, "dataset": run.dataset.name, "run_dir": str(run.run_dir),
         "steps": step, "tokens_seen": step * tokens_per_step,
         "val_loss": training.val_loss, "val_bpb": training.val_bpb,
         "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb,
-        "artifact_bytes": len(blob), "artifact_budget_bytes": artifact.ARTIFACT_BUDGET_BYTES,
+        "artifact_bytes": artifact_bytes, "artifact_budget_bytes": artifact.ARTIFACT_BUDGET_BYTES,
         "params_total": counts.total, "params_unique": counts.unique, "params_non_embedding": counts.non_embedding,
         "params_saved_by_tying": counts.saved_by_tying,
         "unigram_val_loss": uni_loss, "unigram_val_bpb": uni_bpb,
@@ -438,15 +447,22 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "peak_memory_bytes": int(peak), "peak_memory_baseline_bytes": baseline, "peak_memory_estimate_bytes": run.plan.memory.estimate.total,
         "memory_budget_bytes": run.plan.memory.budget, "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,
-        "artifact": str(artifact_path),
-    } | sliding
+        "artifact": str(run.run_dir / "model.int8.zlib"),
+    }
+
+
+def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[float, float],
+           wall_start: float) -> TrainResult:
+    log = run.log
+    artifact_bytes, rt_loss, rt_bpb, sliding = roundtrip(run, training)
+    summary = summarize(run, training, counts, unigram, wall_start, artifact_bytes, rt_loss, rt_bpb) | sliding
     if run.master:
         log.summary(summary)
         for line in format_summary(summary):
             log(line)
     log.close()
-    return TrainResult(run.run_dir if run.master else None, step, training.train_losses, training.val_loss,
-                       training.val_bpb, rt_loss, rt_bpb, len(blob), training.last_checkpoint, summary)
+    return TrainResult(run.run_dir if run.master else None, training.step, training.train_losses, training.val_loss,
+                       training.val_bpb, rt_loss, rt_bpb, artifact_bytes, training.last_checkpoint, summary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,27 +482,28 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
 
 
 @exit_on_user_error
-def main(prog: str, make_session, argv=None) -> TrainResult:
-    """The command line of both trainers: settings, then the backend's session, then the loop.
+def main(prog: str, make_session, argv=None) -> TrainResult | None:
+    """The command line of both trainers: settings, then the backend (its session class), then the
+    loop; None after --plan, which trains nothing.
 
     `make_session(cfg)` is called after the settings are read, so --help and a bad setting answer
     before torch or MLX is imported.
     """
     cfg = load_config(sys.argv[1:] if argv is None else argv, prog=prog)
-    session = make_session(cfg)
+    backend = make_session(cfg)
     try:
         if cfg.plan:
-            return print_plan(cfg, session)
-        return run_training(cfg, session)
+            return print_plan(cfg, backend)
+        return run_training(cfg, backend)
     except Exception as err:
-        if session.world_size == 1 or isinstance(err, UserError):
+        if backend.world_size == 1 or isinstance(err, UserError):
             raise
         # One rank failed alone (out of memory, a bug): its traceback, then one line naming the rank,
         # the last a launcher relays. Its peers' collectives then fail or time out.
         traceback.print_exc()
-        raise RankError(f"rank {session.rank} of {session.world_size}: {type(err).__name__}: {err}") from None
+        raise RankError(f"rank {backend.rank} of {backend.world_size}: {type(err).__name__}: {err}") from None
     finally:
-        session.close()
+        backend.close()
 
 
 def print_plan(cfg: TrainConfig, backend: TrainerBackend) -> None:
