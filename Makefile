@@ -6,9 +6,12 @@
 #   make train-cpu     torch on the CPU        make train-cuda   torch on CUDA (NPROC=8 for 8 GPUs)
 #   make train-mlx     MLX (Metal on a Mac, its CPU backend on Linux; NPROC=2 or HOSTFILE=hosts.json: several processes)
 #   make sample        continue PROMPT="..." with a checkpoint (CHECKPOINT=..., BACKEND=torch|mlx)
-#   make eval          val_loss/val_bpb of CHECKPOINT=... or ARTIFACT=... (EVAL_STRIDE=64: sliding windows)
+#   make eval          val_loss/val_bpb of CHECKPOINT=... or ARTIFACT=... (EVAL_STRIDE=64: sliding windows; TTT_ENABLED=1: test-time training)
+#   make quantize      re-quantize CHECKPOINT=... (QUANT=gptq MATRIX_BITS=6 COMPRESSOR=brotli ...): bytes, budget, round-trip val_bpb
+#   make check-submission  the challenge's rules this tool can check, for RUN=runs/<id> (or a log.txt): a verdict table
 #   make parity        the cross-backend parity suite and its table
 #   make bench         tokens/s, step time, MFU and memory of both backends here; ops, syncs, recompiles of a torch step
+#   make ablate       the make-train preset with each technique of the record alone and all together, both backends
 #   make ablate-tying  the make-train preset tied and untied, side by side (ABLATE_MATCH_PARAMS=1: + matched)
 #   make analyze-tying the direct path of CHECKPOINT=... (symmetry, bigram bits, what tying saves)
 #   make doctor        versions, devices, BLAS, memory, §10 checks and speed here (runs/doctor.json)
@@ -31,14 +34,14 @@ FINEWEB_DIR := data/datasets/fineweb10B_sp1024
 # capped at 6 minutes of training on slower machines (the learning rate then warms down by time).
 # Validation in batches of 65,536 tokens, not the reference's 524,288: the same figures, an eighth of
 # the memory (torch scores a whole batch at once: 6.5 GiB estimated at 524,288, 0.8 GiB at 65,536).
-PRESET := ITERATIONS=$${ITERATIONS:-500} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS=$${NUM_LAYERS:-4} \
+TRAIN_PRESET := ITERATIONS=$${ITERATIONS:-500} MODEL_DIM=$${MODEL_DIM:-128} NUM_LAYERS=$${NUM_LAYERS:-4} \
   NUM_HEADS=$${NUM_HEADS:-4} NUM_KV_HEADS=$${NUM_KV_HEADS:-2} TRAIN_SEQ_LEN=$${TRAIN_SEQ_LEN:-256} \
   TRAIN_BATCH_TOKENS=$${TRAIN_BATCH_TOKENS:-8192} VAL_BATCH_SIZE=$${VAL_BATCH_SIZE:-65536} \
   VAL_LOSS_EVERY=$${VAL_LOSS_EVERY:-100} \
   TRAIN_LOG_EVERY=$${TRAIN_LOG_EVERY:-25} WARMDOWN_ITERS=$${WARMDOWN_ITERS:-150} \
   CHECKPOINT_EVERY=$${CHECKPOINT_EVERY:-100} MAX_WALLCLOCK_SECONDS=$${MAX_WALLCLOCK_SECONDS:-360}
 
-.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample eval clean-venv parity bench doctor ablate-tying analyze-tying pg-import pg-export mutants
+.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample eval quantize check-submission clean-venv parity bench doctor ablate-tying ablate analyze-tying pg-import pg-export mutants
 
 help:
 	@sed -n '/^[^#]/q;p' Makefile
@@ -81,8 +84,8 @@ default-data: $(STAMP)
 # The backend: torch with CUDA, MLX on Apple silicon, else the faster of the two here (measured once).
 train: default-data
 	@backend=$${BACKEND:-$$($(PY) -m bench.pick_backend)} && \
-	  echo "$(PRESET) $(PY) -m backend_$$backend.train $(ARGS)" && \
-	  $(PRESET) $(PY) -m backend_$$backend.train $(ARGS)
+	  echo "$(TRAIN_PRESET) $(PY) -m backend_$$backend.train $(ARGS)" && \
+	  $(TRAIN_PRESET) $(PY) -m backend_$$backend.train $(ARGS)
 
 train-cpu: default-data
 	DEVICE=cpu $(PY) -m backend_torch.train $(ARGS)
@@ -132,6 +135,20 @@ eval: $(STAMP)
 	@case "$(BACKEND)" in torch|mlx) ;; *) echo "error: BACKEND=$(BACKEND): must be torch or mlx" >&2; exit 2;; esac
 	$(PY) -m backend_$(BACKEND).eval $(ARGS)
 
+# Re-quantize a checkpoint without training (trainer/quantize_file.py): the artifact's bytes, the budget
+# line (artifact + code) and the round-trip val_bpb; nothing written unless OUT=path.
+#   make quantize CHECKPOINT=runs/<run>/checkpoints/step_NNNNNN.safetensors QUANT=gptq COMPRESSOR=brotli [OUT=model.gptq.brotli]
+quantize: $(STAMP)
+	@case "$(BACKEND)" in torch|mlx) ;; *) echo "error: BACKEND=$(BACKEND): must be torch or mlx" >&2; exit 2;; esac
+	$(PY) -m backend_$(BACKEND).quantize $(ARGS)
+
+# The Parameter Golf rules a run's log can prove (trainer/check_submission.py): training and evaluation
+# time within their caps, artifact + code bytes under 16,000,000, and the TTT evaluation's own
+# legality record. Exit 0 when all hold, 1 when one fails.
+#   make check-submission RUN=runs/<id>     (or RUN=path/to/log.txt; TRAIN_CAP_SECONDS=, EVAL_CAP_SECONDS=)
+check-submission: $(STAMP)
+	$(PY) -m trainer.check_submission $(ARGS)
+
 parity: $(STAMP)
 	$(PY) -m pytest -q tests/parity
 
@@ -156,12 +173,18 @@ mutants: $(STAMP)
 doctor: $(STAMP)
 	$(PY) -m bench.doctor $(ARGS)
 
+# Each technique of the record (PRESET=record-1.0611) alone, then all together, in torch and MLX:
+# runs/$${ABLATE_ID:-ablate}/<backend>-<technique>/, finished runs reused; a table, ablation.png and
+# ablation.json (bench/ablate.py; ABLATE_TECHNIQUES=ema,weight-decay and ABLATE_BACKENDS=torch choose).
+ablate: default-data
+	$(TRAIN_PRESET) $(PY) -m bench.ablate $(ARGS)
+
 # The tying tradeoff: the make-train preset (any setting passes through) trained tied and untied with
 # one backend (BACKEND=, else the one make train picks), same seed, data and steps; finished runs in
 # runs/$${ABLATE_ID:-ablate-tying}/ are reused. A table, loss.png and ablation.json.
 ablate-tying: default-data
 	@backend=$${BACKEND:-$$($(PY) -m bench.pick_backend)} && \
-	  $(PRESET) BACKEND=$$backend $(PY) -m bench.ablate_tying $(ARGS)
+	  $(TRAIN_PRESET) BACKEND=$$backend $(PY) -m bench.ablate_tying $(ARGS)
 
 # The direct-path analysis of a checkpoint (trainer/tying.py): embedding -> final norm -> head, every
 # block skipped, scored on the val bigrams against the train unigram and bigram models; the symmetry

@@ -14,7 +14,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from core.optimizer import CLIP_EPS, NS_COEFFS, NS_EPS, muon_scale, rank_shares, shape_groups
+from core.optimizer import CLIP_EPS, NS_EPS, ROW_NORM_EPS, muon_scale, ns_coefficients, rank_shares, shape_groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,11 +34,13 @@ def clip_grad_norm(grads: list[mx.array], max_norm: float) -> list[mx.array]:
 
 def adam_update(params: list[mx.array], grads: list[mx.array], ms: list[mx.array], vs: list[mx.array], *,
                 lrs: list, beta1: float, beta2: float, eps: float, bias_correction1,
-                bias_correction2) -> tuple[list[mx.array], list[mx.array], list[mx.array]]:
-    """Bias-corrected Adam, no weight decay, on lists of arrays (lrs: one rate per array); returns the
-    new (params, ms, vs)."""
+                bias_correction2, weight_decays: list | None = None) -> tuple[list[mx.array], list[mx.array], list[mx.array]]:
+    """Bias-corrected Adam on lists of arrays (lrs: one rate per array); returns the new (params, ms, vs).
+    weight_decays (one per array, docs/spec.md §6.1): each parameter is first decayed by 1 - lr * wd."""
     new_params, new_ms, new_vs = [], [], []
-    for p, g, m, v, lr in zip(params, grads, ms, vs, lrs):
+    for i, (p, g, m, v, lr) in enumerate(zip(params, grads, ms, vs, lrs)):
+        if weight_decays is not None and weight_decays[i]:
+            p = p * (1 - lr * weight_decays[i])
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * mx.square(g)
         m_hat = m / bias_correction1
@@ -53,14 +55,18 @@ def adam_update(params: list[mx.array], grads: list[mx.array], ms: list[mx.array
 # Muon (matrix group)
 # ---------------------------------------------------------------------------------------------
 
-def newton_schulz(us: list[mx.array], steps: int, dtype: mx.Dtype) -> mx.array:
+def newton_schulz(us: list[mx.array], steps: int, dtype: mx.Dtype, coeffs: str = "fixed",
+                  row_normalize: bool = False) -> mx.array:
     """Approximately orthogonalize each matrix of `us` (all one shape), stacked: (n, rows, cols) fp32.
 
     Normalized in fp32, then the quintic Newton-Schulz iteration runs in `dtype` (bf16 when the
-    compute dtype is bf16) on the wide orientation, so A = X X^T is the smaller square.
+    compute dtype is bf16) on the wide orientation, so A = X X^T is the smaller square, with the
+    (a, b, c) of each iteration that `coeffs` (MUON_NS_COEFFS) names; row_normalize
+    (MUON_ROW_NORMALIZE) first gives every row unit L2 norm, in fp32.
     """
-    a, b, c = NS_COEFFS
     x = mx.stack(us).astype(mx.float32)
+    if row_normalize:
+        x = x / mx.maximum(mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True)), ROW_NORM_EPS)
     x = x / (mx.sqrt(mx.sum(x * x, axis=(-2, -1), keepdims=True)) + NS_EPS)
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
@@ -68,7 +74,7 @@ def newton_schulz(us: list[mx.array], steps: int, dtype: mx.Dtype) -> mx.array:
     x = x.astype(dtype)
     # B = b*A + c*A@A and x = a*x + B@x as addmm: the scalings happen inside the product, which
     # saves four elementwise passes an iteration (BASE, 54 matrices, CPU: ~50 ms a step).
-    for _ in range(steps):
+    for a, b, c in ns_coefficients(coeffs, steps):
         A = x @ x.swapaxes(-1, -2)
         B = mx.addmm(A, A, A, alpha=c, beta=b)
         x = mx.addmm(x, B, x, beta=a)
@@ -77,9 +83,10 @@ def newton_schulz(us: list[mx.array], steps: int, dtype: mx.Dtype) -> mx.array:
 
 def muon_update(params: list[mx.array], grads: list[mx.array], bufs: list[mx.array], *, lr, momentum,
                 steps: int, dtype: mx.Dtype, rank: int = 0, world_size: int = 1,
-                all_sum: Callable[[mx.array], mx.array] | None = None) -> tuple[list[mx.array], list[mx.array]]:
+                all_sum: Callable[[mx.array], mx.array] | None = None, coeffs: str = "fixed",
+                row_normalize: bool = False, weight_decay: float = 0.0) -> tuple[list[mx.array], list[mx.array]]:
     """One Muon step: Nesterov momentum, then each matrix orthogonalized, scaled by muon_scale; returns
-    the new (params, bufs).
+    the new (params, bufs). With weight_decay (MUON_WD) each matrix is first decayed by 1 - lr * weight_decay.
 
     The matrices of one shape are orthogonalized together (core.optimizer.shape_groups). With
     several ranks each orthogonalizes its rank_shares of the shape groups and one all_sum of a flat
@@ -88,9 +95,11 @@ def muon_update(params: list[mx.array], grads: list[mx.array], bufs: list[mx.arr
     """
     bufs = [momentum * buf + g for buf, g in zip(bufs, grads)]
     updates = [g + momentum * buf for g, buf in zip(grads, bufs)]   # Nesterov
+    if weight_decay:
+        params = [p * (1 - lr * weight_decay) for p in params]
     groups = shape_groups([tuple(p.shape) for p in params])
     if world_size == 1:
-        blocks = [newton_schulz([updates[i] for i in idx], steps, dtype) for _, _, idx in groups]
+        blocks = [newton_schulz([updates[i] for i in idx], steps, dtype, coeffs, row_normalize) for _, _, idx in groups]
     else:
         # One flat buffer, laid out shape group by shape group: each rank writes the matrices it
         # orthogonalized, the others stay zero, the sum over ranks is complete.
@@ -98,7 +107,7 @@ def muon_update(params: list[mx.array], grads: list[mx.array], bufs: list[mx.arr
         for (rows, cols, idx), mine in zip(groups, rank_shares(groups, rank, world_size)):
             block = mx.zeros((len(idx), rows, cols), dtype=mx.float32)
             if idx[mine]:
-                block[mine] = newton_schulz([updates[i] for i in idx[mine]], steps, dtype)
+                block[mine] = newton_schulz([updates[i] for i in idx[mine]], steps, dtype, coeffs, row_normalize)
             blocks.append(block)
         flat = all_sum(mx.concatenate([block.reshape(-1) for block in blocks]))
         offsets = [0]

@@ -19,17 +19,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from trainer.backend import Batch, checked_optimizer_state
+from trainer.backend import Batch, checked_optimizer_state, observing_inputs
 from core.config import AUTO, ModelSpec, TrainConfig
 from core.errors import TrainingError
 from core.flops import measure_gflops
 from core.memory import eager_eval, machine_ram_bytes
-from core.optimizer import bias_corrections
+from core.optimizer import bias_corrections, group_weight_decay
 from core.params import MATRIX, param_table
 
 from backend_mlx.blas import blas_note
 from backend_mlx.distributed import Ring, init_ring, local_ranks
-from backend_mlx.model import GPT
+from backend_mlx.model import GPT, Linear
 from backend_mlx.optim import adam_update, clip_grad_norm, muon_update
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
@@ -107,6 +107,7 @@ class MLXSession:
         self.state: dict[str, mx.array] = {}
         self.load_optimizer_state({})
 
+        self.ema = None   # the loop starts it (load_ema) when EMA_DECAY > 0
         self.compiled = self.use_compile
         self._forwards: dict[bool, tuple] = {}   # looping -> (loss and grad, eval loss), built on first use
         self._update = self._update_impl
@@ -173,6 +174,18 @@ class MLXSession:
     def export_optimizer_state(self) -> dict[str, np.ndarray]:
         return {key: np.array(value) for key, value in self.state.items()}
 
+    def load_ema(self, weights: dict[str, np.ndarray] | None) -> None:
+        self.ema = None if weights is None else {name: mx.array(np.asarray(weights[name], np.float32))
+                                                 for name in (p.name for p in self.table)}
+
+    def export_ema(self) -> dict[str, np.ndarray] | None:
+        return None if self.ema is None else {name: np.array(a) for name, a in self.ema.items()}
+
+    def _update_ema(self) -> None:
+        decay = self.cfg.ema_decay
+        params = dict(tree_flatten(self.model.parameters()))
+        self.ema = {name: decay * avg + (1.0 - decay) * params[name] for name, avg in self.ema.items()}
+
     # -- training and evaluation --
 
     def _update_impl(self, grads: dict[str, mx.array], scalars: dict[str, mx.array]) -> None:
@@ -188,13 +201,15 @@ class MLXSession:
             [state[f"{n}.momentum_buffer"] for n in matrices],
             lr=scalars[MATRIX], momentum=scalars["momentum"], steps=cfg.muon_backend_steps,
             dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size,
-            all_sum=self.ring.all_sum if self.ring is not None else None)
+            all_sum=self.ring.all_sum if self.ring is not None else None, coeffs=cfg.muon_ns_coeffs,
+            row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd)
         adam = [p for p in self.table if p.group != MATRIX]
         new_adam, ms, vs = adam_update(
             [params[p.name] for p in adam], [grads[p.name] for p in adam],
             [state[f"{p.name}.exp_avg"] for p in adam], [state[f"{p.name}.exp_avg_sq"] for p in adam],
             lrs=[scalars[p.group] for p in adam], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps,
-            bias_correction1=scalars["bc1"], bias_correction2=scalars["bc2"])
+            bias_correction1=scalars["bc1"], bias_correction2=scalars["bc2"],
+            weight_decays=[group_weight_decay(p.group, cfg) for p in adam])
         for name, buf in zip(matrices, bufs):
             state[f"{name}.momentum_buffer"] = buf
         for p, m, v in zip(adam, ms, vs):
@@ -228,7 +243,9 @@ class MLXSession:
         scalars.update(momentum=mx.array(muon_momentum, dtype=mx.float32),
                        bc1=mx.array(bc1, dtype=mx.float32), bc2=mx.array(bc2, dtype=mx.float32))
         self._update(grads, scalars)
-        updated = (loss, self.model.parameters(), self.state)
+        if self.ema is not None:
+            self._update_ema()
+        updated = (loss, self.model.parameters(), self.state, self.ema or {})
         if self.ring is not None:
             self.ring.wait(f"step {step + 1}'s Muon all-reduce", *updated)
         else:
@@ -254,11 +271,40 @@ class MLXSession:
             total += float(self._eval_loss(_ids(xc), _ids(yc)))   # float(): evaluates, sums in float64
         return total
 
+    def ttt_adapter(self, cfg: TrainConfig):
+        """The test-time training adapter of this session's model (trainer/ttt.py)."""
+        from backend_mlx.ttt import MLXTTT
+
+        return MLXTTT(self, cfg)
+
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Per-token cross-entropies, chunk by chunk as eval_loss_sum, as float64 on the host."""
         rows = [np.array(self.model.loss(_ids(xc), _ids(yc), reduction="none"), dtype=np.float64)
                 for xc, yc in chunks(x, y, self.cfg.mlx_max_microbatch_tokens)]
         return np.concatenate(rows).reshape(np.shape(y))
+
+    # -- GPTQ's calibration statistics (QUANT=gptq; core/quantize.py does the rest on the host) --
+
+    def input_second_moments(self, batches: Sequence[Batch]) -> dict[str, np.ndarray]:
+        """X^T X of the inputs of every matrix the model multiplies by, summed over `batches` (this
+        rank's, chunk by chunk) and all ranks, float32, keyed by the weight's name (the tied head's:
+        tok_emb.weight)."""
+        sums: dict[str, mx.array] = {}
+
+        def observer(name: str):
+            def observe(x: mx.array) -> None:
+                x = x.astype(mx.float32).reshape(-1, x.shape[-1])
+                sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+            return observe
+
+        with observing_inputs(self.model, Linear, observer):
+            for x, y in batches:
+                for xc, _ in chunks(x, y, self.cfg.mlx_max_microbatch_tokens):
+                    self.model.logits(_ids(xc))
+                    mx.eval(sums)   # the sums only: the logits are never needed
+        if self.ring is not None:
+            sums = {name: self.ring.all_sum(sums[name]) for name in sorted(sums)}
+        return {name: np.array(sums[name], dtype=np.float32) for name in sorted(sums)}
 
     # -- the rest of the interface --
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from core.optimizer import CLIP_EPS, NS_COEFFS, NS_EPS, muon_scale, rank_shares, shape_groups
+from core.optimizer import CLIP_EPS, NS_EPS, ROW_NORM_EPS, muon_scale, ns_coefficients, rank_shares, shape_groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,11 +40,14 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> list[torch.Ten
 @torch.no_grad()
 def adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], ms: list[torch.Tensor],
                 vs: list[torch.Tensor], *, lrs: list, beta1: float, beta2: float, eps: float,
-                bias_correction1, bias_correction2) -> list[torch.Tensor]:
-    """Bias-corrected Adam, no weight decay, on lists of tensors (lrs: one rate per tensor), in place;
-    returns the parameters. The same operations in the same order as per tensor, so the same rounding."""
+                bias_correction1, bias_correction2, weight_decays: list | None = None) -> list[torch.Tensor]:
+    """Bias-corrected Adam on lists of tensors (lrs: one rate per tensor), in place; returns the
+    parameters. weight_decays (one per tensor, docs/spec.md §6.1): each parameter is first decayed by
+    1 - lr * wd, as AdamW. The same operations in the same order as per tensor, so the same rounding."""
     if not params:
         return params
+    if weight_decays is not None and any(weight_decays):
+        torch._foreach_mul_(params, [1 - lr * wd for lr, wd in zip(lrs, weight_decays)])
     torch._foreach_mul_(ms, beta1)
     torch._foreach_add_(ms, grads, alpha=1 - beta1)
     torch._foreach_mul_(vs, beta2)
@@ -63,14 +66,19 @@ def adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], ms: list[
 # Muon (matrix group)
 # ---------------------------------------------------------------------------------------------
 
-def newton_schulz(us: list[torch.Tensor], steps: int, dtype: torch.dtype) -> torch.Tensor:
+def newton_schulz(us: list[torch.Tensor], steps: int, dtype: torch.dtype, coeffs: str = "fixed",
+                  row_normalize: bool = False) -> torch.Tensor:
     """Approximately orthogonalize each matrix of `us` (all one shape), stacked: (n, rows, cols) fp32.
 
-    The quintic Newton-Schulz iteration runs in `dtype` on the wide orientation. Compiled with
-    fullgraph=True when the session compiles: the stack, the casts and the norms then fuse.
+    The quintic Newton-Schulz iteration runs in `dtype` on the wide orientation, with the (a, b, c)
+    of each iteration that `coeffs` (MUON_NS_COEFFS) names; row_normalize (MUON_ROW_NORMALIZE) first
+    gives every row unit L2 norm, in fp32. Compiled with fullgraph=True when the session compiles:
+    the stack, the casts and the norms then fuse.
     """
-    a, b, c = NS_COEFFS
-    x = torch.stack(us).to(dtype)
+    x = torch.stack(us)
+    if row_normalize:
+        x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(ROW_NORM_EPS)
+    x = x.to(dtype)
     x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + NS_EPS)
     transposed = x.size(-2) > x.size(-1)
     if transposed:
@@ -78,7 +86,7 @@ def newton_schulz(us: list[torch.Tensor], steps: int, dtype: torch.dtype) -> tor
     # B = b*A + c*A@A and x = a*x + B@x as baddbmm: the scalings happen inside the product, which
     # saves four elementwise passes an iteration (BASE, 54 matrices, CPU: fp32 1.19 -> 1.05 s a
     # step, bf16 0.285 -> 0.25 s; the bf16 result is also closer to fp64, 1.1e-2 vs 2.5e-2).
-    for _ in range(steps):
+    for a, b, c in ns_coefficients(coeffs, steps):
         A = x @ x.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         x = torch.baddbmm(x, B, x, beta=a)
@@ -88,8 +96,10 @@ def newton_schulz(us: list[torch.Tensor], steps: int, dtype: torch.dtype) -> tor
 @torch.no_grad()
 def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *, lr,
                 momentum, steps: int, dtype: torch.dtype, rank: int = 0, world_size: int = 1,
-                orthogonalize=newton_schulz, also_sum: torch.Tensor | None = None) -> torch.Tensor | None:
+                orthogonalize=newton_schulz, also_sum: torch.Tensor | None = None, coeffs: str = "fixed",
+                row_normalize: bool = False, weight_decay: float = 0.0) -> torch.Tensor | None:
     """One Muon step, in place: Nesterov momentum, then each matrix orthogonalized, scaled by muon_scale.
+    With weight_decay (MUON_WD) each matrix is first decayed by 1 - lr * weight_decay.
 
     The matrices of one shape are orthogonalized together (core.optimizer.shape_groups). With
     several ranks each orthogonalizes its rank_shares of the shape groups and one all-reduce of a
@@ -102,10 +112,12 @@ def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
     torch._foreach_mul_(bufs, momentum)
     torch._foreach_add_(bufs, grads)
     updates = torch._foreach_add(grads, bufs, alpha=momentum)   # Nesterov: g + momentum * buf
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
     groups = shape_groups([tuple(p.shape) for p in params])
     if world_size == 1:
         for rows, cols, idx in groups:
-            x = orthogonalize([updates[i] for i in idx], steps, dtype)
+            x = orthogonalize([updates[i] for i in idx], steps, dtype, coeffs, row_normalize)
             torch._foreach_add_([params[i] for i in idx], x.unbind(0), alpha=-lr * muon_scale(rows, cols))
         return also_sum
     # One flat buffer, laid out shape group by shape group, then also_sum: each rank writes the
@@ -116,7 +128,7 @@ def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
     for (rows, cols, idx), mine in zip(groups, rank_shares(groups, rank, world_size)):
         block = flat[offset:offset + len(idx) * rows * cols].view(len(idx), rows, cols)
         if idx[mine]:
-            block[mine] = orthogonalize([updates[i] for i in idx[mine]], steps, dtype)
+            block[mine] = orthogonalize([updates[i] for i in idx[mine]], steps, dtype, coeffs, row_normalize)
         blocks.append(block)
         offset += block.numel()
     if also_sum is not None:

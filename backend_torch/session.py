@@ -21,15 +21,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from backend_torch.attention_kernels import (DESCRIPTIONS, FLASH_MIN_CAPABILITY, attention_kernel,
                                              pin_cuda_kernel, use_kernel)
-from backend_torch.model import GPT
+from backend_torch.model import GPT, Linear
 from backend_torch.optim import adam_update, clip_grad_norm, muon_update, newton_schulz
 from backend_torch.precision import tf32_off
-from trainer.backend import checked_optimizer_state
+from trainer.backend import checked_optimizer_state, observing_inputs
 from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError, TrainingError
 from core.flops import measure_gflops
 from core.memory import machine_ram_bytes
-from core.optimizer import bias_corrections
+from core.optimizer import bias_corrections, group_weight_decay
 from core.params import MATRIX, param_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -161,6 +161,7 @@ class TorchSession:
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids, broadcast_buffers=False,
                                                        find_unused_parameters=spec.num_skip_weights == 0)
         self.load_optimizer_state({})
+        self.ema = None   # the loop starts it (load_ema) when EMA_DECAY > 0
 
     def set_looping(self, active: bool) -> None:
         # torch.compile guards on the attribute: the looped forward is a second graph, not a recompile per step.
@@ -179,6 +180,20 @@ class TorchSession:
 
     def export_optimizer_state(self) -> dict[str, np.ndarray]:
         return {key: t.detach().cpu().numpy().copy() for key, t in self.state.items()}
+
+    def load_ema(self, weights: dict[str, np.ndarray] | None) -> None:
+        self.ema = None if weights is None else {
+            p.name: torch.tensor(np.asarray(weights[p.name], np.float32), device=self.torch_device) for p in self.table}
+
+    def export_ema(self) -> dict[str, np.ndarray] | None:
+        return None if self.ema is None else {name: t.cpu().numpy().copy() for name, t in self.ema.items()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.cfg.ema_decay
+        averages = list(self.ema.values())
+        torch._foreach_mul_(averages, decay)
+        torch._foreach_add_(averages, [self.params[name].detach() for name in self.ema], alpha=1.0 - decay)
 
     # -- training --
 
@@ -203,6 +218,8 @@ class TorchSession:
             clip_grad_norm([p.grad for p in self.params.values() if p.grad is not None], self.cfg.grad_clip_norm)
         summed = self._optimizer_step(lrs, muon_momentum, t=step + 1,
                                       also_sum=mean_loss.reshape(1) if self.world_size > 1 else None)
+        if self.ema is not None:
+            self._update_ema()
         return mean_loss if summed is None else summed[0] / self.world_size
 
     def _optimizer_step(self, lrs: dict[str, float], muon_momentum: float, t: int,
@@ -213,7 +230,8 @@ class TorchSession:
                              [state[f"{n}.momentum_buffer"] for n in self.matrix_names],
                              lr=lrs[MATRIX], momentum=muon_momentum, steps=cfg.muon_backend_steps,
                              dtype=DTYPES[self.compute_dtype], rank=self.rank, world_size=self.world_size,
-                             orthogonalize=self.orthogonalize, also_sum=also_sum)
+                             orthogonalize=self.orthogonalize, also_sum=also_sum, coeffs=cfg.muon_ns_coeffs,
+                             row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd)
         adam = [p for p in self.table if p.group != MATRIX]
         bc1, bc2 = bias_corrections(cfg.beta1, cfg.beta2, t)
         # A parameter the forward never reads has no .grad: its gradient is zero (as in MLX). This
@@ -222,7 +240,8 @@ class TorchSession:
         adam_update(params, [q.grad if q.grad is not None else torch.zeros_like(q) for q in params],
                     [state[f"{p.name}.exp_avg"] for p in adam], [state[f"{p.name}.exp_avg_sq"] for p in adam],
                     lrs=[lrs[p.group] for p in adam], beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps,
-                    bias_correction1=bc1, bias_correction2=bc2)
+                    bias_correction1=bc1, bias_correction2=bc2,
+                    weight_decays=[group_weight_decay(p.group, cfg) for p in adam])
         for param in self.params.values():
             param.grad = None
         return summed
@@ -230,11 +249,38 @@ class TorchSession:
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
         return float(self.eval_token_losses(x, y).sum())   # summed in float64 on the host: mps has none
 
+    def ttt_adapter(self, cfg: TrainConfig):
+        """The test-time training adapter of this session's model (trainer/ttt.py)."""
+        from backend_torch.ttt import TorchTTT
+
+        return TorchTTT(self, cfg)
+
     @torch.no_grad()
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         losses = self.model.loss(self._to_device(x), self._to_device(y), reduction="none")
         # To the host first, then float64: mps has no float64, and .to("cpu", torch.float64) casts on the device.
         return losses.float().cpu().numpy().astype(np.float64).reshape(np.shape(y))
+
+    # -- GPTQ's calibration statistics (QUANT=gptq; core/quantize.py does the rest on the host) --
+
+    def input_second_moments(self, batches: Sequence) -> dict[str, np.ndarray]:
+        """X^T X of the inputs of every matrix the model multiplies by, summed over `batches` (this
+        rank's) and all ranks, float32, keyed by the weight's name (the tied head's: tok_emb.weight)."""
+        sums: dict[str, torch.Tensor] = {}
+
+        def observer(name: str):
+            def observe(x: torch.Tensor) -> None:
+                x = x.detach().float().reshape(-1, x.size(-1))
+                sums[name] = sums[name].addmm_(x.T, x) if name in sums else x.T @ x
+            return observe
+
+        with observing_inputs(self.model, Linear, observer), torch.no_grad():
+            for x, _ in batches:
+                self.model.logits(self._to_device(x))
+        if self.world_size > 1:
+            for name in sorted(sums):
+                dist.all_reduce(sums[name], op=dist.ReduceOp.SUM)
+        return {name: sums[name].cpu().numpy() for name in sorted(sums)}
 
     # -- distributed and housekeeping --
 

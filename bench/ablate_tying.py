@@ -70,12 +70,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def train_one(backend: str, out: Path, name: str, extra: dict[str, str], log) -> dict:
-    """A finished run's summary: reused when there, else trained (continuing an unfinished one)."""
+def train_one(backend: str, out: Path, name: str, extra: dict[str, str], log, prefix: str = "ablate-tying") -> dict:
+    """A finished run's summary: reused when there, else trained (continuing an unfinished one).
+    `prefix` starts every line it logs and names the make target that continues a stopped run."""
     run_dir = out / name
     summary = run_dir / "summary.json"
     if summary.is_file():
-        log(f"ablate-tying: {name}: finished before, reused ({run_dir})")
+        log(f"{prefix}: {name}: finished before, reused ({run_dir})")
         return json.loads(summary.read_text())
     env = dict(os.environ, OUT_DIR=str(out), RUN_ID=name, **extra)
     env.pop("RESUME_FROM", None)
@@ -86,14 +87,14 @@ def train_one(backend: str, out: Path, name: str, extra: dict[str, str], log) ->
         kept = out / f"{name}.unfinished-{n}"
         run_dir.rename(kept)   # nothing is lost: the unfinished run stays, and is continued
         ckpt = latest_checkpoint(kept)
-        log(f"ablate-tying: {name}: unfinished before, kept as {kept}"
+        log(f"{prefix}: {name}: unfinished before, kept as {kept}"
             + (f"; continuing from {ckpt}" if ckpt else "; starting again"))
         if ckpt:
             env["RESUME_FROM"] = str(ckpt)
-    log(f"ablate-tying: {name}: training ({' '.join(f'{k}={v}' for k, v in extra.items())})")
+    log(f"{prefix}: {name}: training ({' '.join(f'{k}={v}' for k, v in extra.items())})")
     proc = subprocess.run([sys.executable, "-m", f"backend_{backend}.train"], cwd=ROOT, env=env)
     if proc.returncode != 0 or not summary.is_file():
-        raise TrainingError(f"ablate-tying: the {name} run stopped (exit {proc.returncode}); run make ablate-tying "
+        raise TrainingError(f"{prefix}: the {name} run stopped (exit {proc.returncode}); run make {prefix} "
                             f"again to continue it from its last checkpoint in {run_dir}")
     return json.loads(summary.read_text())
 

@@ -28,6 +28,7 @@ CLOCK = ("tests/test_trainers.py::test_resume_continues_the_training_clock_of_th
 TRACKING = ("tests/trainer/test_tracking.py",)
 CAP = ("tests/trainer/test_loop_paths.py::test_the_wallclock_cap_stops_an_mlx_run_warming_down_by_time",)
 REFERENCE_FILES = ("tests/interop/test_reference_files.py", "tests/interop/test_bad_files.py")
+RECORD_ATTENTION = ("tests/parity/test_parity_record_attention.py",)
 PG_IMPORT = ("tests/interop/test_make_targets.py::test_make_pg_import_keeps_the_source_runs_softcap_and_rope_base",)
 RING = ("tests/mlx/test_mlx_ring.py",)
 DDP_ACCUM = ("tests/torch/test_torch_train.py::test_two_ranks_with_gloo_and_two_accumulation_steps_match_one_rank_with_four",)
@@ -51,6 +52,11 @@ MEMORY_BAND = (MEASURED + "test_the_estimate_is_within_the_band_of_the_measured_
 EAGER_BOUND = (MEASURED + "test_mlx_eager_eval_bounds_the_step_to_one_chunk",)
 PLAN = ("tests/trainer/test_plan.py",)
 SPEC_TOLERANCES = ("tests/parity/test_spec_tolerances.py",)
+TTT_PLAN = ("tests/data/test_ttt_plan.py",)
+TTT = ("tests/trainer/test_ttt.py::test_documents_shorter_than_a_chunk_leave_legal_ttt_nothing_to_learn_from",
+       "tests/trainer/test_ttt.py::test_an_adapter_that_keeps_what_it_learned_across_documents_is_caught",
+       "tests/trainer/test_ttt.py::test_the_adapters_adamw_is_torchs_adamw_in_both_backends",
+       "tests/trainer/test_ttt.py::test_torch_and_mlx_give_the_same_ttt_figures_with_adapters_and_global_phases")
 
 MUTANTS = [
     # core/schedule.py: the learning-rate and momentum schedules
@@ -155,11 +161,11 @@ MUTANTS = [
            "parts.append(np.array(ids, dtype=np.uint16))", TOKENIZER),
     # backend_mlx/model.py
     Mutant("mlx-1", "backend_mlx/model.py",
-           "return self.proj(mx.square(nn.relu(self.fc(x))))",
-           "return self.proj(nn.relu(self.fc(x)))", MLX_MODEL),
+           "return self.proj(mx.square(h))",
+           "return self.proj(h)", MLX_MODEL),
     Mutant("mlx-2", "backend_mlx/model.py",
-           "x = x + self.skip_weights[j] * skips.pop()",
-           "x = x + self.skip_weights[j] * skips.pop(0)", MLX_MODEL),
+           "x = self.add_skip(x, skips.pop(), j)",
+           "x = self.add_skip(x, skips.pop(0), j)", MLX_MODEL),
     Mutant("mlx-3", "backend_mlx/model.py",
            "return c * mx.tanh(raw.astype(mx.float32) / c)",
            "return c * mx.tanh(raw.astype(mx.float32))", MLX_MODEL),
@@ -167,8 +173,8 @@ MUTANTS = [
            "x = mix[0] * x + mix[1] * x0                                        # fp32 residual stream",
            "x = mix[0] * x + mix[0] * x0", MLX_MODEL),
     Mutant("mlx-5", "backend_mlx/model.py",
-           "mask = mx.where(mx.arange(keys)[None, :] <= position[:, None], 0.0, -mx.inf).astype(q.dtype)",
-           "mask = mx.where(mx.arange(keys)[None, :] < position[:, None], 0.0, -mx.inf).astype(q.dtype)", MLX_MODEL),
+           "seen = mx.arange(keys)[None, :] <= position[:, None]",
+           "seen = mx.arange(keys)[None, :] < position[:, None]", MLX_MODEL),
     Mutant("mlx-6", "backend_mlx/model.py",
            "return mx.fast.rms_norm(x.astype(mx.float32), None, eps)",
            "return mx.fast.rms_norm(x.astype(mx.float32), None, 1.1920929e-07)", MLX_MODEL),
@@ -190,17 +196,17 @@ MUTANTS = [
            "new_params.append(p - lr * m_hat / mx.sqrt(v_hat + eps))", MLX_OPTIM),
     # backend_torch/model.py
     Mutant("torch-1", "backend_torch/model.py",
-           "return self.proj(torch.relu(self.fc(x)).square())",
-           "return self.proj(torch.relu(self.fc(x)))", TORCH_MODEL),
+           "return self.proj(h.square())",
+           "return self.proj(h)", TORCH_MODEL),
     Mutant("torch-2", "backend_torch/model.py",
-           "x = x + self.skip_weights[j] * skips.pop()",
-           "x = x + self.skip_weights[j] * skips.pop(0)", TORCH_MODEL),
+           "x = self.add_skip(x, skips.pop(), j)",
+           "x = self.add_skip(x, skips.pop(0), j)", TORCH_MODEL),
     Mutant("torch-3", "backend_torch/model.py",
            "return c * torch.tanh(raw.float() / c)",
            "return raw.float()", TORCH_MODEL),
     Mutant("torch-4", "backend_torch/model.py",
-           "x = x + self.mlp_scale * self.mlp(rms_norm(x, self.eps)).float()",
-           "x = self.mlp_scale * self.mlp(rms_norm(x, self.eps)).float()", TORCH_MODEL),
+           "x = x + self.mlp_scale * self.mlp(self.norm(x)).float()",
+           "x = self.mlp_scale * self.mlp(self.norm(x)).float()", TORCH_MODEL),
     Mutant("torch-5", "backend_torch/model.py",
            "return F.rms_norm(x.float(), (x.size(-1),), eps=eps)",
            "return F.rms_norm(x.float(), (x.size(-1),))", TORCH_MODEL),
@@ -256,7 +262,7 @@ MUTANTS = [
            "for proj, heads in ((\"c_q\", spec.num_heads), (\"c_k\", spec.num_kv_heads)):",
            "for proj, heads in ((\"c_q\", spec.num_heads),):", REFERENCE_FILES),
     Mutant("interop-2", "interop/conventions.py",
-           "sign[hd // 2:] = -1.0", "sign[hd // 2 + 1:] = -1.0", REFERENCE_FILES),
+           "sign[r // 2:r] = -1.0", "sign[r // 2 + 1:r] = -1.0", REFERENCE_FILES),
     Mutant("interop-3", "interop/conventions.py",
            "TORCH_SCRIPT_EPS = float(np.finfo(np.float32).eps)   # 1.1920928955078125e-07",
            "TORCH_SCRIPT_EPS = 1e-6", REFERENCE_FILES),
@@ -287,8 +293,8 @@ MUTANTS = [
     Mutant("interop-14", "interop/safe_pickle.py",
            "for v in value.values():", "for v in value:", REFERENCE_FILES),
     Mutant("interop-15", "interop/pg_import.py",
-           "model_settings = {\"logit_softcap\": settings.logit_softcap, \"rope_base\": settings.rope_base}",
-           "model_settings = {\"logit_softcap\": settings.logit_softcap}", PG_IMPORT),
+           "model_settings.update(logit_softcap=settings.logit_softcap, rope_base=settings.rope_base)",
+           "model_settings.update(logit_softcap=settings.logit_softcap)", PG_IMPORT),
     Mutant("interop-16", "interop/bfloat16.py",
            "rounded = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16",
            "rounded = (u + np.uint32(0x7FFF)) >> 16", ("tests/interop/test_bfloat16.py",)),
@@ -389,6 +395,15 @@ MUTANTS = [
     Mutant("tying-8", "trainer/tying.py",
            "return float(-np.sum(log_probs_of_targets, dtype=np.float64) / log_probs_of_targets.size / LN2)",
            "return float(-np.sum(log_probs_of_targets, dtype=np.float64) / log_probs_of_targets.size)", TYING),
+    # data/ttt_plan.py, trainer/ttt.py, backend_*/ttt.py: score-first test-time training
+    Mutant("ttt-1", "data/ttt_plan.py", "end = starts[i + 1] + 1 if i + 1 < len(starts) else len(tokens)",
+           "end = starts[i + 1] if i + 1 < len(starts) else len(tokens)", TTT_PLAN),
+    Mutant("ttt-2", "data/ttt_plan.py", "window_start = max(0, end - window)", "window_start = max(0, first - window)",
+           TTT_PLAN),
+    Mutant("ttt-3", "trainer/ttt.py", "seen[later] |= self.scored[idx[later] - 1]", "seen[later] = True", TTT),
+    Mutant("ttt-4", "trainer/ttt.py", "return 1.0 - lr * cfg.ttt_weight_decay, lr / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t)",
+           "return 1.0 - lr * cfg.ttt_weight_decay, lr / (1.0 - b1 ** t), 1.0", TTT),
+    Mutant("ttt-5", "backend_mlx/ttt.py", "self.t = 0", "pass", TTT),
     # core/files.py: files written whole or not at all
     Mutant("files-1", "core/files.py",
            "os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary data files", "os.chmod(tmp, 0o600)", FILES),
@@ -410,9 +425,10 @@ MUTANTS = [
            "first = self.step - len(self.unread_losses) + 1", "first = self.step - len(self.unread_losses)", DIVERGENCE),
     # core/memory.py's magnitudes against measured peaks, and MLX's eager evaluation
     Mutant("memory-1", "core/memory.py",
-           "acts = L * (_kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs)",
-           "acts = _kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs", MEMORY_BAND),
-    Mutant("memory-2", "core/memory.py", "D = N * d * 4", "D = N * d * 2", MEMORY_BAND),
+           "acts = calls * (_kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs",
+           "acts = (_kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs", MEMORY_BAND),
+    Mutant("memory-2", "core/memory.py",
+           "acts, logits = acts + a, logits + lg", "acts, logits = max(acts, a), max(logits, lg)", MEMORY_BAND),
     Mutant("memory-3", "core/memory.py", "if mlx and not mlx_eager_eval:", "if mlx:", EAGER_BOUND),
     Mutant("memory-4", "backend_mlx/session.py", "if eager:", "if False:", EAGER_BOUND),
     # trainer/plan.py: the budget and the resolved run
@@ -434,4 +450,19 @@ MUTANTS = [
     Mutant("doctor-3", "bench/doctor.py",
            "TOLERANCES = {\"logits\": 1e-5, \"grads\": 1e-4, \"optim_step\": 1e-5}",
            "TOLERANCES = {\"logits\": 1e-5, \"grads\": 1e-4, \"optim_step\": 1e-2}", SPEC_TOLERANCES),
+    # The record's attention options (docs/spec.md §4.1-§4.5), one in each layer of their realisation
+    Mutant("record-attn-1", "backend_torch/model.py",
+           "return e + (ids != BOS_ID)[..., None] * g * previous", "return e + g * previous", RECORD_ATTENTION),
+    Mutant("record-attn-2", "backend_mlx/model.py",
+           "seen = (seen & (docs[:, S - T + start:S - T + stop, None] == docs[:, None, :keys]))[:, None]",
+           "seen = seen[None, None]", RECORD_ATTENTION),
+    Mutant("record-attn-3", "backend_torch/model.py",
+           "unit = F.normalize(v.float(), dim=-1)[:, :, None]                       # v / max(|v|, 1e-12)",
+           "unit = v.float()[:, :, None]", RECORD_ATTENTION),
+    Mutant("record-attn-4", "core/reference.py",
+           "g = 1.0 / (1.0 + np.exp(-spec.sparse_attn_gate_scale * (x[..., :spec.gate_window] @ w[prefix + \"attn_gate_w\"].T)))",
+           "g = 1.0 / (1.0 + np.exp(-(x[..., :spec.gate_window] @ w[prefix + \"attn_gate_w\"].T)))", RECORD_ATTENTION),
+    Mutant("record-attn-5", "core/config.py",
+           "return self.rope_base * (n / L) ** (r / (r - 2))", "return self.rope_base * (n / L) ** (r / (r - 1))",
+           ("tests/core/test_record_attention_options.py",)),
 ]

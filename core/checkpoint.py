@@ -5,6 +5,7 @@ Tensors (no pickle):
                        and no lm_head.weight at all when embeddings are tied)
     optim/<key>        every array of the optimizer state (Adam moments, Muon buffers, ...)
     rng/<key>          every array of the RNG state, if any
+    ema/<name>         the moving average of the weights (EMA_DECAY), when the run keeps one
 
 Header metadata, key "twingpt": a JSON object with sorted keys:
     format             FORMAT_VERSION
@@ -43,6 +44,8 @@ FORMAT_VERSION = 1
 META_KEY = "twingpt"
 OPTIM_PREFIX = "optim/"
 RNG_PREFIX = "rng/"
+EMA_PREFIX = "ema/"
+PREFIXES = (OPTIM_PREFIX, RNG_PREFIX, EMA_PREFIX)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Checkpoint:
     backend: str = ""
     extra: dict = field(default_factory=dict)
     looping: bool = False
+    ema: dict[str, np.ndarray] | None = None   # the weights' moving average, when the run kept one
 
 
 def _split(state: dict, prefix: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -79,13 +83,16 @@ def _json_default(value):
 
 def save_checkpoint(path, *, spec: ModelSpec, config, step: int, weights: dict[str, np.ndarray],
                     optimizer_state: dict[str, Any], data_state: dict, rng_state: dict | None = None,
-                    backend: str = "", extra: dict | None = None, looping: bool = False) -> None:
+                    backend: str = "", extra: dict | None = None, looping: bool = False,
+                    ema: dict[str, np.ndarray] | None = None) -> None:
     """Write a checkpoint atomically. `config` is a TrainConfig (or its dict)."""
     path = Path(path)
     label = f"checkpoint {path}"
     check_weights(spec, weights, source=label)  # never write what load_checkpoint would refuse
     if looping and not spec.num_loops:
         raise ValueError(f"{label}: looping without NUM_LOOPS")
+    if ema is not None:
+        check_weights(spec, ema, source=f"{label} (moving average)")
     optim_arrays, optim_scalars = _split(optimizer_state, OPTIM_PREFIX)
     rng_arrays, rng_scalars = _split(rng_state, RNG_PREFIX) if rng_state is not None else ({}, None)
     meta = {
@@ -107,6 +114,7 @@ def save_checkpoint(path, *, spec: ModelSpec, config, step: int, weights: dict[s
     tensors = {name: np.ascontiguousarray(a) for name, a in weights.items()}
     tensors.update(optim_arrays)
     tensors.update(rng_arrays)
+    tensors.update({EMA_PREFIX + name: np.ascontiguousarray(a) for name, a in (ema or {}).items()})
     try:
         write_bytes_atomic(path, safetensors.numpy.save(tensors, metadata={META_KEY: text}))
     except OSError as e:
@@ -162,8 +170,11 @@ def load_checkpoint(path) -> Checkpoint:
     def strip(prefix: str) -> dict[str, np.ndarray]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    weights = {k: v for k, v in tensors.items() if not k.startswith((OPTIM_PREFIX, RNG_PREFIX))}
+    weights = {k: v for k, v in tensors.items() if not k.startswith(PREFIXES)}
     check_weights(spec, weights, source=label)
+    ema = strip(EMA_PREFIX) or None
+    if ema is not None:
+        check_weights(spec, ema, source=f"{label} (moving average)")
     rng_state = None
     if meta["rng_state"] is not None:
         rng_state = {**meta["rng_state"], **strip(RNG_PREFIX)}
@@ -171,7 +182,7 @@ def load_checkpoint(path) -> Checkpoint:
         path=str(path), spec=spec, config=meta["config"], step=meta["step"], weights=weights,
         optimizer_state={**meta["optimizer_scalars"], **strip(OPTIM_PREFIX)},
         data_state=meta["data_state"], rng_state=rng_state, backend=meta["backend"], extra=meta["extra"],
-        looping=meta.get("looping", False) and spec.num_loops > 0,
+        looping=meta.get("looping", False) and spec.num_loops > 0, ema=ema,
     )
 
 

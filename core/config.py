@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from core.errors import ConfigError
+from core.presets import Preset, load_preset
 
 
 AUTO = "auto"
@@ -29,6 +30,7 @@ AUTO = "auto"
 # Golf FineWeb shards too): the document boundary of SMEAR_GATE_ENABLED and DOC_ATTENTION_ENABLED.
 BOS_ID = 1
 TRACKERS = ("tensorboard", "wandb")   # the experiment trackers REPORT_TO may name (trainer/tracking.py)
+NS_COEFF_CHOICES = ("fixed", "polar-express")   # MUON_NS_COEFFS (core/optimizer.py)
 
 
 def parse_report_to(value: str) -> list[str]:
@@ -309,6 +311,38 @@ class TrainConfig(ModelSettings):
     resume_from: str = setting("", "checkpoint to continue from (weights, optimizer, step, data position)")
     report_to: str = setting("", "experiment trackers that also get every train/val record, the config and the "
                              "summary (rank 0): comma-separated tensorboard, wandb (offline); empty = none")
+    # Score-first test-time training at evaluation (docs/spec.md §14, trainer/ttt.py). Per document a
+    # LoRA adapter scores each chunk, then trains on it; adapters reset at every document. The
+    # defaults are the Parameter Golf record's run (train_seed42.log).
+    ttt_enabled: bool = setting(False, "score-first test-time training at the end of training and in make eval")
+    ttt_lora_rank: int = setting(80, "rank r of each LoRA adapter")
+    ttt_lora_alpha: float = setting(144.0, "LoRA scale: the adapted matrix is W + (alpha/r) B A")
+    ttt_lora_lr: float = setting(1e-4, "AdamW learning rate of the adapters")
+    ttt_chunk_size: int = setting(48, "targets scored per chunk; the adapter trains on each chunk once it is scored")
+    ttt_eval_seq_len: int = setting(0, "context window of each chunk's forward (0 = TRAIN_SEQ_LEN)")
+    ttt_batch_size: int = setting(64, "documents per batch of the record's order (sorted by length, longest "
+                                  "batch first); here each is adapted one at a time, with the same result")
+    ttt_grad_steps: int = setting(1, "adapter optimizer steps on each scored chunk")
+    ttt_weight_decay: float = setting(0.5, "AdamW weight decay of the adapters")
+    ttt_beta1: float = setting(0.0, "AdamW beta1 of the adapters")
+    ttt_beta2: float = setting(0.99, "AdamW beta2 of the adapters")
+    ttt_k_lora: bool = setting(True, "adapt the key projections (queries and values always are)")
+    ttt_mlp_lora: bool = setting(True, "adapt the MLP output projections")
+    ttt_o_lora: bool = setting(True, "adapt the attention output projections")
+    ttt_head_lora: bool = setting(True, "adapt the output head (when tied: the shared embedding matrix)")
+    phased_ttt_prefix_docs: int = setting(2500, "documents (in TTT order) after which global SGD runs on what "
+                                          "is scored so far (0 = no global phases)")
+    phased_ttt_num_phases: int = setting(3, "global SGD phases, at equal steps of the prefix documents")
+    global_ttt_lr: float = setting(0.001, "SGD learning rate of a global phase (cosine over its chunks)")
+    global_ttt_momentum: float = setting(0.9, "SGD momentum of a global phase")
+    global_ttt_epochs: int = setting(1, "passes over each chunk of a global phase")
+    global_ttt_chunk_tokens: int = setting(32768, "tokens per chunk of a global phase (its last chunk is not trained)")
+    global_ttt_batch_seqs: int = setting(32, "sequences of TTT_EVAL_SEQ_LEN per SGD step of a global phase")
+    global_ttt_warmup_start_lr: float = setting(0.0, "learning rate of a global phase's first warmup chunk")
+    global_ttt_warmup_chunks: int = setting(0, "chunks of linear warmup in a global phase")
+    global_ttt_grad_clip: float = setting(1.0, "gradient norm clip of a global phase (0 = off)")
+    eval_time_budget_seconds: float = setting(600.0, "the TTT evaluation stops with an error past this time "
+                                              "(0 = no budget)")
     # Layer looping (the model's NUM_LOOPS, LOOP_START, LOOP_END): when it starts
     enable_looping_at: float = setting(0.0, "fraction of training (of ITERATIONS, or of MAX_WALLCLOCK_SECONDS when "
                                             "capped, whichever is further) after which the layers loop (NUM_LOOPS > 0)")
@@ -326,6 +360,23 @@ class TrainConfig(ModelSettings):
     beta2: float = setting(0.95, "Adam beta2")
     adam_eps: float = setting(1e-8, "Adam epsilon")
     grad_clip_norm: float = setting(0.0, "clip the global gradient norm to this (0 = off)")
+    # The record's training recipe (docs/spec.md §6; the record's names and meanings). Each is off
+    # by default, and a run with all of them off is the baseline's, loss for loss.
+    muon_ns_coeffs: str = setting("fixed", "Newton-Schulz coefficients of Muon: fixed (one (a, b, c) for every "
+                                  "iteration) or polar-express (one tuple per iteration, the record's)",
+                                  choices=NS_COEFF_CHOICES)
+    muon_row_normalize: bool = setting(False, "Muon: divide each row of the momentum update by its L2 norm "
+                                       "before Newton-Schulz")
+    muon_wd: float = setting(0.0, "decoupled weight decay of the Muon matrices: w *= 1 - lr*MUON_WD each step")
+    adam_wd: float = setting(0.0, "decoupled weight decay of the Adam scalar (and untied head) parameters")
+    embed_wd: float = setting(0.0, "decoupled weight decay of the token embedding")
+    warmdown_frac: float = setting(0.0, "warm down over this fraction of training, by steps or by the wall-clock "
+                                   "cap, whichever is further (0 = WARMDOWN_ITERS decides)")
+    min_lr: float = setting(0.0, "floor of the learning-rate multiplier during the warmdown (a fraction of each peak rate)")
+    ema_decay: float = setting(0.0, "keep an exponential moving average of the weights with this decay; it is "
+                               "what is evaluated at the end and exported (0 = off)")
+    preset: str = setting("", "a named set of settings (presets/<name>.json) under the environment, flags and "
+                          "CONFIG file; empty = none")
     # Hardware
     device: str = setting("auto", "torch device: cuda, cpu, mps (Apple GPU), or auto (cuda when available, else cpu)",
                           choices=("auto", "cpu", "cuda", "mps"))
@@ -346,6 +397,30 @@ class TrainConfig(ModelSettings):
                                                 "(a peer that failed, was killed or hangs)")
     plan: bool = setting(False, "print the resolved run (device, dtype, micro-steps, memory estimate vs budget) "
                          "and exit without writing anything")
+    # The artifact's quantization (docs/spec.md §9; QUANT=gptq: §9.2, make quantize). Defaults: the record's run.
+    quant: str = setting("int8", "artifact quantization: int8 (the baseline's int8+zlib) or gptq (MATRIX_BITS/EMBED_BITS "
+                         "codes with per-row scales, GPTQ or round-to-nearest, optional LQER)", choices=("int8", "gptq"))
+    gptq: bool = setting(True, "QUANT=gptq: 1 = GPTQ's error-compensating rounding, 0 = round-to-nearest with the "
+                         "same scales (the control)")
+    gptq_calibration_batches: int = setting(16, "QUANT=gptq: training batches (TRAIN_BATCH_TOKENS each, from the start "
+                                            "of the training stream) whose linear-layer inputs give GPTQ its X^T X")
+    matrix_bits: int = setting(6, "QUANT=gptq: bits of the block matrices' codes (2 to 8)")
+    embed_bits: int = setting(7, "QUANT=gptq: bits of the embedding's (and an untied head's) codes (2 to 8)")
+    matrix_clip_sigmas: float = setting(12.85, "QUANT=gptq: row scale = this many row standard deviations per "
+                                        "largest code, for block matrices neither attention nor MLP")
+    mlp_clip_sigmas: float = setting(11.5, "QUANT=gptq: the same for matrices named .mlp.")
+    attn_clip_sigmas: float = setting(13.0, "QUANT=gptq: the same for matrices named .attn.")
+    embed_clip_sigmas: float = setting(14.0, "QUANT=gptq: the same for the embedding and an untied head")
+    lqer_enabled: bool = setting(True, "QUANT=gptq: add a low-rank correction of the error to the LQER_TOP_K matrices "
+                                 "with the largest error")
+    lqer_rank: int = setting(4, "QUANT=gptq: rank of the LQER correction")
+    lqer_top_k: int = setting(3, "QUANT=gptq: how many matrices get an LQER correction")
+    lqer_factor_bits: int = setting(4, "QUANT=gptq: bits of the LQER factors' codes (symmetric, per row)")
+    lqer_asym_enabled: bool = setting(True, "QUANT=gptq: store LQER's A in 2 bits (one scale) and B in 4 bits by groups "
+                                      "of LQER_ASYM_GROUP instead")
+    lqer_asym_group: int = setting(64, "QUANT=gptq: group size of B's scales when LQER_ASYM_ENABLED")
+    compressor: str = setting("zlib", "compressor of the artifact: zlib (level 9), lzma (preset 9) or brotli "
+                              "(quality 11)", choices=("zlib", "lzma", "brotli"))
 
     def __post_init__(self):
         for f in fields(self):
@@ -355,30 +430,70 @@ class TrainConfig(ModelSettings):
                 raise ConfigError(f"{env_name(f.name)}={value!r}: must be one of {', '.join(choices)}")
         positive = ("iterations", "train_batch_tokens", "train_seq_len", "grad_accum_steps", "val_batch_size",
                     "train_log_every", "muon_backend_steps", "memory_budget_gb",
-                    "collective_timeout_seconds")
+                    "collective_timeout_seconds",
+                    "gptq_calibration_batches", "matrix_clip_sigmas", "mlp_clip_sigmas", "attn_clip_sigmas",
+                    "embed_clip_sigmas", "lqer_rank", "lqer_asym_group")
         for name in positive:
             if getattr(self, name) != AUTO and getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
         non_negative = ("warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                         "eval_stride", "eval_seq_len", "eval_batch_seqs",
-                        "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps")
+                        "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps", "lqer_top_k")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must not be negative")
         for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be in [0, 1)")
+        for name in ("muon_wd", "adam_wd", "embed_wd", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must not be negative")
+        if not 0.0 <= self.warmdown_frac <= 1.0:
+            raise ConfigError(f"WARMDOWN_FRAC={self.warmdown_frac}: must be in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"EMA_DECAY={self.ema_decay}: must be in [0, 1)")
+        if self.min_lr > 1.0:
+            raise ConfigError(f"MIN_LR={self.min_lr}: must be in [0, 1] (a fraction of the peak rate)")
         if self.eval_stride > self.eval_window:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the window length "
                               f"{self.eval_window} (EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); a longer stride skips targets")
+        self.check_ttt()
         if not 0.0 <= self.enable_looping_at <= 1.0:
             raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at}: must be a fraction of training in [0, 1]")
         if not math.isfinite(self.collective_timeout_seconds):
             raise ConfigError(f"COLLECTIVE_TIMEOUT_SECONDS={self.collective_timeout_seconds}: must be a finite number")
         if self.mlx_max_microbatch_tokens <= 0:
             raise ConfigError(f"MLX_MAX_MICROBATCH_TOKENS={self.mlx_max_microbatch_tokens}: must be positive")
+        for name in ("matrix_bits", "embed_bits", "lqer_factor_bits"):
+            if not 2 <= getattr(self, name) <= 8:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: unsupported; must be 2 to 8 (codes are "
+                                  "stored one per int8)")
         parse_report_to(self.report_to)
         self.model_spec()  # validates the model settings too
+
+    def check_ttt(self) -> None:
+        """The TTT settings' ranges, checked whether or not TTT_ENABLED (a typo never waits for the end of
+        a run); the chunk against the window only when on (TRAIN_SEQ_LEN may be shorter than 48)."""
+        for name in ("ttt_lora_rank", "ttt_chunk_size", "ttt_batch_size", "ttt_grad_steps",
+                     "phased_ttt_num_phases", "global_ttt_chunk_tokens", "global_ttt_batch_seqs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
+        for name in ("ttt_lora_alpha", "ttt_lora_lr", "ttt_eval_seq_len", "ttt_weight_decay", "phased_ttt_prefix_docs",
+                     "global_ttt_lr", "global_ttt_epochs", "global_ttt_warmup_start_lr", "global_ttt_warmup_chunks",
+                     "global_ttt_grad_clip", "eval_time_budget_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must not be negative")
+        for name in ("ttt_beta1", "ttt_beta2", "global_ttt_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be in [0, 1)")
+        if self.ttt_enabled and self.ttt_chunk_size > self.ttt_window:
+            raise ConfigError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size}: must not exceed the TTT window {self.ttt_window} "
+                              "(TTT_EVAL_SEQ_LEN, else TRAIN_SEQ_LEN)")
+
+    @property
+    def ttt_window(self) -> int:
+        """Context window of the TTT forwards: TTT_EVAL_SEQ_LEN, else TRAIN_SEQ_LEN."""
+        return self.ttt_eval_seq_len or self.train_seq_len
 
     def model_spec(self) -> ModelSpec:
         names = model_fields()
@@ -568,9 +683,18 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     for name in kinds:
         if getattr(args, name) is not None:
             raw[name] = getattr(args, name)
+    # A preset sits under everything else: what the user set explicitly wins.
+    preset_name = str(raw.get("preset", "")).strip()
+    if preset_name:
+        raw = {**load_preset(preset_name, kinds).settings, **raw, "preset": preset_name}
 
     values = {name: parse_value(name, value, kinds[name]) for name, value in raw.items()}
     return TrainConfig(**values)
+
+
+def preset_of(cfg: TrainConfig) -> Preset | None:
+    """The preset a config was loaded with (PRESET=...), or None."""
+    return load_preset(cfg.preset, _field_kinds()) if cfg.preset else None
 
 
 def settings_table() -> list[tuple[str, str, Any, str]]:

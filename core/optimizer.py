@@ -9,9 +9,39 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from core.params import EMBED, MATRIX
+
 # Coefficients (a, b, c) of the quintic Newton-Schulz iteration, and the epsilon of its normalization.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
+# MUON_NS_COEFFS=polar-express (docs/spec.md §6.1): the record's coefficients, one tuple per
+# iteration, minimax-fitted so five iterations bring every singular value of a normalised matrix
+# close to 1 (Amsel et al., "The Polar Express", 2025; parameter-golf PR #1344).
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+# Row normalisation (MUON_ROW_NORMALIZE): each row divided by max(its L2 norm, this).
+ROW_NORM_EPS = 1e-7
+
+
+def ns_coefficients(kind: str, steps: int) -> tuple[tuple[float, float, float], ...]:
+    """(a, b, c) of each of `steps` iterations; `kind` is MUON_NS_COEFFS ("fixed" or "polar-express").
+    Past the fifth iteration the last Polar Express tuple repeats (the record always runs five)."""
+    if kind == "fixed":
+        return (NS_COEFFS,) * steps
+    if kind == "polar-express":
+        return tuple(POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps))
+    raise ValueError(f"unknown Newton-Schulz coefficients {kind!r}")
+
+
+def group_weight_decay(group: str, cfg) -> float:
+    """The decoupled weight decay of an optimizer group (docs/spec.md §6.1): MUON_WD for the matrices,
+    EMBED_WD for the embedding, ADAM_WD for the scalar group and the untied head."""
+    return {MATRIX: cfg.muon_wd, EMBED: cfg.embed_wd}.get(group, cfg.adam_wd)
 
 # Added to the global gradient norm before dividing by it, as torch's clip_grad_norm_.
 CLIP_EPS = 1e-6

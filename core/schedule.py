@@ -1,5 +1,8 @@
 """Learning-rate and Muon-momentum schedules (docs/spec.md §6): pure functions of the step and the clock.
 
+Two warmdowns: the reference trainers' (WARMDOWN_ITERS, a number of final steps) and the record's
+(WARMDOWN_FRAC, a fraction of training); MIN_LR floors either.
+
 The formulas are the reference trainers', operation for operation, so both backends and the
 reference scripts follow the same schedule to the last bit.
 """
@@ -33,6 +36,14 @@ def lr_mul(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int
     return min(by_steps, by_time)
 
 
+def lr_mul_by_frac(frac: float, *, warmdown_frac: float, min_lr: float) -> float:
+    """The record's multiplier (WARMDOWN_FRAC > 0): 1, then linear to 0 over the last `warmdown_frac`
+    of training, never below `min_lr` (MIN_LR, a fraction of each peak rate)."""
+    if frac < 1.0 - warmdown_frac:
+        return 1.0
+    return max((1.0 - frac) / warmdown_frac, min_lr, 0.0)
+
+
 def muon_momentum(step: int, *, start: float, end: float, warmup_steps: int) -> float:
     """Muon's momentum, linear from `start` at step 0 to `end` at `warmup_steps`, then constant."""
     frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
@@ -40,7 +51,9 @@ def muon_momentum(step: int, *, start: float, end: float, warmup_steps: int) -> 
 
 
 def training_fraction(step: int, elapsed_ms: float, *, iterations: int, max_wallclock_ms: float | None) -> float:
-    """How far training is, in [0, 1]: of ITERATIONS, or of the wall-clock cap, whichever is further."""
+    """How far training is, in [0, 1]: of ITERATIONS, or of the wall-clock cap, whichever is further
+    (ENABLE_LOOPING_AT and WARMDOWN_FRAC read it; the record reads the time alone under a cap, and the
+    two agree whenever the cap is what ends training)."""
     frac = step / max(iterations, 1)
     if max_wallclock_ms is not None and max_wallclock_ms > 0:
         frac = max(frac, elapsed_ms / max_wallclock_ms)
@@ -60,8 +73,14 @@ def wallclock_cap_ms(cfg) -> float | None:
 
 def learning_rates(cfg, step: int, elapsed_ms: float) -> dict[str, float]:
     """Optimizer group -> learning rate at this step, for a TrainConfig `cfg`."""
-    mul = lr_mul(step, elapsed_ms, iterations=cfg.iterations, warmdown_iters=cfg.warmdown_iters,
-                 max_wallclock_ms=wallclock_cap_ms(cfg))
+    if cfg.warmdown_frac > 0:
+        frac = training_fraction(step, elapsed_ms, iterations=cfg.iterations, max_wallclock_ms=wallclock_cap_ms(cfg))
+        mul = lr_mul_by_frac(frac, warmdown_frac=cfg.warmdown_frac, min_lr=cfg.min_lr)
+    else:
+        mul = lr_mul(step, elapsed_ms, iterations=cfg.iterations, warmdown_iters=cfg.warmdown_iters,
+                     max_wallclock_ms=wallclock_cap_ms(cfg))
+        if cfg.min_lr > 0:
+            mul = max(mul, cfg.min_lr)
     return {group: group_lr(group, cfg) * mul for group in param_groups(cfg.model_spec())}
 
 

@@ -13,7 +13,7 @@ identically. A run goes through six phases, one function (or class) each, in thi
     warm_up          prime compilation on real steps, then put everything back
     Training.run_steps  train, validating and checkpointing on schedule, until the last step, the
                      wall-clock cap or Ctrl-C
-    finish           artifact, roundtrip evaluation (roundtrip), summary (summarize)
+    finish           artifact, roundtrip evaluation, summary
 
 What a run writes is described in trainer/run_folder.py.
 """
@@ -34,7 +34,7 @@ import numpy as np
 
 from core import artifact
 from core.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
-from core.config import ModelSpec, TrainConfig, load_config
+from core.config import ModelSpec, TrainConfig, load_config, preset_of
 from core.errors import RankError, TrainingError, UserError, exit_on_user_error
 from core.flops import flops_per_token, matmul_ceiling_gflops
 from core.init import init_weights
@@ -48,9 +48,11 @@ from trainer.interrupt import InterruptFlag
 from trainer.plan import RunGeometry, RunPlan, check_fits, make_plan
 from trainer.plot import plot_losses
 from trainer.progress import EvalProgress, Progress, format_seconds
+from trainer.quantize_file import artifact_label, artifact_name, build_artifact
 from trainer.run_folder import RunLog, create_run_dir, make_run_dir, source_snapshot
 from trainer.tracking import check_trackers
 from trainer.summary import format_summary
+from trainer.ttt import BudgetExceeded, check_ttt_runnable, legality_line, run_ttt, ttt_summary
 from trainer.validation import evaluate, evaluate_sliding, train_token_counts
 
 
@@ -100,6 +102,7 @@ def prepare(cfg: TrainConfig, backend: TrainerBackend) -> Run:
     spec = cfg.model_spec()
     plan = make_plan(cfg, backend)
     check_fits(plan)
+    check_ttt_runnable(cfg, backend.world_size)
     cfg = plan.cfg   # GRAD_ACCUM_STEPS, MLX_EAGER_EVAL and the budget resolved
     master = backend.rank == 0
     # resolve_dataset reads the header and token range of every shard (data/datasets.py).
@@ -130,6 +133,8 @@ def start(run: Run) -> tuple[ParamCount, float, float]:
     log(f"twingpt run {run.run_id} backend:{backend.name} {source_snapshot()}")
     log(f"python {platform.python_version()} {platform.platform()} argv:{' '.join(sys.argv)}", console=False)
     log("config " + json.dumps(cfg.to_dict(), sort_keys=True), console=False)
+    for line in preset_lines(cfg):
+        log(line)
     backend.setup(spec, cfg)
     for note in backend.notes:
         log(note)
@@ -165,6 +170,21 @@ def build_or_resume(run: Run, loader: DistributedTokenLoader) -> tuple[int, floa
         loader.restore(ckpt.data_state)
     run.log(f"resumed from {run.cfg.resume_from} at step:{ckpt.step} (trained by {ckpt.backend or 'unknown'})")
     return ckpt.step, float(ckpt.extra.get("train_time_ms", 0.0))
+
+
+def start_ema(run: Run, step: int) -> None:
+    """EMA_DECAY > 0: the moving average starts from the weights training starts from, or continues
+    from the checkpoint's (a checkpoint without one starts it from its weights)."""
+    if run.cfg.ema_decay <= 0:
+        return
+    backend, ckpt = run.backend, run.checkpoint
+    if ckpt is not None and ckpt.ema is not None:
+        backend.load_ema(ckpt.ema)
+        run.log(f"ema: decay {run.cfg.ema_decay:g}, continued from the checkpoint's moving average")
+    else:
+        backend.load_ema(backend.export_weights())
+        run.log(f"ema: decay {run.cfg.ema_decay:g}, started from the weights of step {step}; the final "
+                "validation, the artifact and its roundtrip use the moving average")
 
 
 def next_micro_batches(geometry: RunGeometry, loader: DistributedTokenLoader) -> list:
@@ -252,7 +272,7 @@ class Training:
                 last_step = self.step >= cfg.iterations or (self.stop_after is not None and self.step >= self.stop_after)
                 if last_step or (cfg.val_loss_every > 0 and self.step > self.start_step
                                  and self.step % cfg.val_loss_every == 0):
-                    self.validate()
+                    self.validate(final=last_step)
                 if last_step:
                     break
                 self.train_one_step()
@@ -310,16 +330,26 @@ class Training:
             remaining = min(remaining, max(self.max_ms - train_ms, 0.0))
         return remaining / 1000.0
 
-    def validate(self) -> None:
+    def validate(self, final: bool = False) -> None:
+        """The training weights; the final validation, with EMA_DECAY > 0, the moving average (the
+        weights are put back after, so the final checkpoint keeps both)."""
         run, cfg, step = self.run, self.cfg, self.step
         self.pause_clock()
         self.read_losses()
+        ema = self.backend.export_ema() if final else None
+        if ema is not None:
+            live = self.backend.export_weights()
+            self.backend.load_weights(ema)
         self.val_loss, self.val_bpb = evaluate(self.backend, run.val_tokens, run.tables, cfg.train_seq_len,
                                                run.plan.geometry.val_batch_seqs, EvalProgress(f"val step {step}", run.master))
+        if ema is not None:
+            self.backend.load_weights(live)
+        which = {"weights": "ema"} if ema is not None else {}
         self.log(f"step:{step}/{cfg.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
-                 f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / max(step, 1):.2f}ms")
+                 f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / max(step, 1):.2f}ms"
+                 + (" (moving average)" if ema is not None else ""))
         self.log.metric(kind="val", step=step, tokens=step * self.tokens_per_step, val_loss=self.val_loss,
-                        val_bpb=self.val_bpb, train_time_ms=self.elapsed_ms)
+                        val_bpb=self.val_bpb, train_time_ms=self.elapsed_ms, **which)
         if run.master:
             plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png",
                         title=f"{run.run_id} ({self.backend.name}, {run.dataset.name})")
@@ -362,7 +392,7 @@ class Training:
         save_checkpoint(path, spec=run.spec, config=self.cfg.to_dict(), step=self.step,
                         weights=weights, optimizer_state=self.backend.export_optimizer_state(),
                         data_state=self.loader.state(), backend=self.backend.name, looping=self.looping,
-                        extra={"train_time_ms": self.elapsed_ms, "run_id": run.run_id})
+                        extra={"train_time_ms": self.elapsed_ms, "run_id": run.run_id}, ema=self.backend.export_ema())
         self.log(f"checkpoint:{path}")
         return path
 
@@ -375,47 +405,57 @@ class Training:
 # Phase 6: the artifact, the model evaluated again after its int8 roundtrip, and the summary
 # ---------------------------------------------------------------------------------------------
 
-def roundtrip(run: Run, training: Training) -> tuple[int, float, float, dict]:
-    """Write the int8+zlib artifact, score the model it holds (and in sliding windows with
-    EVAL_STRIDE), then put the trained weights back. Returns (artifact bytes, val_loss, val_bpb,
-    the sliding figures or {})."""
-    cfg, backend, log = run.cfg, run.backend, run.log
+def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[float, float],
+           wall_start: float) -> TrainResult:
+    cfg, spec, backend, log = run.cfg, run.spec, run.backend, run.log
+    ema = backend.export_ema()
+    if ema is not None:   # EMA_DECAY > 0: the moving average ships, and GPTQ calibrates on it
+        backend.load_weights(ema)
     weights = backend.export_weights()
-    blob = artifact.pack(weights)
-    artifact_path = run.run_dir / "model.int8.zlib"
+    label = artifact_label(cfg)   # int8_zlib by default (QUANT, COMPRESSOR: docs/spec.md §9)
+    blob = build_artifact(cfg, spec, weights, backend, run.dataset.train_files, say=log)
+    artifact_path = run.run_dir / artifact_name(cfg)
     if run.master:
         artifact.write_artifact(artifact_path, blob)
-        log(f"serialized_model_int8_zlib:{len(blob)} bytes {artifact.size_report(len(blob))}")
+        log(f"serialized_model_{label}:{len(blob)} bytes {artifact.size_report(len(blob))}")
     t_eval = time.perf_counter()
     backend.load_weights(artifact.unpack(blob))
     rt_loss, rt_bpb = evaluate(backend, run.val_tokens, run.tables, cfg.train_seq_len, run.plan.geometry.val_batch_seqs,
                               EvalProgress("roundtrip val", run.master))
-    log(f"final_int8_zlib_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} "
+    log(f"final_{label}_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} "
         f"eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
-    log(f"final_int8_zlib_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
+    log(f"final_{label}_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
     sliding = {}
     if cfg.eval_stride > 0:   # the same roundtrip weights, scored in sliding windows (docs/spec.md §7)
         t_eval = time.perf_counter()
         sl_loss, sl_bpb = evaluate_sliding(backend, run.val_tokens, run.tables, cfg.eval_window, cfg.eval_stride,
-                                           run.plan.geometry.sliding_batch_seqs,
-                                           EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
+                                           run.plan.geometry.sliding_batch_seqs, EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
         sliding = {"eval_stride": cfg.eval_stride, "eval_seq_len": cfg.eval_window,
                    "roundtrip_sliding_val_loss": sl_loss, "roundtrip_sliding_val_bpb": sl_bpb,
                    "sliding_eval_time_s": time.perf_counter() - t_eval}
-        log(f"final_int8_zlib_roundtrip_sliding val_loss:{sl_loss:.8f} val_bpb:{sl_bpb:.8f} "
+        log(f"final_{label}_roundtrip_sliding val_loss:{sl_loss:.8f} val_bpb:{sl_bpb:.8f} "
             f"stride:{cfg.eval_stride} seq_len:{cfg.eval_window} (standard val_bpb:{rt_bpb:.8f}) "
             f"eval_time:{1000.0 * sliding['sliding_eval_time_s']:.0f}ms")
         log.metric(kind="sliding_val", step=training.step, tokens=training.step * training.tokens_per_step,
                    val_loss=sl_loss, val_bpb=sl_bpb, eval_stride=cfg.eval_stride, eval_seq_len=cfg.eval_window,
-                   weights="int8_zlib_roundtrip")
-    backend.load_weights(weights)
-    return len(blob), rt_loss, rt_bpb, sliding
+                   weights=f"{label}_roundtrip")
+    ttt = {}
+    if cfg.ttt_enabled:   # the same roundtrip weights, with score-first test-time training (docs/spec.md §14)
+        try:
+            result = run_ttt(backend, run.val_tokens, run.tables, cfg, EvalProgress("ttt", run.master, unit="target"))
+        except BudgetExceeded as e:   # the run is kept; make check-submission reports the eval as over its cap
+            log(f"final_{label}_roundtrip_ttt error: {e}")
+            ttt = {"ttt_error": str(e)}
+        else:
+            ttt = ttt_summary(result)
+            log(f"final_{label}_roundtrip_ttt val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
+                f"documents:{result.documents} phases:{result.phases_run} (standard val_bpb:{rt_bpb:.8f}) "
+                f"eval_time:{1000.0 * result.seconds:.0f}ms")
+            log(legality_line(result.record))
+            log.metric(kind="ttt_val", step=training.step, tokens=training.step * training.tokens_per_step,
+                       val_loss=result.val_loss, val_bpb=result.val_bpb, weights=f"{label}_roundtrip")
+    backend.load_weights(weights)   # global TTT phases change the weights; the checkpoint's are these
 
-
-def summarize(run: Run, training: Training, counts: ParamCount, unigram: tuple[float, float], wall_start: float,
-              artifact_bytes: int, rt_loss: float, rt_bpb: float) -> dict:
-    """The figures of summary.json: what was trained, how well, how fast, in how much memory."""
-    cfg, spec, backend = run.cfg, run.spec, run.backend
     step, start_step = training.step, training.start_step
     tokens_per_step, world = training.tokens_per_step, backend.world_size
     flops_token = flops_per_token(spec, cfg.train_seq_len, looping=spec.num_loops > 0)
@@ -431,13 +471,13 @@ def summarize(run: Run, training: Training, counts: ParamCount, unigram: tuple[f
     if peak is None:  # the process's resident peak, and how much of it the process held before the run
         peak, baseline = peak_rss_bytes(), run.rss_at_start
     uni_loss, uni_bpb = unigram
-    return {
+    summary = {
         "run_id": run.run_id, "backend": backend.name, "device": backend.device,
         "compute_dtype": backend.compute_dtype, "dataset": run.dataset.name, "run_dir": str(run.run_dir),
         "steps": step, "tokens_seen": step * tokens_per_step,
         "val_loss": training.val_loss, "val_bpb": training.val_bpb,
         "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb,
-        "artifact_bytes": artifact_bytes, "artifact_budget_bytes": artifact.ARTIFACT_BUDGET_BYTES,
+        "artifact_bytes": len(blob), "artifact_label": label, "artifact_budget_bytes": artifact.ARTIFACT_BUDGET_BYTES,
         "params_total": counts.total, "params_unique": counts.unique, "params_non_embedding": counts.non_embedding,
         "params_saved_by_tying": counts.saved_by_tying,
         "unigram_val_loss": uni_loss, "unigram_val_bpb": uni_bpb,
@@ -447,22 +487,15 @@ def summarize(run: Run, training: Training, counts: ParamCount, unigram: tuple[f
         "peak_memory_bytes": int(peak), "peak_memory_baseline_bytes": baseline, "peak_memory_estimate_bytes": run.plan.memory.estimate.total,
         "memory_budget_bytes": run.plan.memory.budget, "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,
-        "artifact": str(run.run_dir / "model.int8.zlib"),
-    }
-
-
-def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[float, float],
-           wall_start: float) -> TrainResult:
-    log = run.log
-    artifact_bytes, rt_loss, rt_bpb, sliding = roundtrip(run, training)
-    summary = summarize(run, training, counts, unigram, wall_start, artifact_bytes, rt_loss, rt_bpb) | sliding
+        "artifact": str(artifact_path), "exported_weights": "ema" if ema is not None else "trained",
+    } | sliding | ttt
     if run.master:
         log.summary(summary)
         for line in format_summary(summary):
             log(line)
     log.close()
-    return TrainResult(run.run_dir if run.master else None, training.step, training.train_losses, training.val_loss,
-                       training.val_bpb, rt_loss, rt_bpb, artifact_bytes, training.last_checkpoint, summary)
+    return TrainResult(run.run_dir if run.master else None, step, training.train_losses, training.val_loss,
+                       training.val_bpb, rt_loss, rt_bpb, len(blob), training.last_checkpoint, summary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,6 +509,7 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
     loader = DistributedTokenLoader(run.dataset.train_files, backend.rank, backend.world_size, run.spec.vocab_size)
     step, elapsed_ms = build_or_resume(run, loader)
     warm_up(run, loader, step)
+    start_ema(run, step)
     training = Training(run, loader, step, elapsed_ms)
     training.run_steps()
     return finish(run, training, counts, (uni_loss, uni_bpb), wall_start)
@@ -510,6 +544,14 @@ def print_plan(cfg: TrainConfig, backend: TrainerBackend) -> None:
     """--plan: the resolved run on stdout, nothing written; a plan that cannot fit is still an error."""
     plan = make_plan(cfg, backend)
     if backend.rank == 0:
-        for line in plan.describe(backend):
+        for line in preset_lines(cfg) + plan.describe(backend):
             print(line, flush=True)
     check_fits(plan)
+
+
+def preset_lines(cfg: TrainConfig) -> list[str]:
+    """PRESET=...: its name, then every setting of it this build does not apply."""
+    preset = preset_of(cfg)
+    if preset is None:
+        return []
+    return [f"preset {preset.name}: {preset.description}"] + preset.unsupported_lines()

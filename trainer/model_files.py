@@ -54,6 +54,8 @@ def file_kind(path: Path) -> str | None:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n < 100_000_000 and head[8:9] == b"{":
             return "checkpoint"
+    if artifact.compressor_of(head) != "zlib":   # lzma and brotli artifacts start with their tag
+        return "artifact"
     try:
         if zlib.decompressobj().decompress(head, len(artifact.MAGIC)) == artifact.MAGIC:
             return "artifact"

@@ -73,3 +73,27 @@ def test_short_run_inside_a_cap_still_warms_down_by_steps():
     assert mul(50) == 1.0 and mul(90) == 0.5
     # And where the cap comes first, the time-based warmdown wins: 590 s of 600 s at 1 s/step.
     assert lr_mul(590, 590_000.0, iterations=10_000, warmdown_iters=20, max_wallclock_ms=600_000) == 0.5
+
+
+def test_warmdown_frac_and_the_floor_of_min_lr():
+    """WARMDOWN_FRAC: 1, then linear to 0 over the last fraction of training, floored at MIN_LR."""
+    cfg = TrainConfig(iterations=100, warmdown_iters=20, warmdown_frac=0.5, max_wallclock_seconds=0)
+
+    def mul(step, elapsed_ms=0.0, c=cfg):
+        return learning_rates(c, step, elapsed_ms)["matrix"] / c.matrix_lr
+
+    assert mul(0) == 1.0 and mul(49) == 1.0          # WARMDOWN_ITERS=20 is not what decides
+    assert mul(50) == 1.0                            # (1 - 0.5) / 0.5: the first warmdown step
+    assert mul(75) == pytest.approx(0.5, rel=1e-15)
+    assert mul(99) == pytest.approx(0.02, rel=1e-12)
+    floored = cfg.replace(min_lr=0.1)
+    assert mul(75, c=floored) == pytest.approx(0.5, rel=1e-15)   # above the floor: unchanged
+    assert mul(99, c=floored) == 0.1 and mul(97, c=floored) == 0.1   # 0.02 and 0.06 floored
+    # Under a cap, the time used counts when it is further than the steps (8 s of 10 s: 0.2 left).
+    capped = cfg.replace(max_wallclock_seconds=10.0, iterations=10**6)
+    assert mul(10, 8000.0, c=capped) == pytest.approx(0.4, rel=1e-12)
+    assert mul(10, 2000.0, c=capped) == 1.0
+    # MIN_LR also floors the WARMDOWN_ITERS warmdown; everything off is the reference's schedule.
+    assert mul(99, c=cfg.replace(warmdown_frac=0.0, min_lr=0.1)) == 0.1
+    assert mul(90, c=cfg.replace(warmdown_frac=0.0)) == 0.5
+    assert mul(10, c=cfg.replace(warmdown_frac=1.0)) == pytest.approx(0.9, rel=1e-15)

@@ -217,6 +217,8 @@ ROWS = [
     Row("logits_bf16", "logits and loss, bf16: torch vs MLX, each vs float64 reference", 2e-2, "<= 2e-2", True),
     Row("grads", "gradients of every parameter, torch vs MLX (fp32)", 1e-4, "<= 1e-4", True),
     Row("optim_step", "weights after one Muon + Adam step, torch vs MLX", 1e-5, "<= 1e-5", True),
+    Row("recipe_ref", "recipe options: 1 and 20 steps, each backend vs float64 step",
+        1e-5, "<= 1e-5", True),
     # The 20-step runs of both real trainers run on every device pair (one run per trainer and device;
     # on the CPU, the runs the checkpoint and validation tests start from). The rows that evaluate,
     # resume or pack (val, checkpoint, trained_roundtrip) stay on the CPU: what they add to the device

@@ -116,6 +116,7 @@ def test_local_torch_ranks_on_the_cpu_split_the_auto_budget_and_gpus_do_not(tiny
         budgets.append(plan_budget(capsys.readouterr().out))
     assert budgets[1] <= budgets[0] / 2 + 0.01
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.get_device_capability", lambda device=None: (9, 0))
     from backend_torch.session import resolve_runtime
     assert resolve_runtime(cfg.replace(device="cuda"), {"LOCAL_WORLD_SIZE": "8"}).local_ranks == 1
 
