@@ -6,7 +6,9 @@
 #   make train-cpu     torch on the CPU        make train-cuda   torch on CUDA (NPROC=8 for 8 GPUs)
 #   make train-mlx     MLX (Metal on a Mac, its CPU backend on Linux; NPROC=2 or HOSTFILE=hosts.json: several processes)
 #   make sample        continue PROMPT="..." with a checkpoint (CHECKPOINT=..., BACKEND=torch|mlx)
-#   make eval          val_loss/val_bpb of CHECKPOINT=... or ARTIFACT=... (EVAL_STRIDE=64: sliding windows)
+#   make eval          val_loss/val_bpb of CHECKPOINT=... or ARTIFACT=... (EVAL_STRIDE=64: sliding windows; TTT_ENABLED=1: test-time training)
+#   make quantize      re-quantize CHECKPOINT=... (QUANT=gptq MATRIX_BITS=6 COMPRESSOR=brotli ...): bytes, budget, round-trip val_bpb
+#   make check-submission  the challenge's rules this tool can check, for RUN=runs/<id> (or a log.txt): a verdict table
 #   make parity        the cross-backend parity suite and its table
 #   make bench         tokens/s, step time, MFU and memory of both backends here; ops, syncs, recompiles of a torch step
 #   make ablate       the make-train preset with each technique of the record alone and all together, both backends
@@ -39,7 +41,7 @@ TRAIN_PRESET := ITERATIONS=$${ITERATIONS:-500} MODEL_DIM=$${MODEL_DIM:-128} NUM_
   TRAIN_LOG_EVERY=$${TRAIN_LOG_EVERY:-25} WARMDOWN_ITERS=$${WARMDOWN_ITERS:-150} \
   CHECKPOINT_EVERY=$${CHECKPOINT_EVERY:-100} MAX_WALLCLOCK_SECONDS=$${MAX_WALLCLOCK_SECONDS:-360}
 
-.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample eval clean-venv parity bench doctor ablate-tying ablate analyze-tying pg-import pg-export mutants
+.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample eval quantize check-submission clean-venv parity bench doctor ablate-tying ablate analyze-tying pg-import pg-export mutants
 
 help:
 	@sed -n '/^[^#]/q;p' Makefile
@@ -132,6 +134,20 @@ sample: $(STAMP)
 eval: $(STAMP)
 	@case "$(BACKEND)" in torch|mlx) ;; *) echo "error: BACKEND=$(BACKEND): must be torch or mlx" >&2; exit 2;; esac
 	$(PY) -m backend_$(BACKEND).eval $(ARGS)
+
+# Re-quantize a checkpoint without training (trainer/quantize_file.py): the artifact's bytes, the budget
+# line (artifact + code) and the round-trip val_bpb; nothing written unless OUT=path.
+#   make quantize CHECKPOINT=runs/<run>/checkpoints/step_NNNNNN.safetensors QUANT=gptq COMPRESSOR=brotli [OUT=model.gptq.brotli]
+quantize: $(STAMP)
+	@case "$(BACKEND)" in torch|mlx) ;; *) echo "error: BACKEND=$(BACKEND): must be torch or mlx" >&2; exit 2;; esac
+	$(PY) -m backend_$(BACKEND).quantize $(ARGS)
+
+# The Parameter Golf rules a run's log can prove (trainer/check_submission.py): training and evaluation
+# time within their caps, artifact + code bytes under 16,000,000, and the TTT evaluation's own
+# legality record. Exit 0 when all hold, 1 when one fails.
+#   make check-submission RUN=runs/<id>     (or RUN=path/to/log.txt; TRAIN_CAP_SECONDS=, EVAL_CAP_SECONDS=)
+check-submission: $(STAMP)
+	$(PY) -m trainer.check_submission $(ARGS)
 
 parity: $(STAMP)
 	$(PY) -m pytest -q tests/parity

@@ -38,8 +38,11 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = mx.zeros((out_features, in_features))
         self.compute_dtype = compute_dtype
+        self.observer = None   # called with each input while the session collects GPTQ's statistics
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.observer is not None:
+            self.observer(x)
         return x.astype(self.compute_dtype) @ self.weight.astype(self.compute_dtype).T
 
 
@@ -298,6 +301,7 @@ class GPT(nn.Module):
         # Whether the layers loop (NUM_LOOPS > 0): the trainer switches it on at ENABLE_LOOPING_AT, a
         # checkpoint records it. A compiled function traces one value: the session compiles one per value.
         self.looping = False
+        self.head_observer = None   # the tied head's input, as Linear.observer (GPTQ's statistics)
 
     # -- weights in and out, by the names of docs/spec.md §2 --
 
@@ -379,6 +383,8 @@ class GPT(nn.Module):
             x = 0.5 * (lanes[0] + lanes[1]) if lane == "mean" else lanes[0] if lane == "attn" else lanes[1]
         h = rms_norm(x, self.eps)
         if self.lm_head is None:
+            if self.head_observer is not None:
+                self.head_observer(h)
             raw = h.astype(self.compute_dtype) @ self.tok_emb.weight.astype(self.compute_dtype).T
         else:
             raw = self.lm_head(h)                                            # (B, T, V)

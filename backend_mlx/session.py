@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from trainer.backend import Batch, checked_optimizer_state
+from trainer.backend import Batch, checked_optimizer_state, observing_inputs
 from core.config import AUTO, ModelSpec, TrainConfig
 from core.errors import TrainingError
 from core.flops import measure_gflops
@@ -29,7 +29,7 @@ from core.params import MATRIX, param_table
 
 from backend_mlx.blas import blas_note
 from backend_mlx.distributed import Ring, init_ring, local_ranks
-from backend_mlx.model import GPT
+from backend_mlx.model import GPT, Linear
 from backend_mlx.optim import adam_update, clip_grad_norm, muon_update
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
@@ -271,11 +271,40 @@ class MLXSession:
             total += float(self._eval_loss(_ids(xc), _ids(yc)))   # float(): evaluates, sums in float64
         return total
 
+    def ttt_adapter(self, cfg: TrainConfig):
+        """The test-time training adapter of this session's model (trainer/ttt.py)."""
+        from backend_mlx.ttt import MLXTTT
+
+        return MLXTTT(self, cfg)
+
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Per-token cross-entropies, chunk by chunk as eval_loss_sum, as float64 on the host."""
         rows = [np.array(self.model.loss(_ids(xc), _ids(yc), reduction="none"), dtype=np.float64)
                 for xc, yc in chunks(x, y, self.cfg.mlx_max_microbatch_tokens)]
         return np.concatenate(rows).reshape(np.shape(y))
+
+    # -- GPTQ's calibration statistics (QUANT=gptq; core/quantize.py does the rest on the host) --
+
+    def input_second_moments(self, batches: Sequence[Batch]) -> dict[str, np.ndarray]:
+        """X^T X of the inputs of every matrix the model multiplies by, summed over `batches` (this
+        rank's, chunk by chunk) and all ranks, float32, keyed by the weight's name (the tied head's:
+        tok_emb.weight)."""
+        sums: dict[str, mx.array] = {}
+
+        def observer(name: str):
+            def observe(x: mx.array) -> None:
+                x = x.astype(mx.float32).reshape(-1, x.shape[-1])
+                sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+            return observe
+
+        with observing_inputs(self.model, Linear, observer):
+            for x, y in batches:
+                for xc, _ in chunks(x, y, self.cfg.mlx_max_microbatch_tokens):
+                    self.model.logits(_ids(xc))
+                    mx.eval(sums)   # the sums only: the logits are never needed
+        if self.ring is not None:
+            sums = {name: self.ring.all_sum(sums[name]) for name in sorted(sums)}
+        return {name: np.array(sums[name], dtype=np.float32) for name in sorted(sums)}
 
     # -- the rest of the interface --
 

@@ -36,8 +36,11 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.compute_dtype = compute_dtype
+        self.observer = None   # called with each input while the session collects GPTQ's statistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x)
         return F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))
 
 
@@ -305,6 +308,7 @@ class GPT(nn.Module):
         # Whether the layers loop (NUM_LOOPS > 0): the trainer switches it on at ENABLE_LOOPING_AT, a
         # checkpoint records it. A compiled forward guards on it: on and off are two graphs.
         self.looping = False
+        self.head_observer = None   # the tied head's input, as Linear.observer (GPTQ's statistics)
 
     # -- weights in and out, by the names of docs/spec.md §2 --
 
@@ -391,6 +395,8 @@ class GPT(nn.Module):
             x = 0.5 * (lanes[0] + lanes[1]) if lane == "mean" else lanes[0] if lane == "attn" else lanes[1]
         h = rms_norm(x, self.eps)
         if self.lm_head is None:
+            if self.head_observer is not None:
+                self.head_observer(h)
             raw = F.linear(h.to(self.compute_dtype), self.tok_emb.weight.to(self.compute_dtype))
         else:
             raw = self.lm_head(h)                                            # (B, T, V)

@@ -21,10 +21,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from backend_torch.attention_kernels import (DESCRIPTIONS, FLASH_MIN_CAPABILITY, attention_kernel,
                                              pin_cuda_kernel, use_kernel)
-from backend_torch.model import GPT
+from backend_torch.model import GPT, Linear
 from backend_torch.optim import adam_update, clip_grad_norm, muon_update, newton_schulz
 from backend_torch.precision import tf32_off
-from trainer.backend import checked_optimizer_state
+from trainer.backend import checked_optimizer_state, observing_inputs
 from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError, TrainingError
 from core.flops import measure_gflops
@@ -249,11 +249,38 @@ class TorchSession:
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
         return float(self.eval_token_losses(x, y).sum())   # summed in float64 on the host: mps has none
 
+    def ttt_adapter(self, cfg: TrainConfig):
+        """The test-time training adapter of this session's model (trainer/ttt.py)."""
+        from backend_torch.ttt import TorchTTT
+
+        return TorchTTT(self, cfg)
+
     @torch.no_grad()
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         losses = self.model.loss(self._to_device(x), self._to_device(y), reduction="none")
         # To the host first, then float64: mps has no float64, and .to("cpu", torch.float64) casts on the device.
         return losses.float().cpu().numpy().astype(np.float64).reshape(np.shape(y))
+
+    # -- GPTQ's calibration statistics (QUANT=gptq; core/quantize.py does the rest on the host) --
+
+    def input_second_moments(self, batches: Sequence) -> dict[str, np.ndarray]:
+        """X^T X of the inputs of every matrix the model multiplies by, summed over `batches` (this
+        rank's) and all ranks, float32, keyed by the weight's name (the tied head's: tok_emb.weight)."""
+        sums: dict[str, torch.Tensor] = {}
+
+        def observer(name: str):
+            def observe(x: torch.Tensor) -> None:
+                x = x.detach().float().reshape(-1, x.size(-1))
+                sums[name] = sums[name].addmm_(x.T, x) if name in sums else x.T @ x
+            return observe
+
+        with observing_inputs(self.model, Linear, observer), torch.no_grad():
+            for x, _ in batches:
+                self.model.logits(self._to_device(x))
+        if self.world_size > 1:
+            for name in sorted(sums):
+                dist.all_reduce(sums[name], op=dist.ReduceOp.SUM)
+        return {name: sums[name].cpu().numpy() for name in sorted(sums)}
 
     # -- distributed and housekeeping --
 

@@ -52,6 +52,11 @@ MEMORY_BAND = (MEASURED + "test_the_estimate_is_within_the_band_of_the_measured_
 EAGER_BOUND = (MEASURED + "test_mlx_eager_eval_bounds_the_step_to_one_chunk",)
 PLAN = ("tests/trainer/test_plan.py",)
 SPEC_TOLERANCES = ("tests/parity/test_spec_tolerances.py",)
+TTT_PLAN = ("tests/data/test_ttt_plan.py",)
+TTT = ("tests/trainer/test_ttt.py::test_documents_shorter_than_a_chunk_leave_legal_ttt_nothing_to_learn_from",
+       "tests/trainer/test_ttt.py::test_an_adapter_that_keeps_what_it_learned_across_documents_is_caught",
+       "tests/trainer/test_ttt.py::test_the_adapters_adamw_is_torchs_adamw_in_both_backends",
+       "tests/trainer/test_ttt.py::test_torch_and_mlx_give_the_same_ttt_figures_with_adapters_and_global_phases")
 
 MUTANTS = [
     # core/schedule.py: the learning-rate and momentum schedules
@@ -336,10 +341,10 @@ MUTANTS = [
            "n_bytes += float(token_bytes(tables, x, y).sum())", VALIDATION),
     # trainer/eval_file.py and trainer/model_files.py: make eval of a file, with its run's settings
     Mutant("eval-1", "trainer/eval_file.py",
-           "INHERITED = (\"data_path\", \"tokenizer_path\", \"train_seq_len\", \"val_batch_size\", *UNSHAPED)",
-           "INHERITED = (\"data_path\", \"tokenizer_path\", \"val_batch_size\", *UNSHAPED)", EVAL_ARTIFACT),
+           "INHERITED = (\"data_path\", \"tokenizer_path\", \"train_seq_len\", \"val_batch_size\", *NOT_IN_SHAPES)",
+           "INHERITED = (\"data_path\", \"tokenizer_path\", \"val_batch_size\", *NOT_IN_SHAPES)", EVAL_ARTIFACT),
     Mutant("eval-2", "trainer/eval_file.py",
-           "INHERITED = (\"data_path\", \"tokenizer_path\", \"train_seq_len\", \"val_batch_size\", *UNSHAPED)",
+           "INHERITED = (\"data_path\", \"tokenizer_path\", \"train_seq_len\", \"val_batch_size\", *NOT_IN_SHAPES)",
            "INHERITED = (\"data_path\", \"tokenizer_path\", \"train_seq_len\", \"val_batch_size\")",
            OTHER_SETTINGS),
     Mutant("eval-3", "trainer/eval_file.py",
@@ -351,21 +356,21 @@ MUTANTS = [
     Mutant("eval-5", "trainer/eval_file.py",
            "\"eval_stride\": cfg.eval_stride, \"eval_seq_len\": seq_len, \"targets\": int(len(val_tokens) - 1),",
            "\"eval_stride\": cfg.eval_stride, \"eval_seq_len\": seq_len, \"targets\": int(len(val_tokens)),", EVAL_CHECKPOINT),
-    Mutant("files-model-1", "trainer/model_files.py",
-           "UNSHAPED = (\"tied_embed_init_std\", \"logit_softcap\", \"rope_base\", \"qk_gain_init\", \"norm_eps\",",
-           "UNSHAPED = (\"tied_embed_init_std\", \"logit_softcap\", \"qk_gain_init\", \"norm_eps\",", OTHER_SETTINGS),
-    Mutant("files-model-2", "trainer/model_files.py",
-           "UNSHAPED = (\"tied_embed_init_std\", \"logit_softcap\", \"rope_base\", \"qk_gain_init\", \"norm_eps\",",
-           "UNSHAPED = (\"tied_embed_init_std\", \"rope_base\", \"qk_gain_init\", \"norm_eps\",", OTHER_SETTINGS),
-    Mutant("files-model-3", "trainer/model_files.py",
-           "UNSHAPED = (\"tied_embed_init_std\", \"logit_softcap\", \"rope_base\", \"qk_gain_init\", \"norm_eps\",",
-           "UNSHAPED = (\"tied_embed_init_std\", \"logit_softcap\", \"rope_base\", \"qk_gain_init\",", OTHER_SETTINGS),
+    Mutant("files-model-1", "core/config.py",   # rope_base read from the shapes: an artifact's spec no longer takes it
+           "rope_base: float = setting(10000.0, \"RoPE base frequency\", role=UNSHAPED)",
+           "rope_base: float = setting(10000.0, \"RoPE base frequency\", role=SHAPES)", OTHER_SETTINGS),
+    Mutant("files-model-2", "core/config.py",   # logit_softcap read from the shapes: an artifact's spec no longer takes it
+           "logit_softcap: float = setting(30.0, \"logits = c*tanh(raw/c)\", role=UNSHAPED)",
+           "logit_softcap: float = setting(30.0, \"logits = c*tanh(raw/c)\", role=SHAPES)", OTHER_SETTINGS),
+    Mutant("files-model-3", "core/config.py",   # norm_eps read from the shapes: an artifact's spec no longer takes it
+           "norm_eps: float = setting(1e-6, \"RMSNorm epsilon (both backends and the reference)\", role=UNSHAPED)",
+           "norm_eps: float = setting(1e-6, \"RMSNorm epsilon (both backends and the reference)\", role=SHAPES)", OTHER_SETTINGS),
     Mutant("files-model-4", "trainer/model_files.py",
            "if 2 <= n < 100_000_000 and head[8:9] == b\"{\":", "if 2 <= n < 100_000_000 and head[8:9] == b\"[\":",
            EVAL_BAD_INPUT),
     Mutant("files-model-5", "trainer/model_files.py",
-           "model = read_reference_file(path, **{k: settings.spec_value(k) for k in UNSHAPED if k != \"norm_eps\"})",
-           "model = read_reference_file(path, **{k: settings.spec_value(k) for k in UNSHAPED})", EVAL_REFERENCE),
+           "model = read_reference_file(path, **{k: settings.spec_value(k) for k in NOT_IN_SHAPES if k != \"norm_eps\"})",
+           "model = read_reference_file(path, **{k: settings.spec_value(k) for k in NOT_IN_SHAPES})", EVAL_REFERENCE),
     Mutant("files-model-6", "trainer/model_files.py",
            "elif kind == \"artifact\" and (path.parent / \"config.json\").is_file():",
            "elif kind == \"artifact\" and (path.parent.parent / \"config.json\").is_file():", EVAL_ARTIFACT),
@@ -390,6 +395,15 @@ MUTANTS = [
     Mutant("tying-8", "trainer/tying.py",
            "return float(-np.sum(log_probs_of_targets, dtype=np.float64) / log_probs_of_targets.size / LN2)",
            "return float(-np.sum(log_probs_of_targets, dtype=np.float64) / log_probs_of_targets.size)", TYING),
+    # data/ttt_plan.py, trainer/ttt.py, backend_*/ttt.py: score-first test-time training
+    Mutant("ttt-1", "data/ttt_plan.py", "end = starts[i + 1] + 1 if i + 1 < len(starts) else len(tokens)",
+           "end = starts[i + 1] if i + 1 < len(starts) else len(tokens)", TTT_PLAN),
+    Mutant("ttt-2", "data/ttt_plan.py", "window_start = max(0, end - window)", "window_start = max(0, first - window)",
+           TTT_PLAN),
+    Mutant("ttt-3", "trainer/ttt.py", "seen[later] |= self.scored[idx[later] - 1]", "seen[later] = True", TTT),
+    Mutant("ttt-4", "trainer/ttt.py", "return 1.0 - lr * cfg.ttt_weight_decay, lr / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t)",
+           "return 1.0 - lr * cfg.ttt_weight_decay, lr / (1.0 - b1 ** t), 1.0", TTT),
+    Mutant("ttt-5", "backend_mlx/ttt.py", "self.t = 0", "pass", TTT),
     # core/files.py: files written whole or not at all
     Mutant("files-1", "core/files.py",
            "os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary data files", "os.chmod(tmp, 0o600)", FILES),

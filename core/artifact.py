@@ -30,13 +30,14 @@ identical wherever Python's zlib is the same deflate implementation (stock zlib,
 from __future__ import annotations
 
 import json
+import lzma
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from core.errors import ArtifactError
+from core.errors import ArtifactError, ConfigError
 from core.files import write_bytes_atomic
 from core.params import is_control
 
@@ -44,7 +45,12 @@ ARTIFACT_BUDGET_BYTES = 16_000_000
 KEEP_FLOAT_MAX_NUMEL = 65_536
 CLIP_Q = np.float32(99.99984 / 100.0)   # float32, as torch.quantile converts q to the input's dtype
 MAGIC = b"twingpt-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1          # what an int8 artifact's header says (its bytes are unchanged since format 1)
+GPTQ_FORMAT_VERSION = 2     # a header with any "int_per_row" tensor (QUANT=gptq, docs/spec.md §9.2)
+READ_FORMATS = (FORMAT_VERSION, GPTQ_FORMAT_VERSION)
+# COMPRESSOR: zlib artifacts are a bare zlib stream (as in format 1); the others start with a tag.
+COMPRESSORS = ("zlib", "lzma", "brotli")
+_TAGS = {"lzma": b"twingpt-lzma\n", "brotli": b"twingpt-brotli\n"}
 
 _I8, _F16, _F32 = np.dtype("<i1"), np.dtype("<f2"), np.dtype("<f4")
 
@@ -56,7 +62,8 @@ class Quantized:
     scheme: str
     dtype: str                    # the original dtype, e.g. "float32"
     shape: tuple[int, ...]
-    parts: dict[str, np.ndarray]  # "q" and "scale", or "data"
+    parts: dict[str, np.ndarray]  # "q" and "scale", or "data" (int_per_row: and the lqer_* parts)
+    info: dict = field(default_factory=dict)   # int_per_row: "bits", and "lqer", "lqer_rank", "lqer_group"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,9 +132,26 @@ def dequantize_tensor(t: Quantized) -> np.ndarray:
         return t.parts["q"].astype(np.float32) * t.parts["scale"].astype(np.float32)[:, None]
     if t.scheme == "int8_per_tensor":
         return t.parts["q"].astype(np.float32) * np.float32(t.parts["scale"])
+    if t.scheme == "int_per_row":
+        return _dequantize_int_per_row(t)
     if t.scheme in ("fp16", "fp32"):
         return t.parts["data"].astype(np.float32)
     return t.parts["data"].astype(t.parts["data"].dtype.newbyteorder("="))
+
+
+def _dequantize_int_per_row(t: Quantized) -> np.ndarray:
+    """q * scale per row, plus the LQER term A @ B when there is one; float32 throughout."""
+    w = t.parts["q"].astype(np.float32) * t.parts["scale"].astype(np.float32)[:, None]
+    if "lqer" not in t.info:
+        return w
+    a_q, a_s = t.parts["lqer_a_q"].astype(np.float32), t.parts["lqer_a_scale"].astype(np.float32)
+    b_q, b_s = t.parts["lqer_b_q"].astype(np.float32), t.parts["lqer_b_scale"].astype(np.float32)
+    if t.info["lqer"] == "asym":
+        a = a_q * a_s
+        b = (b_q.reshape(-1, t.info["lqer_group"]) * b_s[:, None]).reshape(b_q.shape)
+    else:
+        a, b = a_q * a_s[:, None], b_q * b_s[:, None]
+    return w + a @ b
 
 
 def dequantize(tensors: dict[str, Quantized]) -> dict[str, np.ndarray]:
@@ -138,8 +162,11 @@ def dequantize(tensors: dict[str, Quantized]) -> dict[str, np.ndarray]:
 # Serialization
 # ---------------------------------------------------------------------------------------------
 
-def _layout(scheme: str, dtype: str, shape: tuple[int, ...]) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+def _layout(scheme: str, dtype: str, shape: tuple[int, ...],
+            info: dict | None = None) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     """The stored parts of a tensor, in order: (part name, little-endian dtype, shape)."""
+    if scheme == "int_per_row" and len(shape) == 2:
+        return _int_per_row_layout(shape, info or {})
     if scheme == "int8_per_row" and len(shape) == 2:
         return [("q", _I8, shape), ("scale", _F16, shape[:1])]
     if scheme == "int8_per_tensor":
@@ -149,6 +176,25 @@ def _layout(scheme: str, dtype: str, shape: tuple[int, ...]) -> list[tuple[str, 
     if scheme == "raw" and np.dtype(dtype).kind in "biu":
         return [("data", np.dtype(dtype).newbyteorder("<"), shape)]
     raise ValueError(f"tensor scheme {scheme!r} with dtype {dtype!r} and shape {list(shape)}")
+
+
+def _int_per_row_layout(shape: tuple[int, ...], info: dict) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    rows, cols = shape
+    if info.get("bits") not in range(2, 9) or not set(info) <= {"bits", "lqer", "lqer_rank", "lqer_group"}:
+        raise ValueError(f"int_per_row with {info}")
+    parts = [("q", _I8, shape), ("scale", _F16, (rows,))]
+    if "lqer" not in info:
+        return parts
+    r, g = info.get("lqer_rank"), info.get("lqer_group")
+    if not isinstance(r, int) or not 1 <= r <= min(rows, cols):
+        raise ValueError(f"lqer_rank {r!r}")
+    if info["lqer"] == "sym":
+        return parts + [("lqer_a_q", _I8, (rows, r)), ("lqer_a_scale", _F16, (rows,)),
+                        ("lqer_b_q", _I8, (r, cols)), ("lqer_b_scale", _F16, (r,))]
+    if info["lqer"] == "asym" and isinstance(g, int) and g > 0 and (r * cols) % g == 0:
+        return parts + [("lqer_a_q", _I8, (rows, r)), ("lqer_a_scale", _F16, ()),
+                        ("lqer_b_q", _I8, (r, cols)), ("lqer_b_scale", _F16, (r * cols // g,))]
+    raise ValueError(f"lqer {info.get('lqer')!r} with group {g!r}")
 
 
 def _nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
@@ -161,13 +207,14 @@ def serialize(tensors: dict[str, Quantized]) -> bytes:
     for name in sorted(tensors):
         t = tensors[name]
         start = offset
-        for part, dtype, shape in _layout(t.scheme, t.dtype, t.shape):
+        for part, dtype, shape in _layout(t.scheme, t.dtype, t.shape, t.info):
             arr = np.ascontiguousarray(t.parts[part], dtype=dtype).reshape(shape)
             chunks.append(arr.tobytes())
             offset += arr.nbytes
         entries[name] = {"scheme": t.scheme, "dtype": t.dtype, "shape": list(t.shape),
-                         "offset": start, "nbytes": offset - start}
-    header = json.dumps({"format": FORMAT_VERSION, "tensors": entries},
+                         "offset": start, "nbytes": offset - start} | t.info
+    version = GPTQ_FORMAT_VERSION if any(t.scheme == "int_per_row" for t in tensors.values()) else FORMAT_VERSION
+    header = json.dumps({"format": version, "tensors": entries},
                         sort_keys=True, separators=(",", ":")).encode()
     return MAGIC + len(header).to_bytes(8, "little") + header + b"".join(chunks)
 
@@ -188,9 +235,9 @@ def deserialize(payload: bytes, source: str = "artifact") -> dict[str, Quantized
         raise corrupt("header is not JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
         raise corrupt("header has no tensor table")
-    if header.get("format") != FORMAT_VERSION:
+    if header.get("format") not in READ_FORMATS:
         raise ArtifactError(f"{source}: artifact format {header.get('format')!r}, "
-                            f"this twingpt reads format {FORMAT_VERSION}")
+                            f"this twingpt reads formats {', '.join(map(str, READ_FORMATS))}")
     data = memoryview(payload)[start + n:]
     out, used = {}, 0
     for name, e in header["tensors"].items():
@@ -198,7 +245,8 @@ def deserialize(payload: bytes, source: str = "artifact") -> dict[str, Quantized
             shape = tuple(e["shape"])
             if not all(isinstance(s, int) and s >= 0 for s in shape):
                 raise ValueError(f"shape {list(shape)}")
-            layout = _layout(e["scheme"], e["dtype"], shape)
+            info = {k: v for k, v in e.items() if k not in ("scheme", "dtype", "shape", "offset", "nbytes")}
+            layout = _layout(e["scheme"], e["dtype"], shape, info)
             offset, parts = e["offset"], {}
             if not isinstance(offset, int) or offset < 0:
                 raise ValueError(f"offset {offset!r}")
@@ -210,10 +258,10 @@ def deserialize(payload: bytes, source: str = "artifact") -> dict[str, Quantized
                 offset += size
             if offset - e["offset"] != e["nbytes"]:
                 raise ValueError("size does not match its shape")
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise corrupt(f"tensor {name}: {' '.join(str(err).split())}") from None
         used += e["nbytes"]
-        out[name] = Quantized(e["scheme"], e["dtype"], shape, parts)
+        out[name] = Quantized(e["scheme"], e["dtype"], shape, parts, info)
     if used != len(data):
         raise corrupt(f"{len(data) - used} bytes of data belong to no tensor")
     return out
@@ -223,18 +271,68 @@ def deserialize(payload: bytes, source: str = "artifact") -> dict[str, Quantized
 # The public API
 # ---------------------------------------------------------------------------------------------
 
+def check_compressor(name: str) -> None:
+    """A ConfigError naming COMPRESSOR when `name` is unknown or its module is not installed."""
+    if name not in COMPRESSORS:
+        raise ConfigError(f"COMPRESSOR={name!r}: must be one of {', '.join(COMPRESSORS)}")
+    if name == "brotli":
+        try:
+            import brotli  # noqa: F401
+        except ImportError:
+            raise ConfigError("COMPRESSOR=brotli: the brotli module is not installed (pip install brotli)") from None
+
+
+def compress(payload: bytes, compressor: str = "zlib") -> bytes:
+    """zlib level 9 (bare, as format 1), lzma preset 9 (.xz) or brotli quality 11, the last two after their tag."""
+    check_compressor(compressor)
+    if compressor == "zlib":
+        return zlib.compress(payload, 9)
+    if compressor == "lzma":
+        return _TAGS["lzma"] + lzma.compress(payload, preset=9)
+    import brotli
+    return _TAGS["brotli"] + brotli.compress(payload, quality=11)
+
+
+def compressor_of(blob: bytes) -> str:
+    """The compressor an artifact's bytes say they were written with (zlib when no tag)."""
+    for name, tag in _TAGS.items():
+        if blob[:len(tag)] == tag:
+            return name
+    return "zlib"
+
+
+def decompress(blob: bytes, source: str = "artifact") -> bytes:
+    compressor = compressor_of(blob)
+    body = blob[len(_TAGS.get(compressor, b"")):]
+    try:
+        if compressor == "zlib":
+            return zlib.decompress(body)
+        if compressor == "lzma":
+            return lzma.decompress(body, format=lzma.FORMAT_XZ)
+        try:
+            import brotli
+        except ImportError:
+            raise ArtifactError(f"{source}: compressed with brotli, which is not installed (pip install brotli)") from None
+        return brotli.decompress(body)
+    except ArtifactError:
+        raise
+    except Exception as err:   # zlib.error, lzma.LZMAError, brotli.error: truncated or corrupt
+        raise ArtifactError(f"{source}: corrupt or not a twingpt artifact ({compressor}: {err})") from None
+
+
 def pack(weights: dict[str, np.ndarray]) -> bytes:
     """Weights (name -> numpy array) -> artifact bytes: quantized, serialized, zlib level 9."""
     return zlib.compress(serialize(quantize(weights)), 9)
 
 
+def pack_tensors(tensors: dict[str, Quantized], compressor: str = "zlib") -> bytes:
+    """Quantized tensors (e.g. core.quantize.quantize_model's) -> artifact bytes."""
+    return compress(serialize(tensors), compressor)
+
+
 def unpack(blob: bytes, source: str = "artifact") -> dict[str, np.ndarray]:
-    """Artifact bytes -> name -> dequantized array (float32 for every float tensor)."""
-    try:
-        payload = zlib.decompress(blob)
-    except (zlib.error, TypeError) as err:
-        raise ArtifactError(f"{source}: corrupt or not a twingpt artifact (zlib: {err})") from None
-    return dequantize(deserialize(payload, source))
+    """Artifact bytes (any compressor) -> name -> dequantized array (float32 for every float tensor)."""
+    return dequantize(deserialize(decompress(blob, source), source))
 
 
 def write_artifact(path: str | Path, blob: bytes) -> int:

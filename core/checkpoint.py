@@ -27,7 +27,7 @@ Saving writes a temporary file next to the target, fsyncs it and renames it over
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
-from core.config import ModelSpec
+from core.config import SHAPES, UNSHAPED, ModelSpec, model_fields
 from core.errors import CheckpointError, ConfigError
 from core.files import write_bytes_atomic
 from core.params import check_weights
@@ -46,9 +46,6 @@ OPTIM_PREFIX = "optim/"
 RNG_PREFIX = "rng/"
 EMA_PREFIX = "ema/"
 PREFIXES = (OPTIM_PREFIX, RNG_PREFIX, EMA_PREFIX)
-
-# Spec fields that only shape the initial weights: a resumed run may set them differently.
-INIT_ONLY_FIELDS = ("tied_embed_init_std", "qk_gain_init")
 
 
 @dataclass
@@ -191,10 +188,8 @@ def load_checkpoint(path) -> Checkpoint:
 
 def check_compatible(ckpt: Checkpoint, spec: ModelSpec) -> None:
     """The checkpoint's model is this run's model (init-only settings aside), or a CheckpointError."""
-    for f in fields(ModelSpec):
-        if f.name in INIT_ONLY_FIELDS:
-            continue
-        theirs, ours = getattr(ckpt.spec, f.name), getattr(spec, f.name)
+    for name in model_fields(SHAPES, UNSHAPED):   # the INIT_ONLY ones may differ
+        theirs, ours = getattr(ckpt.spec, name), getattr(spec, name)
         if theirs != ours:
-            raise CheckpointError(f"checkpoint {ckpt.path} was trained with {f.name}={theirs}, "
-                                  f"this run has {f.name}={ours} (set {f.name.upper()}={theirs} to continue it)")
+            raise CheckpointError(f"checkpoint {ckpt.path} was trained with {name}={theirs}, "
+                                  f"this run has {name}={ours} (set {name.upper()}={theirs} to continue it)")

@@ -43,12 +43,22 @@ def parse_report_to(value: str) -> list[str]:
     return names
 
 
-def setting(default, help: str, *, choices: Sequence[str] | None = None, auto: str | None = None):
+# The role of each model setting (the `role` of its `setting`): what a file of weights tells of it,
+# and whether a resumed run must keep it.
+SHAPES = "shapes"         # the weights' shapes follow it: read back from the tensors (core.params.infer_spec)
+INIT_ONLY = "init_only"   # only the initial weights follow it: a resumed run may change it
+UNSHAPED = "unshaped"     # what the model computes follows it, no shape does: weights alone do not hold it
+ROLES = (SHAPES, INIT_ONLY, UNSHAPED)
+
+
+def setting(default, help: str, *, choices: Sequence[str] | None = None, auto: str | None = None,
+            role: str | None = None):
     """A dataclass field with its help text (and allowed values) in the metadata, as mlx-lm does.
 
     `auto` names the field's kind ("int", "float" or "bool") when it also accepts the word "auto":
-    a value the run resolves itself (the memory plan, trainer/plan.py)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "auto": auto})
+    a value the run resolves itself (the memory plan, trainer/plan.py). `role` (one of ROLES) is
+    what a model setting is to the weights; every ModelSettings field has one."""
+    return field(default=default, metadata={"help": help, "choices": choices, "auto": auto, "role": role})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,50 +66,70 @@ def setting(default, help: str, *, choices: Sequence[str] | None = None, auto: s
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """The shape of the GPT (docs/spec.md §2-§4). Validated on construction."""
+class ModelSettings:
+    """The model's settings, declared once: ModelSpec (validated, with its derived sizes) and TrainConfig
+    (whose flags and environment variables they also are) both inherit them. A new model option is one
+    `setting(default, help, role=...)` line here, OFF by default."""
 
-    vocab_size: int = setting(1024, "tokenizer vocabulary size V")
-    num_layers: int = setting(9, "transformer blocks L (first L//2 encoder, rest decoder)")
-    model_dim: int = setting(512, "residual width d")
-    num_heads: int = setting(8, "query heads H")
-    num_kv_heads: int = setting(4, "key/value heads K (H % K == 0; K < H is grouped-query attention)")
-    mlp_mult: int | float = setting(2, "MLP hidden width as a multiple of d (a float allowed: hidden = int(mlp_mult*d))")
-    tie_embeddings: bool = setting(True, "use the token embedding as the output head")
-    tied_embed_init_std: float = setting(0.005, "std of the tied embedding's normal init")
-    logit_softcap: float = setting(30.0, "logits = c*tanh(raw/c)")
-    rope_base: float = setting(10000.0, "RoPE base frequency")
-    qk_gain_init: float = setting(1.5, "initial per-head gain applied to normed, rotated queries")
-    norm_eps: float = setting(1e-6, "RMSNorm epsilon (both backends and the reference)")
+    vocab_size: int = setting(1024, "tokenizer vocabulary size V", role=SHAPES)
+    num_layers: int = setting(9, "transformer blocks L (first L//2 encoder, rest decoder)", role=SHAPES)
+    model_dim: int = setting(512, "residual width d", role=SHAPES)
+    num_heads: int = setting(8, "query heads H", role=SHAPES)
+    num_kv_heads: int = setting(4, "key/value heads K (H % K == 0; K < H is grouped-query attention)", role=SHAPES)
+    mlp_mult: int | float = setting(2, "MLP hidden width as a multiple of d (a float allowed: hidden = int(mlp_mult*d))",
+                                    role=SHAPES)
+    tie_embeddings: bool = setting(True, "use the token embedding as the output head", role=SHAPES)
+    tied_embed_init_std: float = setting(0.005, "std of the tied embedding's normal init", role=INIT_ONLY)
+    logit_softcap: float = setting(30.0, "logits = c*tanh(raw/c)", role=UNSHAPED)
+    rope_base: float = setting(10000.0, "RoPE base frequency", role=UNSHAPED)
+    qk_gain_init: float = setting(1.5, "initial per-head gain applied to normed, rotated queries", role=INIT_ONLY)
+    norm_eps: float = setting(1e-6, "RMSNorm epsilon (both backends and the reference)", role=UNSHAPED)
     # record options: attention (docs/spec.md §4.1-§4.5); every one off by default
     xsa_last_n: int = setting(0, "exclusive self-attention in the last N layers: each head's output loses its "
-                              "component along its own token's value (0 = off)")
+                              "component along its own token's value (0 = off)", role=UNSHAPED)
     rope_dims: int = setting(0, "partial RoPE: rotate only the first ROPE_DIMS dims of each head, even, at most "
-                             "head_dim (0 = all)")
-    rope_yarn: bool = setting(False, "RoPE base grows with a sequence longer than ROPE_TRAIN_SEQ_LEN (YaRN-style)")
-    rope_train_seq_len: int = setting(0, "the length ROPE_YARN scales from (0 = TRAIN_SEQ_LEN)")
+                             "head_dim (0 = all)", role=UNSHAPED)
+    rope_yarn: bool = setting(False, "RoPE base grows with a sequence longer than ROPE_TRAIN_SEQ_LEN (YaRN-style)",
+                              role=UNSHAPED)
+    rope_train_seq_len: int = setting(0, "the length ROPE_YARN scales from (0 = TRAIN_SEQ_LEN)", role=UNSHAPED)
     sparse_attn_gate_enabled: bool = setting(False, "sigmoid gate per head on the attention output, from the "
-                                             "first GATE_WINDOW dims of the attention input")
-    sparse_attn_gate_scale: float = setting(1.0, "the sparse gate's logit multiplier")
-    sparse_attn_gate_init_std: float = setting(0.0, "std of the sparse gate weights' normal init (0 = zeros)")
+                                             "first GATE_WINDOW dims of the attention input", role=SHAPES)
+    sparse_attn_gate_scale: float = setting(1.0, "the sparse gate's logit multiplier", role=UNSHAPED)
+    sparse_attn_gate_init_std: float = setting(0.0, "std of the sparse gate weights' normal init (0 = zeros)",
+                                               role=INIT_ONLY)
     smear_gate_enabled: bool = setting(False, "add a gated share of the previous token's embedding to each "
-                                       "token's (never across BOS)")
-    gate_window: int = setting(12, "input dims of the sparse attention gate and the smear gate")
+                                       "token's (never across BOS)", role=SHAPES)
+    gate_window: int = setting(12, "input dims of the sparse attention gate and the smear gate", role=SHAPES)
     doc_attention_enabled: bool = setting(False, "attention never crosses a BOS (id 1): each token attends "
-                                          "only within its own document of the packed sequence")
+                                          "only within its own document of the packed sequence", role=UNSHAPED)
     # record options: blocks and layout (docs/spec.md §4.6-§4.10); each is off by default
     mlp_negative_slope: float = setting(0.0, "MLP activation leaky_relu(x, slope)^2 (0: relu^2, the baseline; "
-                                             "the record: 0.5)")
-    ln_scale: bool = setting(False, "scale each block's normed attention and MLP inputs by 1/sqrt(layer+1)")
-    skip_gates_enabled: bool = setting(False, "gated U-Net skips: x = lerp(w*skip, x, sigmoid(gate)) instead of x + w*skip")
+                                             "the record: 0.5)", role=UNSHAPED)
+    ln_scale: bool = setting(False, "scale each block's normed attention and MLP inputs by 1/sqrt(layer+1)",
+                             role=UNSHAPED)
+    skip_gates_enabled: bool = setting(False, "gated U-Net skips: x = lerp(w*skip, x, sigmoid(gate)) instead of "
+                                       "x + w*skip", role=SHAPES)
     parallel_start_layer: int = setting(0, "decoder layers from this index on run as two parallel lanes "
-                                           "(attention, MLP) with learned mixing (0 = off; the record: 8)")
+                                           "(attention, MLP) with learned mixing (0 = off; the record: 8)", role=UNSHAPED)
     parallel_final_lane: str = setting("mean", "the hidden state the parallel lanes end in: mean, attn or mlp",
-                                       choices=("mean", "attn", "mlp"))
+                                       choices=("mean", "attn", "mlp"), role=UNSHAPED)
     num_loops: int = setting(0, "extra passes through layers LOOP_START..LOOP_END once looping is on "
-                                "(0 = off; the record: 2)")
-    loop_start: int = setting(3, "first layer of the looped segment (with NUM_LOOPS > 0)")
-    loop_end: int = setting(5, "last layer of the looped segment, inclusive (with NUM_LOOPS > 0)")
+                                "(0 = off; the record: 2)", role=UNSHAPED)
+    loop_start: int = setting(3, "first layer of the looped segment (with NUM_LOOPS > 0)", role=UNSHAPED)
+    loop_end: int = setting(5, "last layer of the looped segment, inclusive (with NUM_LOOPS > 0)", role=UNSHAPED)
+
+
+def model_fields(*roles: str) -> tuple[str, ...]:
+    """Names of the model settings with one of `roles` (all of them when none is given), in order."""
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown role(s) {sorted(unknown)}; roles are {ROLES}")
+    return tuple(f.name for f in fields(ModelSettings) if not roles or f.metadata["role"] in roles)
+
+
+@dataclass(frozen=True)
+class ModelSpec(ModelSettings):
+    """The shape of the GPT (docs/spec.md §2-§4): the model settings, validated on construction."""
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads"):
@@ -247,8 +277,9 @@ class ModelSpec:
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a training run. Field `num_layers` is env NUM_LAYERS and flag --num-layers."""
+class TrainConfig(ModelSettings):
+    """Every setting of a training run: the model's (inherited from ModelSettings) and the run's.
+    Field `num_layers` is env NUM_LAYERS and flag --num-layers."""
 
     # Data and bookkeeping
     data_path: str = setting("", "dataset folder of *_train_*.bin / *_val_*.bin shards "
@@ -280,40 +311,39 @@ class TrainConfig:
     resume_from: str = setting("", "checkpoint to continue from (weights, optimizer, step, data position)")
     report_to: str = setting("", "experiment trackers that also get every train/val record, the config and the "
                              "summary (rank 0): comma-separated tensorboard, wandb (offline); empty = none")
-    # Model (see ModelSpec)
-    vocab_size: int = setting(1024, ModelSpec.__dataclass_fields__["vocab_size"].metadata["help"])
-    num_layers: int = setting(9, ModelSpec.__dataclass_fields__["num_layers"].metadata["help"])
-    model_dim: int = setting(512, ModelSpec.__dataclass_fields__["model_dim"].metadata["help"])
-    num_heads: int = setting(8, ModelSpec.__dataclass_fields__["num_heads"].metadata["help"])
-    num_kv_heads: int = setting(4, ModelSpec.__dataclass_fields__["num_kv_heads"].metadata["help"])
-    mlp_mult: int | float = setting(2, ModelSpec.__dataclass_fields__["mlp_mult"].metadata["help"])
-    tie_embeddings: bool = setting(True, ModelSpec.__dataclass_fields__["tie_embeddings"].metadata["help"])
-    tied_embed_init_std: float = setting(0.005, ModelSpec.__dataclass_fields__["tied_embed_init_std"].metadata["help"])
-    logit_softcap: float = setting(30.0, ModelSpec.__dataclass_fields__["logit_softcap"].metadata["help"])
-    rope_base: float = setting(10000.0, ModelSpec.__dataclass_fields__["rope_base"].metadata["help"])
-    qk_gain_init: float = setting(1.5, ModelSpec.__dataclass_fields__["qk_gain_init"].metadata["help"])
-    norm_eps: float = setting(1e-6, ModelSpec.__dataclass_fields__["norm_eps"].metadata["help"])
-    # record options: attention (see ModelSpec)
-    xsa_last_n: int = setting(0, ModelSpec.__dataclass_fields__["xsa_last_n"].metadata["help"])
-    rope_dims: int = setting(0, ModelSpec.__dataclass_fields__["rope_dims"].metadata["help"])
-    rope_yarn: bool = setting(False, ModelSpec.__dataclass_fields__["rope_yarn"].metadata["help"])
-    rope_train_seq_len: int = setting(0, ModelSpec.__dataclass_fields__["rope_train_seq_len"].metadata["help"])
-    sparse_attn_gate_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["sparse_attn_gate_enabled"].metadata["help"])
-    sparse_attn_gate_scale: float = setting(1.0, ModelSpec.__dataclass_fields__["sparse_attn_gate_scale"].metadata["help"])
-    sparse_attn_gate_init_std: float = setting(0.0, ModelSpec.__dataclass_fields__["sparse_attn_gate_init_std"].metadata["help"])
-    smear_gate_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["smear_gate_enabled"].metadata["help"])
-    gate_window: int = setting(12, ModelSpec.__dataclass_fields__["gate_window"].metadata["help"])
-    doc_attention_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["doc_attention_enabled"].metadata["help"])
-    # record options: blocks and layout (see ModelSpec)
-    mlp_negative_slope: float = setting(0.0, ModelSpec.__dataclass_fields__["mlp_negative_slope"].metadata["help"])
-    ln_scale: bool = setting(False, ModelSpec.__dataclass_fields__["ln_scale"].metadata["help"])
-    skip_gates_enabled: bool = setting(False, ModelSpec.__dataclass_fields__["skip_gates_enabled"].metadata["help"])
-    parallel_start_layer: int = setting(0, ModelSpec.__dataclass_fields__["parallel_start_layer"].metadata["help"])
-    parallel_final_lane: str = setting("mean", ModelSpec.__dataclass_fields__["parallel_final_lane"].metadata["help"],
-                                       choices=("mean", "attn", "mlp"))
-    num_loops: int = setting(0, ModelSpec.__dataclass_fields__["num_loops"].metadata["help"])
-    loop_start: int = setting(3, ModelSpec.__dataclass_fields__["loop_start"].metadata["help"])
-    loop_end: int = setting(5, ModelSpec.__dataclass_fields__["loop_end"].metadata["help"])
+    # Score-first test-time training at evaluation (docs/spec.md §14, trainer/ttt.py). Per document a
+    # LoRA adapter scores each chunk, then trains on it; adapters reset at every document. The
+    # defaults are the Parameter Golf record's run (train_seed42.log).
+    ttt_enabled: bool = setting(False, "score-first test-time training at the end of training and in make eval")
+    ttt_lora_rank: int = setting(80, "rank r of each LoRA adapter")
+    ttt_lora_alpha: float = setting(144.0, "LoRA scale: the adapted matrix is W + (alpha/r) B A")
+    ttt_lora_lr: float = setting(1e-4, "AdamW learning rate of the adapters")
+    ttt_chunk_size: int = setting(48, "targets scored per chunk; the adapter trains on each chunk once it is scored")
+    ttt_eval_seq_len: int = setting(0, "context window of each chunk's forward (0 = TRAIN_SEQ_LEN)")
+    ttt_batch_size: int = setting(64, "documents per batch of the record's order (sorted by length, longest "
+                                  "batch first); here each is adapted one at a time, with the same result")
+    ttt_grad_steps: int = setting(1, "adapter optimizer steps on each scored chunk")
+    ttt_weight_decay: float = setting(0.5, "AdamW weight decay of the adapters")
+    ttt_beta1: float = setting(0.0, "AdamW beta1 of the adapters")
+    ttt_beta2: float = setting(0.99, "AdamW beta2 of the adapters")
+    ttt_k_lora: bool = setting(True, "adapt the key projections (queries and values always are)")
+    ttt_mlp_lora: bool = setting(True, "adapt the MLP output projections")
+    ttt_o_lora: bool = setting(True, "adapt the attention output projections")
+    ttt_head_lora: bool = setting(True, "adapt the output head (when tied: the shared embedding matrix)")
+    phased_ttt_prefix_docs: int = setting(2500, "documents (in TTT order) after which global SGD runs on what "
+                                          "is scored so far (0 = no global phases)")
+    phased_ttt_num_phases: int = setting(3, "global SGD phases, at equal steps of the prefix documents")
+    global_ttt_lr: float = setting(0.001, "SGD learning rate of a global phase (cosine over its chunks)")
+    global_ttt_momentum: float = setting(0.9, "SGD momentum of a global phase")
+    global_ttt_epochs: int = setting(1, "passes over each chunk of a global phase")
+    global_ttt_chunk_tokens: int = setting(32768, "tokens per chunk of a global phase (its last chunk is not trained)")
+    global_ttt_batch_seqs: int = setting(32, "sequences of TTT_EVAL_SEQ_LEN per SGD step of a global phase")
+    global_ttt_warmup_start_lr: float = setting(0.0, "learning rate of a global phase's first warmup chunk")
+    global_ttt_warmup_chunks: int = setting(0, "chunks of linear warmup in a global phase")
+    global_ttt_grad_clip: float = setting(1.0, "gradient norm clip of a global phase (0 = off)")
+    eval_time_budget_seconds: float = setting(600.0, "the TTT evaluation stops with an error past this time "
+                                              "(0 = no budget)")
+    # Layer looping (the model's NUM_LOOPS, LOOP_START, LOOP_END): when it starts
     enable_looping_at: float = setting(0.0, "fraction of training (of ITERATIONS, or of MAX_WALLCLOCK_SECONDS when "
                                             "capped, whichever is further) after which the layers loop (NUM_LOOPS > 0)")
     # Optimizers
@@ -367,6 +397,30 @@ class TrainConfig:
                                                 "(a peer that failed, was killed or hangs)")
     plan: bool = setting(False, "print the resolved run (device, dtype, micro-steps, memory estimate vs budget) "
                          "and exit without writing anything")
+    # The artifact's quantization (docs/spec.md §9; QUANT=gptq: §9.2, make quantize). Defaults: the record's run.
+    quant: str = setting("int8", "artifact quantization: int8 (the baseline's int8+zlib) or gptq (MATRIX_BITS/EMBED_BITS "
+                         "codes with per-row scales, GPTQ or round-to-nearest, optional LQER)", choices=("int8", "gptq"))
+    gptq: bool = setting(True, "QUANT=gptq: 1 = GPTQ's error-compensating rounding, 0 = round-to-nearest with the "
+                         "same scales (the control)")
+    gptq_calibration_batches: int = setting(16, "QUANT=gptq: training batches (TRAIN_BATCH_TOKENS each, from the start "
+                                            "of the training stream) whose linear-layer inputs give GPTQ its X^T X")
+    matrix_bits: int = setting(6, "QUANT=gptq: bits of the block matrices' codes (2 to 8)")
+    embed_bits: int = setting(7, "QUANT=gptq: bits of the embedding's (and an untied head's) codes (2 to 8)")
+    matrix_clip_sigmas: float = setting(12.85, "QUANT=gptq: row scale = this many row standard deviations per "
+                                        "largest code, for block matrices neither attention nor MLP")
+    mlp_clip_sigmas: float = setting(11.5, "QUANT=gptq: the same for matrices named .mlp.")
+    attn_clip_sigmas: float = setting(13.0, "QUANT=gptq: the same for matrices named .attn.")
+    embed_clip_sigmas: float = setting(14.0, "QUANT=gptq: the same for the embedding and an untied head")
+    lqer_enabled: bool = setting(True, "QUANT=gptq: add a low-rank correction of the error to the LQER_TOP_K matrices "
+                                 "with the largest error")
+    lqer_rank: int = setting(4, "QUANT=gptq: rank of the LQER correction")
+    lqer_top_k: int = setting(3, "QUANT=gptq: how many matrices get an LQER correction")
+    lqer_factor_bits: int = setting(4, "QUANT=gptq: bits of the LQER factors' codes (symmetric, per row)")
+    lqer_asym_enabled: bool = setting(True, "QUANT=gptq: store LQER's A in 2 bits (one scale) and B in 4 bits by groups "
+                                      "of LQER_ASYM_GROUP instead")
+    lqer_asym_group: int = setting(64, "QUANT=gptq: group size of B's scales when LQER_ASYM_ENABLED")
+    compressor: str = setting("zlib", "compressor of the artifact: zlib (level 9), lzma (preset 9) or brotli "
+                              "(quality 11)", choices=("zlib", "lzma", "brotli"))
 
     def __post_init__(self):
         for f in fields(self):
@@ -376,13 +430,15 @@ class TrainConfig:
                 raise ConfigError(f"{env_name(f.name)}={value!r}: must be one of {', '.join(choices)}")
         positive = ("iterations", "train_batch_tokens", "train_seq_len", "grad_accum_steps", "val_batch_size",
                     "train_log_every", "muon_backend_steps", "memory_budget_gb",
-                    "collective_timeout_seconds")
+                    "collective_timeout_seconds",
+                    "gptq_calibration_batches", "matrix_clip_sigmas", "mlp_clip_sigmas", "attn_clip_sigmas",
+                    "embed_clip_sigmas", "lqer_rank", "lqer_asym_group")
         for name in positive:
             if getattr(self, name) != AUTO and getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
         non_negative = ("warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                         "eval_stride", "eval_seq_len", "eval_batch_seqs",
-                        "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps")
+                        "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps", "lqer_top_k")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must not be negative")
@@ -401,17 +457,46 @@ class TrainConfig:
         if self.eval_stride > self.eval_window:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the window length "
                               f"{self.eval_window} (EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); a longer stride skips targets")
+        self.check_ttt()
         if not 0.0 <= self.enable_looping_at <= 1.0:
             raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at}: must be a fraction of training in [0, 1]")
         if not math.isfinite(self.collective_timeout_seconds):
             raise ConfigError(f"COLLECTIVE_TIMEOUT_SECONDS={self.collective_timeout_seconds}: must be a finite number")
         if self.mlx_max_microbatch_tokens <= 0:
             raise ConfigError(f"MLX_MAX_MICROBATCH_TOKENS={self.mlx_max_microbatch_tokens}: must be positive")
+        for name in ("matrix_bits", "embed_bits", "lqer_factor_bits"):
+            if not 2 <= getattr(self, name) <= 8:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: unsupported; must be 2 to 8 (codes are "
+                                  "stored one per int8)")
         parse_report_to(self.report_to)
         self.model_spec()  # validates the model settings too
 
+    def check_ttt(self) -> None:
+        """The TTT settings' ranges, checked whether or not TTT_ENABLED (a typo never waits for the end of
+        a run); the chunk against the window only when on (TRAIN_SEQ_LEN may be shorter than 48)."""
+        for name in ("ttt_lora_rank", "ttt_chunk_size", "ttt_batch_size", "ttt_grad_steps",
+                     "phased_ttt_num_phases", "global_ttt_chunk_tokens", "global_ttt_batch_seqs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
+        for name in ("ttt_lora_alpha", "ttt_lora_lr", "ttt_eval_seq_len", "ttt_weight_decay", "phased_ttt_prefix_docs",
+                     "global_ttt_lr", "global_ttt_epochs", "global_ttt_warmup_start_lr", "global_ttt_warmup_chunks",
+                     "global_ttt_grad_clip", "eval_time_budget_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must not be negative")
+        for name in ("ttt_beta1", "ttt_beta2", "global_ttt_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be in [0, 1)")
+        if self.ttt_enabled and self.ttt_chunk_size > self.ttt_window:
+            raise ConfigError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size}: must not exceed the TTT window {self.ttt_window} "
+                              "(TTT_EVAL_SEQ_LEN, else TRAIN_SEQ_LEN)")
+
+    @property
+    def ttt_window(self) -> int:
+        """Context window of the TTT forwards: TTT_EVAL_SEQ_LEN, else TRAIN_SEQ_LEN."""
+        return self.ttt_eval_seq_len or self.train_seq_len
+
     def model_spec(self) -> ModelSpec:
-        names = [f.name for f in fields(ModelSpec)]
+        names = model_fields()
         try:
             return ModelSpec(**{name: self.spec_value(name) for name in names})
         except ConfigError as e:
@@ -439,18 +524,6 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
-
-    def check_batch_geometry(self, world_size: int) -> None:
-        """docs/spec.md §7: each micro-step of each rank takes a whole number of sequences (with
-        GRAD_ACCUM_STEPS=auto: each rank's share of the step does; the plan picks the micro-steps)."""
-        accum = 1 if self.grad_accum_steps == AUTO else self.grad_accum_steps
-        per_micro = self.train_batch_tokens // max(world_size * accum, 1)
-        if self.train_batch_tokens % (world_size * accum) or per_micro % self.train_seq_len or per_micro == 0:
-            raise ConfigError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens}: must split into WORLD_SIZE={world_size} x "
-                f"GRAD_ACCUM_STEPS={self.grad_accum_steps} micro-batches of whole "
-                f"TRAIN_SEQ_LEN={self.train_seq_len} sequences"
-            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,20 +621,18 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-def build_arg_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
-    parser.add_argument("--config", default=None, help="JSON file of settings (env CONFIG)")
-    for f in fields(TrainConfig):
+class _ArgumentParserRaising(argparse.ArgumentParser):
+    def error(self, message):  # one-line error instead of usage + exit
+        raise ConfigError(message)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of the settings dataclass `cls`, with its help and default."""
+    for f in fields(cls):
         # A true/false setting's flag alone means true: --plan is --plan 1.
         flag_alone = {"nargs": "?", "const": "1"} if str(f.type) == "bool" else {}
         parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name), **flag_alone,
                             help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"))
-    return parser
-
-
-class _ArgumentParserRaising(argparse.ArgumentParser):
-    def error(self, message):  # one-line error instead of usage + exit
-        raise ConfigError(message)
 
 
 def parse_settings(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
@@ -575,9 +646,7 @@ def parse_settings(cls, argv: Sequence[str] | None = None, environ: Mapping[str,
     parser = _ArgumentParserRaising(prog=prog, allow_abbrev=False, description=description, add_help=not pass_on,
                                     epilog="Each flag can also be set as the environment variable named in "
                                            "capitals; a flag wins.")
-    for f in fields(cls):
-        parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=env_name(f.name),
-                            help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"))
+    add_setting_flags(parser, cls)
     argv = list(argv) if argv is not None else []
     args, rest = parser.parse_known_args(argv) if pass_on else (parser.parse_args(argv), [])
     values = {}
@@ -598,8 +667,9 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     setting and exits.
     """
     environ = os.environ if environ is None else environ
-    parser = build_arg_parser(prog)
-    parser.__class__ = _ArgumentParserRaising
+    parser = _ArgumentParserRaising(prog=prog, allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="JSON file of settings (env CONFIG)")
+    add_setting_flags(parser, TrainConfig)
     args = parser.parse_args(list(argv) if argv is not None else [])
     kinds = _field_kinds()
 

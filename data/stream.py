@@ -96,15 +96,10 @@ class DistributedTokenLoader:
         self.world_size = world_size
         self.stream = TokenStream(files, vocab_size)
 
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """One micro-step's (x, y) for this rank: int64 arrays of shape (-1, seq_len)."""
-        shares = self.world_size * grad_accum_steps
-        local_tokens = global_tokens // shares if shares > 0 else 0
-        if seq_len <= 0 or local_tokens <= 0 or global_tokens % shares or local_tokens % seq_len:
-            raise ConfigError(
-                f"TRAIN_BATCH_TOKENS={global_tokens}: must split into WORLD_SIZE={self.world_size} x "
-                f"GRAD_ACCUM_STEPS={grad_accum_steps} micro-batches of whole TRAIN_SEQ_LEN={seq_len} sequences"
-            )
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """One micro-step's (x, y) for this rank, `local_tokens` tokens (whole sequences: the plan's
+        RunGeometry.micro_batch_tokens): int64 arrays of shape (-1, seq_len). Every rank takes its
+        span of the same world_size spans from the shared stream."""
         span = local_tokens + 1  # one extra token: the last target
         chunk = self.stream.take(span * self.world_size)
         local = chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64)
@@ -144,17 +139,6 @@ def load_validation_tokens(files: Sequence[str | os.PathLike], seq_len: int,
             f"fewer than TRAIN_SEQ_LEN+1 = {seq_len + 1}"
         )
     return tokens[:usable + 1]
-
-
-def validation_batch_seqs(val_batch_size: int, seq_len: int, world_size: int = 1, grad_accum_steps: int = 1) -> int:
-    """Sequences per validation batch on each rank, as the reference trainer computes it."""
-    seqs = val_batch_size // (world_size * grad_accum_steps) // seq_len
-    if seqs < 1:
-        raise ConfigError(
-            f"VAL_BATCH_SIZE={val_batch_size}: must give each of WORLD_SIZE={world_size} x "
-            f"GRAD_ACCUM_STEPS={grad_accum_steps} shares at least one TRAIN_SEQ_LEN={seq_len} sequence"
-        )
-    return seqs
 
 
 def rank_share(count: int, rank: int, world_size: int) -> range:

@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.checkpoint import INIT_ONLY_FIELDS, save_checkpoint
-from core.config import ModelSpec, TrainConfig, parse_settings, setting
+from core.checkpoint import save_checkpoint
+from core.config import INIT_ONLY, ModelSpec, TrainConfig, model_fields, parse_settings, setting
 from core.errors import ConfigError, exit_on_user_error
 from interop.reference_files import ImportedModel, read_reference_file
 
@@ -70,7 +70,7 @@ def model_settings_text(spec: ModelSpec) -> str:
     """The settings a run needs to continue from this spec: every field that differs from the default."""
     default = ModelSpec().to_dict()
     return " ".join(f"{k.upper()}={v:.8g}" if isinstance(v, float) else f"{k.upper()}={int(v) if isinstance(v, bool) else v}"
-                    for k, v in spec.to_dict().items() if v != default[k] and k not in INIT_ONLY_FIELDS)
+                    for k, v in spec.to_dict().items() if v != default[k] and k not in model_fields(INIT_ONLY))
 
 
 @exit_on_user_error

@@ -31,14 +31,14 @@ from __future__ import annotations
 import io
 import zipfile
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from core.artifact import MAGIC as TWINGPT_ARTIFACT_MAGIC
 from core.artifact import Quantized, dequantize_tensor
-from core.config import ModelSpec
+from core.config import ModelSpec, model_fields
 from core.errors import CheckpointError, ConfigError
 from core.params import infer_spec
 from interop.bfloat16 import BF16, bf16_to_float32, round_to_bf16
@@ -230,7 +230,7 @@ def read_reference_file(path, **settings) -> ImportedModel:
     holds (logit_softcap, rope_base, norm_eps, ...); norm_eps defaults to the source script's."""
     path = Path(path)
     source = str(path)
-    unknown = sorted(set(settings) - {f.name for f in fields(ModelSpec)})
+    unknown = sorted(set(settings) - set(model_fields()))
     if unknown:
         raise ConfigError(f"{', '.join(unknown)}: not model settings")
     raw = _read_bytes(path)

@@ -15,7 +15,8 @@ backends unchanged.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from contextlib import contextmanager
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -45,6 +46,23 @@ def checked_optimizer_state(spec: ModelSpec, state: dict[str, np.ndarray]) -> di
         if values[key].shape != shape:
             raise CheckpointError(f"optimizer state: {key} has shape {values[key].shape}, this model spec needs {shape}")
     return values
+
+
+@contextmanager
+def observing_inputs(model, linear_type: type, observer: Callable[[str], Callable]):
+    """Inside: every `linear_type` module of `model`, and its tied head, calls observer(weight name)
+    with each input (the sessions' input_second_moments, GPTQ's statistics; docs/spec.md §9.2).
+    Both backends' models have a `.observer` on their Linear and a `.head_observer` for the tied head."""
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, linear_type)]
+    for name, module in linears:
+        module.observer = observer(f"{name}.weight")
+    model.head_observer = observer("tok_emb.weight")
+    try:
+        yield
+    finally:
+        for _, module in linears:
+            module.observer = None
+        model.head_observer = None
 
 
 class TrainerBackend(Protocol):
@@ -101,6 +119,13 @@ class TrainerBackend(Protocol):
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """The cross-entropy of every target of this batch, in nats, float64 of shape y.shape, without
         gradients (the sliding evaluation keeps only each window's new targets)."""
+
+    def input_second_moments(self, batches: Sequence[Batch]) -> dict[str, np.ndarray]:
+        """QUANT=gptq's calibration: X^T X (float32) of the inputs of every matrix the model multiplies
+        by, summed over this rank's `batches` and over all ranks, keyed by the weight's name."""
+
+    def ttt_adapter(self, cfg: TrainConfig):
+        """The score-first test-time training adapter of this model (trainer/ttt.py's TTTAdapter)."""
 
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
         """Sum across ranks (identity on one process)."""

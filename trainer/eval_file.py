@@ -30,18 +30,20 @@ from core.files import write_bytes_atomic
 from core.metrics import build_byte_tables
 from data.datasets import resolve_dataset
 from data.stream import load_validation_tokens
-from trainer.model_files import SETTING, UNSHAPED, load_model_file, run_config
+from trainer.model_files import NOT_IN_SHAPES, SETTING, load_model_file, run_config
+from trainer.plan import eval_geometry
 from trainer.progress import EvalProgress
+from trainer.ttt import check_ttt_runnable, legality_line, run_ttt, ttt_summary
 from trainer.validation import evaluate, evaluate_sliding
 
 # The settings a file's own run gives when the user does not: its data, its windows, its batches.
-INHERITED = ("data_path", "tokenizer_path", "train_seq_len", "val_batch_size", *UNSHAPED)
+INHERITED = ("data_path", "tokenizer_path", "train_seq_len", "val_batch_size", *NOT_IN_SHAPES)
 
 
 @dataclass(frozen=True)
 class EvalFileSettings:
     checkpoint: str = setting("", "twingpt checkpoint (.safetensors) to evaluate")
-    artifact: str = setting("", "twingpt int8+zlib artifact (model.int8.zlib) to evaluate")
+    artifact: str = setting("", "twingpt artifact (model.int8.zlib, or model.gptq.brotli ... of QUANT/COMPRESSOR) to evaluate")
     out: str = setting("", "write the figures to this JSON file (empty: write nothing)")
 
 
@@ -75,15 +77,19 @@ def run_eval(settings: EvalFileSettings, path: Path, kind: str, cfg, session, ou
         val_tokens = load_validation_tokens(dataset.val_files, cfg.train_seq_len, vocab)
     except DatasetError as e:   # the vocabulary is the model's, not a VOCAB_SIZE setting
         raise DatasetError(str(e).replace("VOCAB_SIZE=", f"the model of {name} has vocab_size=")) from None
+    check_ttt_runnable(cfg, session.world_size)
     session.setup(model.spec, cfg)
     session.load_weights(model.weights)
     session.set_looping(model.looping)
     master = session.rank == 0
     t0 = time.perf_counter()
+    geometry = eval_geometry(cfg, session.world_size)
+    progress = EvalProgress("eval", master, stream=err)
     if cfg.eval_stride > 0:
-        loss, bpb = evaluate_sliding(session, val_tokens, tables, cfg, EvalProgress("eval", master, stream=err))
+        loss, bpb = evaluate_sliding(session, val_tokens, tables, cfg.eval_window, cfg.eval_stride,
+                                     geometry.sliding_batch_seqs, progress)
     else:
-        loss, bpb = evaluate(session, val_tokens, tables, cfg, EvalProgress("eval", master, stream=err))
+        loss, bpb = evaluate(session, val_tokens, tables, cfg.train_seq_len, geometry.val_batch_seqs, progress)
     seconds = time.perf_counter() - t0
     seq_len = cfg.eval_window if cfg.eval_stride > 0 else cfg.train_seq_len
     figures = {"backend": session.name, "device": session.device, "compute_dtype": session.compute_dtype,
@@ -94,6 +100,15 @@ def run_eval(settings: EvalFileSettings, path: Path, kind: str, cfg, session, ou
         print(f"eval backend:{session.name} {kind}:{path} dataset:{dataset.name} stride:{cfg.eval_stride} "
               f"seq_len:{seq_len} targets:{figures['targets']} val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
               f"eval_time:{seconds:.1f}s", file=out, flush=True)
+    if cfg.ttt_enabled:   # after the plain figures, which it leaves as they are
+        ttt = run_ttt(session, val_tokens, tables, cfg, EvalProgress("ttt", master, stream=err, unit="target"))
+        figures |= ttt_summary(ttt)
+        if master:
+            print(f"eval_ttt backend:{session.name} {kind}:{path} documents:{ttt.documents} targets:{ttt.targets} "
+                  f"val_loss:{ttt.val_loss:.8f} val_bpb:{ttt.val_bpb:.8f} eval_time:{ttt.seconds:.1f}s "
+                  f"(budget {cfg.eval_time_budget_seconds:g}s)", file=out, flush=True)
+            print(legality_line(ttt.record), file=out, flush=True)
+    if master:
         if settings.out:
             write_bytes_atomic(settings.out, (json.dumps(figures, indent=2) + "\n").encode())
     return figures

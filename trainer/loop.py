@@ -45,12 +45,14 @@ from data.datasets import Dataset, resolve_dataset
 from data.stream import DistributedTokenLoader, load_validation_tokens
 from trainer.backend import TrainerBackend
 from trainer.interrupt import InterruptFlag
-from trainer.plan import RunPlan, check_fits, make_plan
+from trainer.plan import RunGeometry, RunPlan, check_fits, make_plan
 from trainer.plot import plot_losses
 from trainer.progress import EvalProgress, Progress, format_seconds
+from trainer.quantize_file import artifact_label, artifact_name, build_artifact
 from trainer.run_folder import RunLog, create_run_dir, make_run_dir, source_snapshot
 from trainer.tracking import check_trackers
 from trainer.summary import format_summary
+from trainer.ttt import BudgetExceeded, check_ttt_runnable, legality_line, run_ttt, ttt_summary
 from trainer.validation import evaluate, evaluate_sliding, train_token_counts
 
 
@@ -100,6 +102,7 @@ def prepare(cfg: TrainConfig, backend: TrainerBackend) -> Run:
     spec = cfg.model_spec()
     plan = make_plan(cfg, backend)
     check_fits(plan)
+    check_ttt_runnable(cfg, backend.world_size)
     cfg = plan.cfg   # GRAD_ACCUM_STEPS, MLX_EAGER_EVAL and the budget resolved
     master = backend.rank == 0
     # resolve_dataset reads the header and token range of every shard (data/datasets.py).
@@ -184,9 +187,8 @@ def start_ema(run: Run, step: int) -> None:
                 "validation, the artifact and its roundtrip use the moving average")
 
 
-def next_micro_batches(cfg: TrainConfig, loader: DistributedTokenLoader) -> list:
-    return [loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, cfg.grad_accum_steps)
-            for _ in range(cfg.grad_accum_steps)]
+def next_micro_batches(geometry: RunGeometry, loader: DistributedTokenLoader) -> list:
+    return [loader.next_batch(geometry.micro_batch_tokens, geometry.seq_len) for _ in range(geometry.micro_steps)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +205,7 @@ def warm_up(run: Run, loader: DistributedTokenLoader, step: int) -> None:
         for looping in (False, True) if cfg.num_loops else (False,):
             backend.set_looping(looping)
             for _ in range(cfg.warmup_steps):
-                backend.train_step(next_micro_batches(cfg, loader), learning_rates(cfg, step, 0.0),
+                backend.train_step(next_micro_batches(run.plan.geometry, loader), learning_rates(cfg, step, 0.0),
                                    momentum(cfg, step), step)
         backend.set_looping(run.checkpoint is not None and run.checkpoint.looping)   # as the run starts
         backend.load_weights(weights0)
@@ -292,7 +294,7 @@ class Training:
             self.backend.set_looping(True)
             encoder, decoder = self.run.spec.layer_order(True)
             self.log(f"layer_loop:enabled step:{step} encoder:{list(encoder)} decoder:{list(decoder)}")
-        self.unread_losses.append(self.backend.train_step(next_micro_batches(cfg, self.loader),
+        self.unread_losses.append(self.backend.train_step(next_micro_batches(self.run.plan.geometry, self.loader),
                                                           learning_rates(cfg, step, clock_ms), momentum(cfg, step), step))
         self.step = step = step + 1
         log_step = step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations
@@ -338,8 +340,8 @@ class Training:
         if ema is not None:
             live = self.backend.export_weights()
             self.backend.load_weights(ema)
-        self.val_loss, self.val_bpb = evaluate(self.backend, run.val_tokens, run.tables, cfg,
-                                               EvalProgress(f"val step {step}", run.master))
+        self.val_loss, self.val_bpb = evaluate(self.backend, run.val_tokens, run.tables, cfg.train_seq_len,
+                                               run.plan.geometry.val_batch_seqs, EvalProgress(f"val step {step}", run.master))
         if ema is not None:
             self.backend.load_weights(live)
         which = {"weights": "ema"} if ema is not None else {}
@@ -407,33 +409,52 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
            wall_start: float) -> TrainResult:
     cfg, spec, backend, log = run.cfg, run.spec, run.backend, run.log
     ema = backend.export_ema()
-    weights = ema if ema is not None else backend.export_weights()   # EMA_DECAY > 0: the moving average ships
-    blob = artifact.pack(weights)
-    artifact_path = run.run_dir / "model.int8.zlib"
+    if ema is not None:   # EMA_DECAY > 0: the moving average ships, and GPTQ calibrates on it
+        backend.load_weights(ema)
+    weights = backend.export_weights()
+    label = artifact_label(cfg)   # int8_zlib by default (QUANT, COMPRESSOR: docs/spec.md §9)
+    blob = build_artifact(cfg, spec, weights, backend, run.dataset.train_files, say=log)
+    artifact_path = run.run_dir / artifact_name(cfg)
     if run.master:
         artifact.write_artifact(artifact_path, blob)
-        log(f"serialized_model_int8_zlib:{len(blob)} bytes {artifact.size_report(len(blob))}")
+        log(f"serialized_model_{label}:{len(blob)} bytes {artifact.size_report(len(blob))}")
     t_eval = time.perf_counter()
     backend.load_weights(artifact.unpack(blob))
-    rt_loss, rt_bpb = evaluate(backend, run.val_tokens, run.tables, cfg, EvalProgress("roundtrip val", run.master))
-    log(f"final_int8_zlib_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} "
+    rt_loss, rt_bpb = evaluate(backend, run.val_tokens, run.tables, cfg.train_seq_len, run.plan.geometry.val_batch_seqs,
+                              EvalProgress("roundtrip val", run.master))
+    log(f"final_{label}_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} "
         f"eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
-    log(f"final_int8_zlib_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
+    log(f"final_{label}_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
     sliding = {}
     if cfg.eval_stride > 0:   # the same roundtrip weights, scored in sliding windows (docs/spec.md §7)
         t_eval = time.perf_counter()
-        sl_loss, sl_bpb = evaluate_sliding(backend, run.val_tokens, run.tables, cfg,
-                                           EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
+        sl_loss, sl_bpb = evaluate_sliding(backend, run.val_tokens, run.tables, cfg.eval_window, cfg.eval_stride,
+                                           run.plan.geometry.sliding_batch_seqs, EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
         sliding = {"eval_stride": cfg.eval_stride, "eval_seq_len": cfg.eval_window,
                    "roundtrip_sliding_val_loss": sl_loss, "roundtrip_sliding_val_bpb": sl_bpb,
                    "sliding_eval_time_s": time.perf_counter() - t_eval}
-        log(f"final_int8_zlib_roundtrip_sliding val_loss:{sl_loss:.8f} val_bpb:{sl_bpb:.8f} "
+        log(f"final_{label}_roundtrip_sliding val_loss:{sl_loss:.8f} val_bpb:{sl_bpb:.8f} "
             f"stride:{cfg.eval_stride} seq_len:{cfg.eval_window} (standard val_bpb:{rt_bpb:.8f}) "
             f"eval_time:{1000.0 * sliding['sliding_eval_time_s']:.0f}ms")
         log.metric(kind="sliding_val", step=training.step, tokens=training.step * training.tokens_per_step,
                    val_loss=sl_loss, val_bpb=sl_bpb, eval_stride=cfg.eval_stride, eval_seq_len=cfg.eval_window,
-                   weights="int8_zlib_roundtrip")
-    backend.load_weights(weights)
+                   weights=f"{label}_roundtrip")
+    ttt = {}
+    if cfg.ttt_enabled:   # the same roundtrip weights, with score-first test-time training (docs/spec.md §14)
+        try:
+            result = run_ttt(backend, run.val_tokens, run.tables, cfg, EvalProgress("ttt", run.master, unit="target"))
+        except BudgetExceeded as e:   # the run is kept; make check-submission reports the eval as over its cap
+            log(f"final_{label}_roundtrip_ttt error: {e}")
+            ttt = {"ttt_error": str(e)}
+        else:
+            ttt = ttt_summary(result)
+            log(f"final_{label}_roundtrip_ttt val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
+                f"documents:{result.documents} phases:{result.phases_run} (standard val_bpb:{rt_bpb:.8f}) "
+                f"eval_time:{1000.0 * result.seconds:.0f}ms")
+            log(legality_line(result.record))
+            log.metric(kind="ttt_val", step=training.step, tokens=training.step * training.tokens_per_step,
+                       val_loss=result.val_loss, val_bpb=result.val_bpb, weights=f"{label}_roundtrip")
+    backend.load_weights(weights)   # global TTT phases change the weights; the checkpoint's are these
 
     step, start_step = training.step, training.start_step
     tokens_per_step, world = training.tokens_per_step, backend.world_size
@@ -456,7 +477,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "steps": step, "tokens_seen": step * tokens_per_step,
         "val_loss": training.val_loss, "val_bpb": training.val_bpb,
         "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb,
-        "artifact_bytes": len(blob), "artifact_budget_bytes": artifact.ARTIFACT_BUDGET_BYTES,
+        "artifact_bytes": len(blob), "artifact_label": label, "artifact_budget_bytes": artifact.ARTIFACT_BUDGET_BYTES,
         "params_total": counts.total, "params_unique": counts.unique, "params_non_embedding": counts.non_embedding,
         "params_saved_by_tying": counts.saved_by_tying,
         "unigram_val_loss": uni_loss, "unigram_val_bpb": uni_bpb,
@@ -467,7 +488,7 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "memory_budget_bytes": run.plan.memory.budget, "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,
         "artifact": str(artifact_path), "exported_weights": "ema" if ema is not None else "trained",
-    } | sliding
+    } | sliding | ttt
     if run.master:
         log.summary(summary)
         for line in format_summary(summary):

@@ -27,20 +27,14 @@ from safetensors import SafetensorError, safe_open
 
 from core import artifact
 from core.checkpoint import META_KEY, load_checkpoint
-from core.config import ModelSpec, TrainConfig
+from core.config import INIT_ONLY, UNSHAPED, ModelSpec, TrainConfig, model_fields
 from core.errors import CheckpointError
 from core.params import infer_spec
 from interop import detect_kind, read_reference_file
 
 SETTING = {"checkpoint": "CHECKPOINT", "artifact": "ARTIFACT"}
 # What no tensor shape holds: an artifact's spec takes these from the settings.
-UNSHAPED = ("tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "norm_eps",
-            # record options: attention (docs/spec.md §4.1-§4.5) that no tensor shows
-            "xsa_last_n", "rope_dims", "rope_yarn", "rope_train_seq_len", "sparse_attn_gate_scale",
-            "doc_attention_enabled",
-            # record options: blocks and layout
-            "mlp_negative_slope", "ln_scale", "parallel_start_layer", "parallel_final_lane",
-            "num_loops", "loop_start", "loop_end")
+NOT_IN_SHAPES = model_fields(INIT_ONLY, UNSHAPED)
 
 
 @dataclass(frozen=True)
@@ -60,6 +54,8 @@ def file_kind(path: Path) -> str | None:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n < 100_000_000 and head[8:9] == b"{":
             return "checkpoint"
+    if artifact.compressor_of(head) != "zlib":   # lzma and brotli artifacts start with their tag
+        return "artifact"
     try:
         if zlib.decompressobj().decompress(head, len(artifact.MAGIC)) == artifact.MAGIC:
             return "artifact"
@@ -80,7 +76,7 @@ def load_model_file(path: str | Path, kind: str, settings: TrainConfig) -> Model
         if reference is None:
             raise CheckpointError(f"{name}: not a twingpt checkpoint (.safetensors) or artifact (model.int8.zlib), "
                                   "nor a Parameter Golf reference file")
-        model = read_reference_file(path, **{k: settings.spec_value(k) for k in UNSHAPED if k != "norm_eps"})
+        model = read_reference_file(path, **{k: settings.spec_value(k) for k in NOT_IN_SHAPES if k != "norm_eps"})
         return ModelFile(model.spec, model.weights, model.kind, looping=model.spec.num_loops > 0)
     if found != kind:
         raise CheckpointError(f"{name}: this file is a twingpt {found}; give it as {SETTING[found]}={path}")
@@ -88,7 +84,7 @@ def load_model_file(path: str | Path, kind: str, settings: TrainConfig) -> Model
         ckpt = load_checkpoint(path)
         return ModelFile(ckpt.spec, ckpt.weights, kind, dict(ckpt.config), ckpt.looping)
     weights = artifact.load_artifact(path)
-    spec = infer_spec(weights, source=f"artifact {path}", **{k: settings.spec_value(k) for k in UNSHAPED})
+    spec = infer_spec(weights, source=f"artifact {path}", **{k: settings.spec_value(k) for k in NOT_IN_SHAPES})
     # An artifact is a finished model: it loops when its spec does, as the record evaluates its own.
     return ModelFile(spec, weights, kind, looping=spec.num_loops > 0)
 

@@ -29,8 +29,55 @@ DEVICE_MEMORY = {"cpu": "RAM", "cuda": "free CUDA memory", "metal": "Metal's rec
 
 
 @dataclass(frozen=True)
+class RunGeometry:
+    """How a run's tokens are cut, resolved once by the plan: plain numbers, no "auto" past here."""
+    world_size: int
+    micro_steps: int           # micro-batches per optimizer step on each rank (GRAD_ACCUM_STEPS)
+    micro_batch_tokens: int    # tokens of one micro-batch on one rank (whole sequences)
+    seq_len: int               # TRAIN_SEQ_LEN
+    val_batch_seqs: int        # sequences of one validation batch on each rank
+    sliding_batch_seqs: int    # windows of one sliding-evaluation batch on each rank
+    chunk_tokens: int          # MLX: at most this many tokens a chunk (MLX_MAX_MICROBATCH_TOKENS)
+    eager_eval: bool           # MLX: evaluate after each chunk (MLX_EAGER_EVAL)
+
+
+def micro_batch_tokens(cfg: TrainConfig, world_size: int, micro_steps: int) -> int:
+    """Tokens of one micro-batch on one rank: docs/spec.md §7's one geometry check, and its one error."""
+    per_micro, rem = divmod(cfg.train_batch_tokens, world_size * micro_steps)
+    if rem or per_micro % cfg.train_seq_len or per_micro == 0:
+        raise ConfigError(
+            f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: must split into WORLD_SIZE={world_size} x "
+            f"GRAD_ACCUM_STEPS={micro_steps} micro-batches of whole TRAIN_SEQ_LEN={cfg.train_seq_len} sequences")
+    return per_micro
+
+
+def run_geometry(cfg: TrainConfig, world_size: int, micro_steps: int, eager_eval: bool,
+                 training: bool = True) -> RunGeometry:
+    """The geometry of `cfg` on `world_size` ranks with `micro_steps` micro-steps. Validation runs in
+    batches of VAL_BATCH_SIZE / (WORLD_SIZE x GRAD_ACCUM_STEPS) tokens a rank, as the reference
+    trainers do: the micro-steps that fit training's memory keep validation's small too; a sliding
+    batch holds EVAL_BATCH_SEQS windows, else as many as that batch holds tokens. training=False
+    (make eval): no training batch to check."""
+    local_val = cfg.val_batch_size // (world_size * micro_steps)
+    return RunGeometry(
+        world_size=world_size, micro_steps=micro_steps,
+        micro_batch_tokens=micro_batch_tokens(cfg, world_size, micro_steps) if training else 0,
+        seq_len=cfg.train_seq_len,
+        val_batch_seqs=max(local_val, cfg.train_seq_len) // cfg.train_seq_len,
+        sliding_batch_seqs=cfg.eval_batch_seqs or max(local_val // cfg.eval_window, 1),
+        chunk_tokens=cfg.mlx_max_microbatch_tokens, eager_eval=eager_eval)
+
+
+def eval_geometry(cfg: TrainConfig, world_size: int) -> RunGeometry:
+    """The geometry of an evaluation without training (make eval): GRAD_ACCUM_STEPS as set, auto = 1."""
+    micro_steps = 1 if cfg.grad_accum_steps == AUTO else cfg.grad_accum_steps
+    return run_geometry(cfg, world_size, micro_steps, eager_eval=cfg.mlx_eager_eval is True, training=False)
+
+
+@dataclass(frozen=True)
 class RunPlan:
     cfg: TrainConfig              # resolved: GRAD_ACCUM_STEPS and MLX_EAGER_EVAL as numbers, the budget in GiB
+    geometry: RunGeometry
     memory: memory.Plan
     budget_source: str            # where the budget came from, for the log
     backend_name: str
@@ -90,7 +137,8 @@ def make_plan(cfg: TrainConfig, backend: TrainerBackend) -> RunPlan:
     one-line ConfigError when the batch geometry or the budget cannot be resolved."""
     spec = cfg.model_spec()
     world = backend.world_size
-    cfg.check_batch_geometry(world)
+    # GRAD_ACCUM_STEPS=auto: each rank's share must be whole sequences; the memory plan picks the split.
+    micro_batch_tokens(cfg, world, 1 if cfg.grad_accum_steps == AUTO else cfg.grad_accum_steps)
     compute_dtype, compiled = backend.runtime_choices(cfg)
     budget, source = budget_bytes(cfg, backend)
     try:
@@ -105,7 +153,8 @@ def make_plan(cfg: TrainConfig, backend: TrainerBackend) -> RunPlan:
         raise ConfigError(str(e)) from None
     resolved = cfg.replace(grad_accum_steps=plan.grad_accum_steps, mlx_eager_eval=plan.mlx_eager_eval,
                            memory_budget_gb=budget / GIB)
-    return RunPlan(resolved, plan, source, backend.name, compute_dtype, compiled)
+    geometry = run_geometry(resolved, world, plan.grad_accum_steps, plan.mlx_eager_eval)
+    return RunPlan(resolved, geometry, plan, source, backend.name, compute_dtype, compiled)
 
 
 def check_fits(run_plan: RunPlan) -> None:

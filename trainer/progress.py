@@ -49,11 +49,11 @@ class Progress:
 class EvalProgress:
     """Progress of a long evaluation, so it never looks hung: on a terminal a bar (shown only after
     `delay_s`, gone when done); elsewhere a `val_progress` line at most every `every_s` seconds.
-    Call it after each batch with (batches done, batches in all)."""
+    Call it after each batch with (batches done, batches in all); `unit` names what is counted."""
 
     def __init__(self, label: str, enabled: bool, stream=None, every_s: float = 10.0, delay_s: float = 2.0,
-                 clock=time.perf_counter):
-        self.label, self.enabled, self.every_s, self.clock = label, enabled, every_s, clock
+                 clock=time.perf_counter, unit: str = "batch"):
+        self.label, self.enabled, self.every_s, self.clock, self.unit = label, enabled, every_s, clock, unit
         self.stream = stream or sys.stdout
         self.tty = enabled and self.stream.isatty()
         self.delay_s = delay_s
@@ -65,7 +65,7 @@ class EvalProgress:
             return
         if self.tty:
             if self.bar is None:
-                self.bar = tqdm(total=total, unit="batch", desc=self.label, dynamic_ncols=True, file=self.stream,
+                self.bar = tqdm(total=total, unit=self.unit, desc=self.label, dynamic_ncols=True, file=self.stream,
                                 leave=False, delay=self.delay_s)
             self.bar.n = done
             self.bar.refresh()
@@ -77,7 +77,8 @@ class EvalProgress:
             self.last = now
             elapsed = now - self.t0
             eta = elapsed * (total - done) / max(done, 1)
-            print(f"val_progress {self.label} batches:{done}/{total} ({100.0 * done / max(total, 1):.0f}%) "
+            counted = "batches" if self.unit == "batch" else self.unit + "s"
+            print(f"val_progress {self.label} {counted}:{done}/{total} ({100.0 * done / max(total, 1):.0f}%) "
                   f"elapsed:{format_seconds(elapsed)} eta:{format_seconds(eta)}", file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from trainer.progress import format_seconds
 
 
@@ -13,11 +15,14 @@ def format_summary(s: dict) -> list[str]:
         f"{s['tokens_seen']:,} tokens of {s['dataset']}",
         f"unigram baseline val_bpb {s['unigram_val_bpb']:.4f}: the model is "
         + (f"{beat:.4f} bits per byte better" if beat > 0 else f"{-beat:.4f} bits per byte WORSE (train longer)"),
-        f"int8+zlib roundtrip val_bpb {s['roundtrip_val_bpb']:.4f}; artifact {s['artifact_bytes']:,} bytes "
+        f"{s.get('artifact_label', 'int8_zlib').replace('_', '+')} roundtrip val_bpb {s['roundtrip_val_bpb']:.4f}; artifact {s['artifact_bytes']:,} bytes "
         f"({100.0 * s['artifact_bytes'] / s['artifact_budget_bytes']:.1f}% of the "
         f"{s['artifact_budget_bytes']:,}-byte budget)"
         + (f"; sliding (stride {s['eval_stride']}) val_bpb {s['roundtrip_sliding_val_bpb']:.4f}"
-           if "roundtrip_sliding_val_bpb" in s else ""),
+           if "roundtrip_sliding_val_bpb" in s else "")
+        + (f"; test-time training val_bpb {s['ttt_val_bpb']:.4f} in {s['ttt_eval_time_s']:.0f} s"
+           if "ttt_val_bpb" in s else "")
+        + ("; test-time training failed: " + s["ttt_error"] if "ttt_error" in s else ""),
         f"parameters {s['params_unique']:,} unique ({s['params_non_embedding']:,} non-embedding); "
         f"{s['params_total']:,} as used, tying the head to the embedding saves {s['params_saved_by_tying']:,}",
         f"speed {s['tokens_per_s']:,.0f} tokens/s, {s['step_avg_ms']:.0f} ms/step, "
@@ -30,6 +35,7 @@ def format_summary(s: dict) -> list[str]:
         + f", {s['peak_memory_estimate_bytes'] / 2**20:,.0f} MiB estimated by the plan "
         f"(budget {s['memory_budget_bytes'] / 2**30:.1f} GiB); wall time {format_seconds(s['wall_time_s'])}; "
         f"backend {s['backend']} on {s['device']} ({s['compute_dtype']})",
-        f"files in {s['run_dir']}: log.txt, metrics.jsonl, loss.png, checkpoints/, model.int8.zlib, summary.json",
+        f"files in {s['run_dir']}: log.txt, metrics.jsonl, loss.png, checkpoints/, "
+        f"{Path(s.get('artifact') or 'model.int8.zlib').name}, summary.json",
     ]
     return lines

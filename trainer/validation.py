@@ -7,7 +7,6 @@ from typing import Callable
 
 import numpy as np
 
-from core.config import AUTO, TrainConfig
 from core.metrics import EvalAccumulator, token_bytes
 from data.eval_windows import plan_windows, scored_mask, window_batches
 from data.stream import leading_shards, rank_share, validation_batches
@@ -17,25 +16,18 @@ from trainer.backend import TrainerBackend
 OnBatch = Callable[[int, int], None]   # (batches done, batches in all) on this rank, after each batch
 
 
-def local_batch_tokens(cfg: TrainConfig, world_size: int) -> int:
-    """Tokens of one validation batch on each rank: VAL_BATCH_SIZE / (WORLD_SIZE x GRAD_ACCUM_STEPS)."""
-    accum = 1 if cfg.grad_accum_steps == AUTO else cfg.grad_accum_steps
-    return cfg.val_batch_size // (world_size * accum)
-
-
-def evaluate(backend: TrainerBackend, val_tokens: np.ndarray, tables, cfg: TrainConfig,
+def evaluate(backend: TrainerBackend, val_tokens: np.ndarray, tables, seq_len: int, batch_seqs: int,
              on_batch: OnBatch | None = None) -> tuple[float, float]:
     """(val_loss, val_bpb) over the whole validation set, summed across ranks.
 
-    Each rank scores batches of VAL_BATCH_SIZE / (WORLD_SIZE x GRAD_ACCUM_STEPS) tokens, as the
-    reference trainers do: the micro-steps that fit training's memory keep validation's small too.
-    The batch size changes only how the sums are grouped, not what they add up to."""
-    batch_seqs = max(local_batch_tokens(cfg, backend.world_size), cfg.train_seq_len) // cfg.train_seq_len
-    total_seqs = (len(val_tokens) - 1) // cfg.train_seq_len
+    Each rank scores batches of `batch_seqs` sequences of `seq_len` (the plan's
+    RunGeometry.val_batch_seqs). The batch size changes only how the sums are grouped, not what they
+    add up to."""
+    total_seqs = (len(val_tokens) - 1) // seq_len
     share = rank_share(total_seqs, backend.rank, backend.world_size)
     n_batches = -(-len(share) // batch_seqs)
     loss_sum = tokens = n_bytes = 0.0
-    batches = validation_batches(val_tokens, cfg.train_seq_len, batch_seqs, backend.rank, backend.world_size)
+    batches = validation_batches(val_tokens, seq_len, batch_seqs, backend.rank, backend.world_size)
     for i, (x, y) in enumerate(batches, start=1):
         loss_sum += backend.eval_loss_sum(x, y)
         tokens += y.size
@@ -45,23 +37,15 @@ def evaluate(backend: TrainerBackend, val_tokens: np.ndarray, tables, cfg: Train
     return _figures(backend, loss_sum, tokens, n_bytes)
 
 
-def sliding_batch_seqs(cfg: TrainConfig, world_size: int) -> int:
-    """Windows per sliding batch on each rank: EVAL_BATCH_SEQS, else as many as the standard batch
-    holds tokens (so the memory plan's validation batch still bounds it)."""
-    if cfg.eval_batch_seqs:
-        return cfg.eval_batch_seqs
-    return max(local_batch_tokens(cfg, world_size) // cfg.eval_window, 1)
-
-
-def evaluate_sliding(backend: TrainerBackend, val_tokens: np.ndarray, tables, cfg: TrainConfig,
-                     on_batch: OnBatch | None = None) -> tuple[float, float]:
-    """(val_loss, val_bpb) of the sliding windows of data/eval_windows.py (EVAL_STRIDE, window
-    EVAL_SEQ_LEN or TRAIN_SEQ_LEN) over the same N targets as evaluate(), summed across ranks.
+def evaluate_sliding(backend: TrainerBackend, val_tokens: np.ndarray, tables, window: int, stride: int,
+                     batch_seqs: int, on_batch: OnBatch | None = None) -> tuple[float, float]:
+    """(val_loss, val_bpb) of the sliding windows of data/eval_windows.py (`stride`: EVAL_STRIDE,
+    `window`: EVAL_SEQ_LEN or TRAIN_SEQ_LEN) over the same N targets as evaluate(), summed across
+    ranks, in batches of `batch_seqs` windows (the plan's RunGeometry.sliding_batch_seqs).
 
     The backend scores whole windows (per-token losses); only each window's new targets count, so
     the sums are the same (up to float64 rounding) for any batch size and world size."""
-    plan = plan_windows(len(val_tokens) - 1, cfg.eval_window, cfg.eval_stride)
-    batch_seqs = sliding_batch_seqs(cfg, backend.world_size)
+    plan = plan_windows(len(val_tokens) - 1, window, stride)
     n_batches = -(-len(rank_share(plan.num_windows, backend.rank, backend.world_size)) // batch_seqs)
     loss_sum = tokens = n_bytes = 0.0
     batches = window_batches(val_tokens, plan, batch_seqs, backend.rank, backend.world_size)

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from core.config import ModelSpec, TrainConfig, load_config, settings_table
+from dataclasses import fields
+
+from core.config import ROLES, ModelSpec, TrainConfig, load_config, model_fields, settings_table
 from core.errors import ConfigError
 
 
@@ -13,6 +15,17 @@ def test_defaults_are_the_reference_trainers():
     assert (cfg.iterations, cfg.train_batch_tokens, cfg.train_seq_len, cfg.seed) == (20000, 524288, 1024, 1337)
     assert (cfg.matrix_lr, cfg.tied_embed_lr, cfg.warmdown_iters, cfg.max_wallclock_seconds) == (0.04, 0.05, 1200, 600.0)
     assert cfg.model_spec() == ModelSpec()
+
+
+def test_every_model_setting_has_a_role_and_is_a_run_setting_with_the_same_default_and_help():
+    spec_fields = {f.name: f for f in fields(ModelSpec)}
+    run_fields = {f.name: f for f in fields(TrainConfig)}
+    assert list(spec_fields) == list(model_fields()) and set(model_fields(*ROLES)) == set(spec_fields)
+    for name, f in spec_fields.items():
+        assert run_fields[name].default == f.default and run_fields[name].metadata["help"] == f.metadata["help"]
+    assert [n for n, f in run_fields.items() if f.metadata["role"] is not None] == list(spec_fields)
+    with pytest.raises(ValueError, match="unknown role"):
+        model_fields("shape")
 
 
 def test_flags_over_env_over_file_over_defaults(tmp_path):
@@ -64,13 +77,6 @@ def test_config_file_errors(tmp_path):
     unknown.write_text('{"NUM_LAYER": 3}')
     with pytest.raises(ConfigError, match="unknown setting 'NUM_LAYER'"):
         load_config(["--config", str(unknown)], environ={})
-
-
-def test_batch_geometry_must_split_into_whole_sequences():
-    cfg = TrainConfig(train_batch_tokens=8192, train_seq_len=256, grad_accum_steps=2)
-    cfg.check_batch_geometry(world_size=2)  # 2048 tokens = 8 sequences per micro-step
-    with pytest.raises(ConfigError, match="TRAIN_BATCH_TOKENS=8192: must split into WORLD_SIZE=3"):
-        cfg.check_batch_geometry(world_size=3)
 
 
 def test_every_setting_has_env_flag_and_help():

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from core.config import ModelSpec
+from core.config import INIT_ONLY, SHAPES, UNSHAPED, ModelSpec, model_fields
 from core.errors import CheckpointError
 from core.init import init_weights
 from core.params import (EMBED, HEAD, MATRIX, SCALAR, check_weights, count_params, infer_spec, param_groups,
@@ -70,3 +70,18 @@ def test_infer_spec_refuses_weights_of_another_model():
         infer_spec(weights | {"blocks.0.extra": np.zeros(3)})
     with pytest.raises(CheckpointError, match="fit no model spec"):
         infer_spec(weights | {"blocks.0.attn.c_k.weight": np.zeros((6, 16))})
+
+
+def test_the_shapes_hold_exactly_the_model_settings_whose_role_is_shapes():
+    """A setting marked SHAPES is read back from the tensors; any other comes from the caller (an
+    artifact's spec takes them from the run's settings) or is the default."""
+    spec = ModelSpec(vocab_size=48, num_layers=3, model_dim=24, num_heads=2, num_kv_heads=1, mlp_mult=3,
+                     tie_embeddings=False, tied_embed_init_std=0.01, logit_softcap=20.0, rope_base=500.0,
+                     qk_gain_init=2.0, norm_eps=1e-5)
+    weights = {name: np.zeros(shape, np.float32) for name, shape in param_shapes(spec).items()}
+    bare, default = infer_spec(weights), ModelSpec()
+    for name in model_fields():
+        want = getattr(spec if name in model_fields(SHAPES) else default, name)
+        assert getattr(bare, name) == want, name
+    assert infer_spec(weights, **{k: getattr(spec, k) for k in model_fields(INIT_ONLY, UNSHAPED)}) == spec
+

@@ -5,7 +5,7 @@ import pytest
 
 from core.errors import ConfigError, DatasetError
 from data.shards import list_shards, write_shard
-from data.stream import (DistributedTokenLoader, TokenStream, load_validation_tokens, validation_batch_seqs,
+from data.stream import (DistributedTokenLoader, TokenStream, load_validation_tokens,
                          validation_batches)
 
 
@@ -39,7 +39,7 @@ def test_ranks_and_micro_steps_partition_the_single_stream(train_files, world_si
     for _ in range(steps * accum):
         spans = []
         for loader in loaders:
-            x, y = loader.next_batch(global_tokens, seq_len, accum)
+            x, y = loader.next_batch(global_tokens // (world_size * accum), seq_len)
             assert x.dtype == np.int64 and y.dtype == np.int64
             assert x.shape == y.shape == (global_tokens // (world_size * accum) // seq_len, seq_len)
             spans.append(_span(x, y))
@@ -51,12 +51,7 @@ def test_ranks_and_micro_steps_partition_the_single_stream(train_files, world_si
     assert len({json.dumps(loader.state()) for loader in loaders}) == 1  # every rank at the same place
 
 
-def test_batch_geometry_errors(train_files):
-    loader = DistributedTokenLoader(train_files, 0, 2)
-    with pytest.raises(ConfigError, match="TRAIN_BATCH_TOKENS=51"):
-        loader.next_batch(51, 5, 1)  # does not split over 2 ranks
-    with pytest.raises(ConfigError, match="TRAIN_BATCH_TOKENS=12"):
-        loader.next_batch(12, 4, 2)  # 3 tokens per micro-batch is not a whole sequence of 4
+def test_a_rank_outside_the_world_is_refused(train_files):
     with pytest.raises(ConfigError, match="rank 2 of world size 2"):
         DistributedTokenLoader(train_files, 2, 2)
 
@@ -64,13 +59,13 @@ def test_batch_geometry_errors(train_files):
 def test_state_restore_resumes_at_the_exact_position(train_files):
     a = DistributedTokenLoader(train_files, 1, 2)
     for _ in range(7):  # 7 x 2 x 13 = 182 tokens: past a wrap-around
-        a.next_batch(24, 4, 1)
+        a.next_batch(12, 4)
     state = json.loads(json.dumps(a.state()))  # survives a JSON checkpoint
-    expected = [a.next_batch(24, 4, 1) for _ in range(9)]
+    expected = [a.next_batch(12, 4) for _ in range(9)]
     b = DistributedTokenLoader(train_files, 1, 2)
-    b.next_batch(24, 4, 1)  # somewhere else first
+    b.next_batch(12, 4)  # somewhere else first
     b.restore(state)
-    for (ex, ey), (gx, gy) in zip(expected, [b.next_batch(24, 4, 1) for _ in range(9)]):
+    for (ex, ey), (gx, gy) in zip(expected, [b.next_batch(12, 4) for _ in range(9)]):
         assert np.array_equal(ex, gx) and np.array_equal(ey, gy)
 
 
@@ -122,12 +117,6 @@ def test_validation_batches_cover_every_window_once(world_size, batch_seqs):
             assert np.all(np.diff(starts) == seq_len)
     assert np.concatenate(xs).tolist() == single[0][0].tolist()
     assert np.concatenate(ys).tolist() == single[0][1].tolist()
-
-
-def test_validation_batch_seqs():
-    assert validation_batch_seqs(524288, 1024, 8, 1) == 64
-    with pytest.raises(ConfigError, match="VAL_BATCH_SIZE=1000"):
-        validation_batch_seqs(1000, 1024)
 
 
 def test_leading_shards_stop_at_the_first_shard_that_reaches_the_count(train_files):

@@ -137,7 +137,7 @@ def test_evaluate_matches_the_reference_losses_and_the_decoded_text(backend, val
         try:
             session.setup(SPEC, cfg)
             session.load_weights(weights)
-            val_loss, val_bpb = evaluate(session, val_tokens, tables, cfg)
+            val_loss, val_bpb = evaluate(session, val_tokens, tables, SEQ_LEN, batch_seqs=3)
         finally:
             session.close()
     assert abs(val_loss - expected_loss) <= 1e-6 * expected_loss, (val_loss, expected_loss)

@@ -8,6 +8,7 @@ import pytest
 from core import artifact
 from core.checkpoint import load_checkpoint
 from core.init import random_weights
+from trainer.plan import eval_geometry
 from trainer.validation import evaluate
 from parity_lib import BACKENDS, CASE_BY_NAME, CASES, make_session, open_session, rel, train_config
 
@@ -63,7 +64,7 @@ def test_roundtrip_val_bpb_agrees(weights_from, trained_runs, validation, parity
     for b in BACKENDS:
         session = make_session(b, cfg)
         session.load_weights(restored)
-        results[b] = evaluate(session, val_tokens, tables, cfg)
+        results[b] = evaluate(session, val_tokens, tables, cfg.train_seq_len, eval_geometry(cfg, 1).val_batch_seqs)
         session.close()
     (loss_t, bpb_t), (loss_m, bpb_m) = results["torch"], results["mlx"]
     parity.check("val", rel(loss_t, loss_m), f"roundtrip val_loss, {weights_from} weights")

@@ -10,6 +10,7 @@ from core import reference
 from core.checkpoint import load_checkpoint
 from core.init import random_weights
 from core.metrics import EvalAccumulator, token_bytes
+from trainer.plan import eval_geometry
 from trainer.validation import evaluate, evaluate_sliding
 from parity_lib import BACKENDS, TRAIN_SETTINGS, make_session, open_session, rel
 
@@ -71,7 +72,8 @@ def test_sliding_validation_agrees_across_backends_and_with_the_reference(weight
             with open_session(pair.of(b), c) as session:
                 session.load_weights(weights)
                 set_fused(session.model, fused)
-                got[b] = evaluate_sliding(session, val_tokens, tables, c)
+                got[b] = evaluate_sliding(session, val_tokens, tables, c.eval_window, stride,
+                                          eval_geometry(c, 1).sliding_batch_seqs)
             for name, value, ref in zip(("val_loss", "val_bpb"), got[b], expected):
                 parity.check("sliding_ref", rel(value, ref), f"{b} {name}, {case}", devices=pair.label)
         for name, t, m in zip(("val_loss", "val_bpb"), got["torch"], got["mlx"]):

@@ -10,6 +10,7 @@ import pytest
 from core import reference
 from core.checkpoint import load_checkpoint
 from core.init import random_weights
+from trainer.plan import eval_geometry
 from trainer.validation import evaluate
 from parity_lib import BACKENDS, RESUME_STEP, TRAIN_SETTINGS, logits, make_session, rel
 from trainer_helpers import train
@@ -46,7 +47,7 @@ def evaluate_in(backend, weights, validation):
     session = make_session(backend, cfg)
     session.load_weights(weights)
     try:
-        return evaluate(session, val_tokens, tables, cfg)
+        return evaluate(session, val_tokens, tables, cfg.train_seq_len, eval_geometry(cfg, 1).val_batch_seqs)
     finally:
         session.close()
 

@@ -116,5 +116,25 @@ def test_local_torch_ranks_on_the_cpu_split_the_auto_budget_and_gpus_do_not(tiny
         budgets.append(plan_budget(capsys.readouterr().out))
     assert budgets[1] <= budgets[0] / 2 + 0.01
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.get_device_capability", lambda device=None: (9, 0))
     from backend_torch.session import resolve_runtime
     assert resolve_runtime(cfg.replace(device="cuda"), {"LOCAL_WORLD_SIZE": "8"}).local_ranks == 1
+
+
+def test_the_geometry_is_checked_once_with_one_error_and_gives_plain_numbers():
+    from core.config import TrainConfig
+    from core.errors import ConfigError
+    from trainer.plan import eval_geometry, micro_batch_tokens, run_geometry
+
+    cfg = TrainConfig(train_batch_tokens=8192, train_seq_len=256, val_batch_size=65536, eval_seq_len=512)
+    assert micro_batch_tokens(cfg, 2, 2) == 2048   # 8 sequences a micro-step on each rank
+    with pytest.raises(ConfigError, match="^TRAIN_BATCH_TOKENS=8192: must split into WORLD_SIZE=3 x GRAD_ACCUM_STEPS=1 "):
+        micro_batch_tokens(cfg, 3, 1)
+    with pytest.raises(ConfigError, match="TRAIN_BATCH_TOKENS=8192: must split into WORLD_SIZE=1 x GRAD_ACCUM_STEPS=64 "):
+        micro_batch_tokens(cfg, 1, 64)   # 128 tokens: half a sequence
+    g = run_geometry(cfg, 2, 4, eager_eval=True)
+    # validation: VAL_BATCH_SIZE / (WORLD_SIZE x GRAD_ACCUM_STEPS) = 8192 tokens a rank, as the reference
+    assert (g.micro_steps, g.micro_batch_tokens, g.val_batch_seqs, g.sliding_batch_seqs) == (4, 1024, 32, 16)
+    assert run_geometry(cfg.replace(eval_batch_seqs=3), 2, 4, eager_eval=True).sliding_batch_seqs == 3
+    # make eval: no training batch to check; GRAD_ACCUM_STEPS=auto counts as one micro-step
+    assert eval_geometry(cfg.replace(train_batch_tokens=100), 1).val_batch_seqs == 256

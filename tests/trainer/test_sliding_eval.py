@@ -14,6 +14,7 @@ import pytest
 from core.config import TrainConfig
 from core.errors import ConfigError
 from core.metrics import ByteTables, token_bytes
+from trainer.plan import eval_geometry
 from trainer.progress import EvalProgress
 from trainer.validation import evaluate_sliding
 from trainer_helpers import tiny_env, train
@@ -43,7 +44,8 @@ def sliding_over_ranks(tokens, cfg, world_size):
     """(val_loss, val_bpb) of world_size ranks' evaluate_sliding, their sums added as all_reduce does."""
     reduced = []
     for rank in range(world_size):
-        evaluate_sliding(FakeBackend(rank, world_size, reduced), tokens, TABLES, cfg)
+        evaluate_sliding(FakeBackend(rank, world_size, reduced), tokens, TABLES, cfg.eval_window, cfg.eval_stride,
+                         eval_geometry(cfg, world_size).sliding_batch_seqs)
     loss_sum, n_tokens, n_bytes = np.sum(reduced, axis=0)
     assert n_tokens == len(tokens) - 1
     return loss_sum / n_tokens, loss_sum / math.log(2) / n_bytes
