@@ -47,6 +47,7 @@ TECHNIQUES = {   # name -> the preset's settings that make it
     "learning-rates": ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR"),
     "qk-gain-5": ("QK_GAIN_INIT",),
     "mlp-4x": ("MLP_MULT",),
+    "leaky-relu-0.5": ("MLP_NEGATIVE_SLOPE",),
     "xsa": ("XSA_LAST_N",),
     "partial-rope": ("ROPE_DIMS",),
     "ln-scale": ("LN_SCALE",),
@@ -56,6 +57,7 @@ TECHNIQUES = {   # name -> the preset's settings that make it
     "smear-gate": ("SMEAR_GATE_ENABLED",),
     "sparse-attn-gate": ("SPARSE_ATTN_GATE_ENABLED", "GATE_WINDOW", "SPARSE_ATTN_GATE_SCALE",
                          "SPARSE_ATTN_GATE_INIT_STD"),
+    "doc-attention": ("DOC_ATTENTION_ENABLED",),
 }
 
 

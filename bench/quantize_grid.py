@@ -23,6 +23,7 @@ from core.params import param_table
 from core.quantize import quantize_model
 from data.datasets import resolve_dataset
 from data.stream import load_validation_tokens
+from trainer.plan import eval_geometry
 from trainer.quantize_file import INHERITED, calibration_batches
 from trainer.validation import evaluate
 
@@ -56,7 +57,8 @@ def main() -> None:
             t0 = time.perf_counter()
             packed[compressor] = (len(artifact.pack_tensors(tensors, compressor)), time.perf_counter() - t0)
         session.load_weights(artifact.dequantize(tensors))
-        _, bpb = evaluate(session, val_tokens, tables, cfg)
+        _, bpb = evaluate(session, val_tokens, tables, cfg.train_seq_len,
+                          eval_geometry(cfg, session.world_size).val_batch_seqs)
         rows.append({"setting": label, "quantize_s": seconds, "roundtrip_val_bpb": bpb,
                      **{f"{c}_bytes": n for c, (n, _) in packed.items()},
                      **{f"{c}_s": s for c, (_, s) in packed.items()}})

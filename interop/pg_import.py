@@ -17,11 +17,8 @@ from pathlib import Path
 from core.checkpoint import save_checkpoint
 from core.config import INIT_ONLY, ModelSpec, TrainConfig, model_fields, parse_settings, setting
 from core.errors import ConfigError, exit_on_user_error
+from interop.record_layout import RECORD_SETTINGS
 from interop.reference_files import ImportedModel, read_reference_file
-
-
-RECORD_LAYOUT_SETTINGS = ("ln_scale", "parallel_start_layer", "parallel_final_lane", "num_loops", "loop_start",
-                         "loop_end")
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,8 @@ def import_file(settings: ImportSettings) -> ImportedModel:
     src, out = Path(settings.src), Path(settings.out)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise ConfigError(f"OUT={out} is SRC: the checkpoint would overwrite the file it is read from")
-    model_settings = {name: getattr(settings, name) for name in RECORD_LAYOUT_SETTINGS}
+    # The record's layout settings (skip gates are read from the tensors).
+    model_settings = {name: getattr(settings, name) for name in RECORD_SETTINGS if hasattr(settings, name)}
     model_settings.update(logit_softcap=settings.logit_softcap, rope_base=settings.rope_base)
     if settings.norm_eps:
         model_settings["norm_eps"] = settings.norm_eps

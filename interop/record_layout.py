@@ -19,12 +19,15 @@ from __future__ import annotations
 import numpy as np
 
 from core.config import ModelSpec
-from core.errors import CheckpointError
+from core.errors import CheckpointError, ConfigError
 from core.params import PARALLEL_RESID_INIT
 
 BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 LANE_TENSORS = ("parallel_post_lambdas", "parallel_resid_lambdas")
 RECORD_NEGATIVE_SLOPE = 0.5      # the record's MLP: leaky_relu(x, negative_slope=0.5).square(), no setting
+# The record's block and layout settings, which its train_gpt.py reads from the environment.
+RECORD_SETTINGS = ("ln_scale", "skip_gates_enabled", "parallel_start_layer", "parallel_final_lane", "num_loops",
+                   "loop_start", "loop_end")
 
 
 def is_banked(weights: dict) -> bool:
@@ -84,8 +87,6 @@ def bank(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict[str, np.ndarra
 
 def check_exportable(spec: ModelSpec) -> None:
     """The record's script computes only leaky_relu(0.5)^2 MLPs: another activation cannot be written for it."""
-    from core.errors import ConfigError
-
     if spec.mlp_negative_slope != RECORD_NEGATIVE_SLOPE:
         raise ConfigError(f"LAYOUT=record: this checkpoint has MLP_NEGATIVE_SLOPE={spec.mlp_negative_slope:g}, the "
                           f"record's script computes only {RECORD_NEGATIVE_SLOPE:g}; export it with LAYOUT=baseline")
@@ -97,10 +98,6 @@ def uses_record_options(spec: ModelSpec) -> bool:
     return any(getattr(spec, name) != getattr(baseline, name) for name in RECORD_SETTINGS + ("mlp_negative_slope",)) \
         or not float(spec.mlp_mult).is_integer()
 
-
-# The record's settings no tensor shape holds, as its train_gpt.py reads them from the environment.
-RECORD_SETTINGS = ("ln_scale", "skip_gates_enabled", "parallel_start_layer", "parallel_final_lane", "num_loops",
-                   "loop_start", "loop_end")
 
 
 def record_settings_text(spec: ModelSpec) -> str:

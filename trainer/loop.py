@@ -11,7 +11,7 @@ identically. A run goes through six phases, one function (or class) each, in thi
     start            build the model, log what this run is (config, source, dataset, baseline)
     build_or_resume  initial weights, or a checkpoint's weights, optimizer state and data position
     warm_up          prime compilation on real steps, then put everything back
-    Training.run     train, validating and checkpointing on schedule, until the last step, the
+    Training.run_steps  train, validating and checkpointing on schedule, until the last step, the
                      wall-clock cap or Ctrl-C
     finish           artifact, roundtrip evaluation, summary
 
@@ -516,27 +516,28 @@ def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
 
 
 @exit_on_user_error
-def main(prog: str, make_session, argv=None) -> TrainResult:
-    """The command line of both trainers: settings, then the backend's session, then the loop.
+def main(prog: str, make_session, argv=None) -> TrainResult | None:
+    """The command line of both trainers: settings, then the backend (its session class), then the
+    loop; None after --plan, which trains nothing.
 
     `make_session(cfg)` is called after the settings are read, so --help and a bad setting answer
     before torch or MLX is imported.
     """
     cfg = load_config(sys.argv[1:] if argv is None else argv, prog=prog)
-    session = make_session(cfg)
+    backend = make_session(cfg)
     try:
         if cfg.plan:
-            return print_plan(cfg, session)
-        return run_training(cfg, session)
+            return print_plan(cfg, backend)
+        return run_training(cfg, backend)
     except Exception as err:
-        if session.world_size == 1 or isinstance(err, UserError):
+        if backend.world_size == 1 or isinstance(err, UserError):
             raise
         # One rank failed alone (out of memory, a bug): its traceback, then one line naming the rank,
         # the last a launcher relays. Its peers' collectives then fail or time out.
         traceback.print_exc()
-        raise RankError(f"rank {session.rank} of {session.world_size}: {type(err).__name__}: {err}") from None
+        raise RankError(f"rank {backend.rank} of {backend.world_size}: {type(err).__name__}: {err}") from None
     finally:
-        session.close()
+        backend.close()
 
 
 def print_plan(cfg: TrainConfig, backend: TrainerBackend) -> None:

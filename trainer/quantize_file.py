@@ -34,6 +34,7 @@ from core.quantize import quantize_model
 from data.datasets import resolve_dataset
 from data.stream import DistributedTokenLoader, load_validation_tokens
 from trainer.model_files import UNSHAPED, load_model_file, run_config
+from trainer.plan import eval_geometry
 from trainer.progress import EvalProgress
 from trainer.validation import evaluate
 
@@ -68,8 +69,11 @@ def artifact_name(cfg: TrainConfig) -> str:
 def calibration_batches(cfg: TrainConfig, train_files, rank: int, world_size: int, vocab_size: int) -> list:
     """This rank's share of the first GPTQ_CALIBRATION_BATCHES training batches (TRAIN_BATCH_TOKENS
     each), from the start of the training stream: the same tokens for every backend and run."""
+    if cfg.train_batch_tokens % (world_size * cfg.train_seq_len):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}: GPTQ's calibration batches must split into "
+                          f"{world_size} rank(s) of whole TRAIN_SEQ_LEN={cfg.train_seq_len} sequences")
     loader = DistributedTokenLoader(train_files, rank, world_size, vocab_size)
-    return [loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, 1)
+    return [loader.next_batch(cfg.train_batch_tokens // world_size, cfg.train_seq_len)
             for _ in range(cfg.gptq_calibration_batches)]
 
 
@@ -164,7 +168,9 @@ def run_quantize(settings: QuantizeFileSettings, cfg: TrainConfig, session, out=
     if master and settings.out:
         artifact.write_artifact(settings.out, blob)
     session.load_weights(artifact.unpack(blob))
-    loss, bpb = evaluate(session, val_tokens, tables, cfg, EvalProgress("roundtrip val", master, stream=err))
+    geometry = eval_geometry(cfg, session.world_size)
+    loss, bpb = evaluate(session, val_tokens, tables, cfg.train_seq_len, geometry.val_batch_seqs,
+                         EvalProgress("roundtrip val", master, stream=err))
     label = artifact_label(cfg)
     figures = {"checkpoint": settings.checkpoint, "label": label, "artifact_bytes": len(blob),
                "quantize_time_s": seconds, "roundtrip_val_loss": loss, "roundtrip_val_bpb": bpb}
