@@ -125,10 +125,10 @@ MUTANTS = [
     Mutant("core-19", "core/checkpoint.py",
            "tensors.update(optim_arrays)",
            "tensors.update({})", CHECKPOINT),
-    Mutant("core-20", "core/memory.py",
+    Mutant("core-20", "core/memory_plan.py",
            "return -(-(micro_batch_tokens // seq_len) // per_chunk)",
            "return (micro_batch_tokens // seq_len) // per_chunk", MEMORY),
-    Mutant("core-21", "core/memory.py",
+    Mutant("core-21", "core/memory_kept.py",
            "state += 4 * p.numel * (1 if p.group == MATRIX else 2)",
            "state += 4 * p.numel * (2 if p.group == MATRIX else 1)", MEMORY),
     # data/shards.py: the shard format
@@ -425,13 +425,13 @@ MUTANTS = [
     Mutant("loop-9", "trainer/loop.py", "if not math.isfinite(loss):", "if math.isinf(loss):", DIVERGENCE),
     Mutant("loop-10", "trainer/loop.py",
            "first = self.step - len(self.unread_losses) + 1", "first = self.step - len(self.unread_losses)", DIVERGENCE),
-    # core/memory.py's magnitudes against measured peaks, and MLX's eager evaluation
-    Mutant("memory-1", "core/memory.py",
+    # core/memory_estimate.py's magnitudes against measured peaks, and MLX's eager evaluation
+    Mutant("memory-1", "core/memory_estimate.py",
            "acts = calls * (_kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs",
            "acts = (_kept_per_layer(backend, c, N, spec, P32, fused, compiled) + probs", MEMORY_BAND),
-    Mutant("memory-2", "core/memory.py",
+    Mutant("memory-2", "core/memory_estimate.py",
            "acts, logits = acts + a, logits + lg", "acts, logits = max(acts, a), max(logits, lg)", MEMORY_BAND),
-    Mutant("memory-3", "core/memory.py", "if mlx and not mlx_eager_eval:", "if mlx:", EAGER_BOUND),
+    Mutant("memory-3", "core/memory_estimate.py", "if mlx and not mlx_eager_eval:", "if mlx:", EAGER_BOUND),
     Mutant("memory-4", "backend_mlx/session.py", "if eager:", "if False:", EAGER_BOUND),
     # trainer/plan.py: the budget and the resolved run
     Mutant("plan-1", "trainer/plan.py", "if not m.fits:", "if False:", PLAN_FIT),
