@@ -405,15 +405,28 @@ class Training:
 # Phase 6: the artifact, the model evaluated again after its int8 roundtrip, and the summary
 # ---------------------------------------------------------------------------------------------
 
-def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[float, float],
-           wall_start: float) -> TrainResult:
-    cfg, spec, backend, log = run.cfg, run.spec, run.backend, run.log
+@dataclass(frozen=True)
+class Shipped:
+    """The artifact a run ships, and its roundtrip score."""
+    weights: dict        # the weights it was built from: the EMA when EMA_DECAY > 0, else the trained ones
+    exported: str        # "ema" or "trained"
+    blob: bytes
+    label: str           # int8_zlib by default (QUANT, COMPRESSOR: docs/spec.md §9)
+    path: Path
+    val_loss: float     # the roundtrip weights' standard validation
+    val_bpb: float
+
+
+def roundtrip_artifact(run: Run) -> Shipped:
+    """Build the artifact, write it (master), load it back and score it; the backend is left holding
+    the roundtrip weights."""
+    cfg, backend, log = run.cfg, run.backend, run.log
     ema = backend.export_ema()
     if ema is not None:   # EMA_DECAY > 0: the moving average ships, and GPTQ calibrates on it
         backend.load_weights(ema)
     weights = backend.export_weights()
     label = artifact_label(cfg)   # int8_zlib by default (QUANT, COMPRESSOR: docs/spec.md §9)
-    blob = build_artifact(cfg, spec, weights, backend, run.dataset.train_files, say=log)
+    blob = build_artifact(cfg, run.spec, weights, backend, run.dataset.train_files, say=log)
     artifact_path = run.run_dir / artifact_name(cfg)
     if run.master:
         artifact.write_artifact(artifact_path, blob)
@@ -425,37 +438,55 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
     log(f"final_{label}_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} "
         f"eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
     log(f"final_{label}_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
-    sliding = {}
-    if cfg.eval_stride > 0:   # the same roundtrip weights, scored in sliding windows (docs/spec.md §7)
-        t_eval = time.perf_counter()
-        sl_loss, sl_bpb = evaluate_sliding(backend, run.val_tokens, run.tables, cfg.eval_window, cfg.eval_stride,
-                                           run.plan.geometry.sliding_batch_seqs, EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
-        sliding = {"eval_stride": cfg.eval_stride, "eval_seq_len": cfg.eval_window,
-                   "roundtrip_sliding_val_loss": sl_loss, "roundtrip_sliding_val_bpb": sl_bpb,
-                   "sliding_eval_time_s": time.perf_counter() - t_eval}
-        log(f"final_{label}_roundtrip_sliding val_loss:{sl_loss:.8f} val_bpb:{sl_bpb:.8f} "
-            f"stride:{cfg.eval_stride} seq_len:{cfg.eval_window} (standard val_bpb:{rt_bpb:.8f}) "
-            f"eval_time:{1000.0 * sliding['sliding_eval_time_s']:.0f}ms")
-        log.metric(kind="sliding_val", step=training.step, tokens=training.step * training.tokens_per_step,
-                   val_loss=sl_loss, val_bpb=sl_bpb, eval_stride=cfg.eval_stride, eval_seq_len=cfg.eval_window,
-                   weights=f"{label}_roundtrip")
-    ttt = {}
-    if cfg.ttt_enabled:   # the same roundtrip weights, with score-first test-time training (docs/spec.md §14)
-        try:
-            result = run_ttt(backend, run.val_tokens, run.tables, cfg, EvalProgress("ttt", run.master, unit="target"))
-        except BudgetExceeded as e:   # the run is kept; make check-submission reports the eval as over its cap
-            log(f"final_{label}_roundtrip_ttt error: {e}")
-            ttt = {"ttt_error": str(e)}
-        else:
-            ttt = ttt_summary(result)
-            log(f"final_{label}_roundtrip_ttt val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
-                f"documents:{result.documents} phases:{result.phases_run} (standard val_bpb:{rt_bpb:.8f}) "
-                f"eval_time:{1000.0 * result.seconds:.0f}ms")
-            log(legality_line(result.record))
-            log.metric(kind="ttt_val", step=training.step, tokens=training.step * training.tokens_per_step,
-                       val_loss=result.val_loss, val_bpb=result.val_bpb, weights=f"{label}_roundtrip")
-    backend.load_weights(weights)   # global TTT phases change the weights; the checkpoint's are these
+    return Shipped(weights, "ema" if ema is not None else "trained", blob, label, artifact_path, rt_loss, rt_bpb)
 
+
+def sliding_eval(run: Run, training: Training, shipped: Shipped) -> dict:
+    """EVAL_STRIDE > 0: the roundtrip weights scored in sliding windows (docs/spec.md §7); the
+    summary's sliding keys ({} when off)."""
+    cfg, log, label = run.cfg, run.log, shipped.label
+    if cfg.eval_stride <= 0:
+        return {}
+    t_eval = time.perf_counter()
+    sl_loss, sl_bpb = evaluate_sliding(run.backend, run.val_tokens, run.tables, cfg.eval_window, cfg.eval_stride,
+                                       run.plan.geometry.sliding_batch_seqs, EvalProgress(f"sliding val stride {cfg.eval_stride}", run.master))
+    sliding = {"eval_stride": cfg.eval_stride, "eval_seq_len": cfg.eval_window,
+               "roundtrip_sliding_val_loss": sl_loss, "roundtrip_sliding_val_bpb": sl_bpb,
+               "sliding_eval_time_s": time.perf_counter() - t_eval}
+    log(f"final_{label}_roundtrip_sliding val_loss:{sl_loss:.8f} val_bpb:{sl_bpb:.8f} "
+        f"stride:{cfg.eval_stride} seq_len:{cfg.eval_window} (standard val_bpb:{shipped.val_bpb:.8f}) "
+        f"eval_time:{1000.0 * sliding['sliding_eval_time_s']:.0f}ms")
+    log.metric(kind="sliding_val", step=training.step, tokens=training.step * training.tokens_per_step,
+               val_loss=sl_loss, val_bpb=sl_bpb, eval_stride=cfg.eval_stride, eval_seq_len=cfg.eval_window,
+               weights=f"{label}_roundtrip")
+    return sliding
+
+
+def ttt_eval(run: Run, training: Training, shipped: Shipped) -> dict:
+    """TTT_ENABLED: the roundtrip weights with score-first test-time training (docs/spec.md §14); the
+    summary's TTT keys ({} when off). Global TTT phases change the backend's weights."""
+    cfg, log, label = run.cfg, run.log, shipped.label
+    if not cfg.ttt_enabled:
+        return {}
+    try:
+        result = run_ttt(run.backend, run.val_tokens, run.tables, cfg, EvalProgress("ttt", run.master, unit="target"))
+    except BudgetExceeded as e:   # the run is kept; make check-submission reports the eval as over its cap
+        log(f"final_{label}_roundtrip_ttt error: {e}")
+        return {"ttt_error": str(e)}
+    log(f"final_{label}_roundtrip_ttt val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
+        f"documents:{result.documents} phases:{result.phases_run} (standard val_bpb:{shipped.val_bpb:.8f}) "
+        f"eval_time:{1000.0 * result.seconds:.0f}ms")
+    log(legality_line(result.record))
+    log.metric(kind="ttt_val", step=training.step, tokens=training.step * training.tokens_per_step,
+               val_loss=result.val_loss, val_bpb=result.val_bpb, weights=f"{label}_roundtrip")
+    return ttt_summary(result)
+
+
+def run_summary(run: Run, training: Training, counts: ParamCount, unigram: tuple[float, float],
+                wall_start: float, shipped: Shipped) -> dict:
+    """The summary's keys but the final evaluations': identity, losses, the artifact, parameters,
+    speed and MFU, memory."""
+    cfg, spec, backend = run.cfg, run.spec, run.backend
     step, start_step = training.step, training.start_step
     tokens_per_step, world = training.tokens_per_step, backend.world_size
     flops_token = flops_per_token(spec, cfg.train_seq_len, looping=spec.num_loops > 0)
@@ -471,13 +502,14 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
     if peak is None:  # the process's resident peak, and how much of it the process held before the run
         peak, baseline = peak_rss_bytes(), run.rss_at_start
     uni_loss, uni_bpb = unigram
-    summary = {
+    return {
         "run_id": run.run_id, "backend": backend.name, "device": backend.device,
         "compute_dtype": backend.compute_dtype, "dataset": run.dataset.name, "run_dir": str(run.run_dir),
         "steps": step, "tokens_seen": step * tokens_per_step,
         "val_loss": training.val_loss, "val_bpb": training.val_bpb,
-        "roundtrip_val_loss": rt_loss, "roundtrip_val_bpb": rt_bpb,
-        "artifact_bytes": len(blob), "artifact_label": label, "artifact_budget_bytes": artifact.ARTIFACT_BUDGET_BYTES,
+        "roundtrip_val_loss": shipped.val_loss, "roundtrip_val_bpb": shipped.val_bpb,
+        "artifact_bytes": len(shipped.blob), "artifact_label": shipped.label,
+        "artifact_budget_bytes": artifact.ARTIFACT_BUDGET_BYTES,
         "params_total": counts.total, "params_unique": counts.unique, "params_non_embedding": counts.non_embedding,
         "params_saved_by_tying": counts.saved_by_tying,
         "unigram_val_loss": uni_loss, "unigram_val_bpb": uni_bpb,
@@ -487,15 +519,26 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
         "peak_memory_bytes": int(peak), "peak_memory_baseline_bytes": baseline, "peak_memory_estimate_bytes": run.plan.memory.estimate.total,
         "memory_budget_bytes": run.plan.memory.budget, "wall_time_s": time.perf_counter() - wall_start,
         "checkpoint": str(training.last_checkpoint) if training.last_checkpoint else None,
-        "artifact": str(artifact_path), "exported_weights": "ema" if ema is not None else "trained",
-    } | sliding | ttt
+        "artifact": str(shipped.path), "exported_weights": shipped.exported,
+    }
+
+
+def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[float, float],
+           wall_start: float) -> TrainResult:
+    """The artifact and its roundtrip score, the optional sliding and TTT evaluations of it, the summary."""
+    shipped = roundtrip_artifact(run)
+    evaluations = sliding_eval(run, training, shipped)
+    evaluations |= ttt_eval(run, training, shipped)
+    run.backend.load_weights(shipped.weights)   # global TTT phases change the weights; the checkpoint's are these
+    summary = run_summary(run, training, counts, unigram, wall_start, shipped) | evaluations
     if run.master:
-        log.summary(summary)
+        run.log.summary(summary)
         for line in format_summary(summary):
-            log(line)
-    log.close()
-    return TrainResult(run.run_dir if run.master else None, step, training.train_losses, training.val_loss,
-                       training.val_bpb, rt_loss, rt_bpb, len(blob), training.last_checkpoint, summary)
+            run.log(line)
+    run.log.close()
+    return TrainResult(run.run_dir if run.master else None, training.step, training.train_losses, training.val_loss,
+                       training.val_bpb, shipped.val_loss, shipped.val_bpb, len(shipped.blob),
+                       training.last_checkpoint, summary)
 
 
 # ---------------------------------------------------------------------------------------------
