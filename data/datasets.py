@@ -58,17 +58,12 @@ def _conventional_tokenizer(folder: Path) -> Path | None:
     return None
 
 
-def resolve_dataset(data_path: str = "", tokenizer_path: str = "", vocab_size: int = 1024,
-                    check_tokens: bool = True) -> Dataset:
-    """The shards and tokenizer of a run, checked to exist and to belong together.
-
-    With `check_tokens` (a run, an evaluation) every train and val shard is read once, through a
-    memory map: its header, its size, and its largest token id, which must be < vocab_size. A
-    reader that only needs the tokenizer (the sampler) passes False."""
+def _dataset_folder(data_path: str) -> Path:
+    """DATA_PATH's folder, or the default: FineWeb once it has shards of both splits (a half-finished
+    download has no val or train yet), else the stdlib dataset."""
     if data_path:
         folder = _user_path(data_path)
     else:
-        # FineWeb once it has shards of both splits (a half-finished download has no val or train yet).
         fineweb = REPO_ROOT / FINEWEB_DEFAULT
         complete = any(fineweb.glob("*_train_*.bin")) and any(fineweb.glob("*_val_*.bin"))
         folder = fineweb if complete else REPO_ROOT / STDLIB_DEFAULT
@@ -81,10 +76,11 @@ def resolve_dataset(data_path: str = "", tokenizer_path: str = "", vocab_size: i
         elif folder.name.startswith("fineweb10B_"):
             hint = ": download it with `make data-fineweb`"
         raise DatasetError(f"DATA_PATH={data_path}: folder {folder} does not exist{hint}")
+    return folder
 
-    train_files = list_shards(folder, "train")
-    val_files = list_shards(folder, "val")
-    manifest = _read_manifest(folder) or {}
+
+def _check_manifest(folder: Path, manifest: dict, vocab_size: int) -> None:
+    """The shards the manifest lists exist, and its vocabulary size is VOCAB_SIZE."""
     where = folder / "manifest.json"
     shards = manifest.get("shards") if isinstance(manifest.get("shards"), dict) else {}
     for split in ("train", "val"):
@@ -95,6 +91,11 @@ def resolve_dataset(data_path: str = "", tokenizer_path: str = "", vocab_size: i
     if declared is not None and declared != vocab_size:
         raise DatasetError(f"dataset {folder} was tokenized with vocabulary size {declared}, but VOCAB_SIZE={vocab_size}")
 
+
+def _dataset_tokenizer(folder: Path, manifest: dict, tokenizer_path: str, vocab_size: int) -> Path:
+    """TOKENIZER_PATH, else the manifest's tokenizer, else the conventional one; checked to be the
+    tokenizer the shards were encoded with (the manifest's sha256) and of VOCAB_SIZE pieces."""
+    where = folder / "manifest.json"
     entry = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
     if tokenizer_path:
         tokenizer = _user_path(tokenizer_path)
@@ -117,7 +118,22 @@ def resolve_dataset(data_path: str = "", tokenizer_path: str = "", vocab_size: i
     sp_size = load_sentencepiece(tokenizer).vocab_size()
     if sp_size != vocab_size:
         raise DatasetError(f"{label} has vocabulary size {sp_size}, but VOCAB_SIZE={vocab_size}")
+    return tokenizer
 
+
+def resolve_dataset(data_path: str = "", tokenizer_path: str = "", vocab_size: int = 1024,
+                    check_tokens: bool = True) -> Dataset:
+    """The shards and tokenizer of a run, checked to exist and to belong together.
+
+    With `check_tokens` (a run, an evaluation) every train and val shard is read once, through a
+    memory map: its header, its size, and its largest token id, which must be < vocab_size. A
+    reader that only needs the tokenizer (the sampler) passes False."""
+    folder = _dataset_folder(data_path)
+    train_files = list_shards(folder, "train")
+    val_files = list_shards(folder, "val")
+    manifest = _read_manifest(folder) or {}
+    _check_manifest(folder, manifest, vocab_size)
+    tokenizer = _dataset_tokenizer(folder, manifest, tokenizer_path, vocab_size)
     if check_tokens:
         for path in train_files + val_files:
             check_shard(path, vocab_size)
