@@ -138,6 +138,30 @@ def write_split(folder: Path, prefix: str, split: str, tokens: np.ndarray, shard
     return names
 
 
+def stdlib_manifest(folder: Path, source: Path, vocab_size: int, corpus: Corpus, train_tokens: np.ndarray,
+                    val_tokens: np.ndarray, model_path: Path, shards: dict) -> dict:
+    """The manifest.json of a built stdlib dataset: its source, sizes, tokenizer and shards."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": folder.name,
+        "source": f"Python {platform.python_version()} standard library ({source})",
+        "python_version": platform.python_version(),
+        "vocab_size": vocab_size,
+        "files": {"train": len(corpus.train), "val": len(corpus.val), "skipped": len(corpus.skipped)},
+        "skipped_files": corpus.skipped,
+        "bytes": {split: sum(len(t.encode("utf-8")) for _, t in docs)
+                  for split, docs in (("train", corpus.train), ("val", corpus.val))},
+        "tokens": {"train": int(train_tokens.size), "val": int(val_tokens.size)},
+        "corpus_sha256": corpus.sha256,
+        "tokenizer": {
+            "path": os.path.relpath(model_path, folder),  # relative to this folder
+            "sha256": file_sha256(model_path),
+            "vocab_size": vocab_size,
+        },
+        "shards": shards,
+    }
+
+
 def build_default(source: Path, out_root: Path, *, vocab_size: int = 1024, force: bool = False,
                   shard_tokens: int = SHARD_TOKENS, log: Callable[[str], None] = print) -> dict:
     """Build (or reuse) the stdlib dataset of `source` under `out_root`; return its manifest."""
@@ -178,25 +202,7 @@ def build_default(source: Path, out_root: Path, *, vocab_size: int = 1024, force
         stale.unlink()
     shards = {split: write_split(folder, "stdlib", split, tokens, shard_tokens)
               for split, tokens in (("train", train_tokens), ("val", val_tokens))}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "name": folder.name,
-        "source": f"Python {platform.python_version()} standard library ({source})",
-        "python_version": platform.python_version(),
-        "vocab_size": vocab_size,
-        "files": {"train": len(corpus.train), "val": len(corpus.val), "skipped": len(corpus.skipped)},
-        "skipped_files": corpus.skipped,
-        "bytes": {split: sum(len(t.encode("utf-8")) for _, t in docs)
-                  for split, docs in (("train", corpus.train), ("val", corpus.val))},
-        "tokens": {"train": int(train_tokens.size), "val": int(val_tokens.size)},
-        "corpus_sha256": corpus.sha256,
-        "tokenizer": {
-            "path": os.path.relpath(model_path, folder),  # relative to this folder
-            "sha256": file_sha256(model_path),
-            "vocab_size": vocab_size,
-        },
-        "shards": shards,
-    }
+    manifest = stdlib_manifest(folder, source, vocab_size, corpus, train_tokens, val_tokens, model_path, shards)
     write_bytes_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     t_write = time.perf_counter() - t3
     log(f"encoded {manifest['tokens']['train']:,} train + {manifest['tokens']['val']:,} val tokens "
