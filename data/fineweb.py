@@ -150,6 +150,33 @@ def plan(manifest: dict, variant: str) -> dict:
     }
 
 
+def fetch_hub_manifest(src: Source, hub_manifest: Path, log=print) -> dict:
+    """The hub's manifest.json, fetched fresh when possible (it says how many shards exist), else the
+    copy downloaded before."""
+    try:
+        src.fetch("manifest.json", hub_manifest)
+    except DatasetError as e:
+        if not hub_manifest.is_file():
+            raise
+        log(f"using the manifest downloaded before ({e})")
+    return read_json_object(hub_manifest, "hub manifest")
+
+
+def fetch_tokenizer(src: Source, p: dict, tok_dir: Path, variant: str, log=print) -> Path:
+    """The variant's tokenizer files (fetched unless present); the model's path, checked to have the
+    variant's vocabulary size."""
+    for rel in p["tokenizer_files"]:
+        dest = tok_dir / PurePosixPath(rel).name
+        if not dest.exists():
+            log(f"fetch {rel}")
+            src.fetch(rel, dest)
+    model = tok_dir / PurePosixPath(p["tokenizer_files"][0]).name
+    sp = load_tokenizer(model)
+    if sp.vocab_size() != p["vocab_size"]:
+        raise DatasetError(f"tokenizer {model} has vocabulary size {sp.vocab_size()}, variant {variant} needs {p['vocab_size']}")
+    return model
+
+
 def download_fineweb(variant: str, train_shards: int, out_root: Path, source: str | None = None,
                      log=print) -> Path:
     """Fetch the manifest, all val shards, the first `train_shards` train shards and the tokenizer."""
@@ -160,15 +187,8 @@ def download_fineweb(variant: str, train_shards: int, out_root: Path, source: st
     out_root = Path(out_root)
     log(f"source: {src.describe()}")
 
-    hub_manifest = out_root / "datasets" / f"fineweb10B_{variant}" / "source_manifest.json"
-    try:
-        src.fetch("manifest.json", hub_manifest)  # fresh when possible: it says how many shards exist
-    except DatasetError as e:
-        if not hub_manifest.is_file():
-            raise
-        log(f"using the manifest downloaded before ({e})")
-    manifest = read_json_object(hub_manifest, "hub manifest")
-    p = plan(manifest, variant)
+    p = plan(fetch_hub_manifest(src, out_root / "datasets" / f"fineweb10B_{variant}" / "source_manifest.json", log),
+             variant)
     if p["files_train"] is not None and train_shards > p["files_train"]:
         raise DatasetError(f"--train-shards {train_shards}: {p['name']} only has {p['files_train']} train shards")
 
@@ -188,16 +208,7 @@ def download_fineweb(variant: str, train_shards: int, out_root: Path, source: st
         shard_names[split] = sorted(f.name for f in folder.glob(f"fineweb_{split}_*.bin"))
         tokens[split] = sum(read_header(folder / name) for name in shard_names[split])
 
-    tok_dir = out_root / "tokenizers"
-    for rel in p["tokenizer_files"]:
-        dest = tok_dir / PurePosixPath(rel).name
-        if not dest.exists():
-            log(f"fetch {rel}")
-            src.fetch(rel, dest)
-    model = tok_dir / PurePosixPath(p["tokenizer_files"][0]).name
-    sp = load_tokenizer(model)
-    if sp.vocab_size() != p["vocab_size"]:
-        raise DatasetError(f"tokenizer {model} has vocabulary size {sp.vocab_size()}, variant {variant} needs {p['vocab_size']}")
+    model = fetch_tokenizer(src, p, out_root / "tokenizers", variant, log)
 
     ours = {
         "format": MANIFEST_FORMAT,
