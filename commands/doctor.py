@@ -566,9 +566,9 @@ def timed_steps(doc: Doctor, present: list[Device], warmup: int, steps: int, tim
 # ---------------------------------------------------------------------------------------------
 
 def make_train_settings() -> dict[str, str]:
-    """The `make train` preset: the defaults of the Makefile's PRESET (NAME=${NAME:-value} ...)."""
+    """The `make train` preset: the defaults of the Makefile's TRAIN_PRESET (NAME=${NAME:-value} ...)."""
     text = (ROOT / "Makefile").read_text()
-    m = re.search(r"^PRESET\s*:?=(.*?)(?<!\\)\n(?!\s)", text, re.S | re.M)
+    m = re.search(r"^TRAIN_PRESET\s*:?=(.*?)(?<!\\)\n(?!\s)", text, re.S | re.M)
     return dict(re.findall(r"(\w+)=\$\$\{\w+:-([^}]*)\}", m.group(1))) if m else {}
 
 
@@ -583,7 +583,7 @@ def memory(doc: Doctor, present: list[Device]) -> None:
                 f"({', '.join(f'{k} {v:g}' for k, v in core_memory.BUDGET_FRACTION.items())}), and the make-train "
                 f"preset's estimated peak")
     if not preset:
-        doc.fail("memory", "the make-train preset", "no PRESET in the Makefile")
+        doc.fail("memory", "the make-train preset", "no TRAIN_PRESET in the Makefile")
     rows = []
     for dev in present:
         env = dict(preset, DEVICE=dev.kind) if dev.backend == "torch" else dict(preset)
