@@ -83,7 +83,7 @@ default-data: $(STAMP)
 
 # The backend: torch with CUDA, MLX on Apple silicon, else the faster of the two here (measured once).
 train: default-data
-	@backend=$${BACKEND:-$$($(PY) -m bench.pick_backend)} && \
+	@backend=$${BACKEND:-$$($(PY) -m commands.pick_backend)} && \
 	  echo "$(TRAIN_PRESET) $(PY) -m backend_$$backend.train $(ARGS)" && \
 	  $(TRAIN_PRESET) $(PY) -m backend_$$backend.train $(ARGS)
 
@@ -160,31 +160,31 @@ bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
 	$(PY) -m bench.launches --out bench/launches.json
 
-# Mutation testing (bench/mutants.py): each one-line mutant of bench/mutants_list.py is applied to a
+# Mutation testing (commands/mutants.py): each one-line mutant of commands/mutants_list.py is applied to a
 # fresh copy of the source tree and its few test files run there; prints a table and the kill rate,
 # exit 1 on a survivor or a stale mutant. Not part of `make test` (10 minutes on a busy 2-core machine).
 #   make mutants MUTANTS=core-3,data-1     a subset
 mutants: $(STAMP)
-	$(PY) -m bench.mutants $(ARGS)
+	$(PY) -m commands.mutants $(ARGS)
 
 # For a new machine or a bug report, in under a minute: versions, devices, BLAS, the memory budget,
 # docs/spec.md §10's checks on every device and a few timed steps of the make-train model per backend.
 # Prints a verdict (exit 1 on a problem) and writes runs/doctor.json: attach it to a bug report.
 doctor: $(STAMP)
-	$(PY) -m bench.doctor $(ARGS)
+	$(PY) -m commands.doctor $(ARGS)
 
 # Each technique of the record (PRESET=record-1.0611) alone, then all together, in torch and MLX:
 # runs/$${ABLATE_ID:-ablate}/<backend>-<technique>/, finished runs reused; a table, ablation.png and
-# ablation.json (bench/ablate.py; ABLATE_TECHNIQUES=ema,weight-decay and ABLATE_BACKENDS=torch choose).
+# ablation.json (commands/ablate.py; ABLATE_TECHNIQUES=ema,weight-decay and ABLATE_BACKENDS=torch choose).
 ablate: default-data
-	$(TRAIN_PRESET) $(PY) -m bench.ablate $(ARGS)
+	$(TRAIN_PRESET) $(PY) -m commands.ablate $(ARGS)
 
 # The tying tradeoff: the make-train preset (any setting passes through) trained tied and untied with
 # one backend (BACKEND=, else the one make train picks), same seed, data and steps; finished runs in
 # runs/$${ABLATE_ID:-ablate-tying}/ are reused. A table, loss.png and ablation.json.
 ablate-tying: default-data
-	@backend=$${BACKEND:-$$($(PY) -m bench.pick_backend)} && \
-	  $(TRAIN_PRESET) BACKEND=$$backend $(PY) -m bench.ablate_tying $(ARGS)
+	@backend=$${BACKEND:-$$($(PY) -m commands.pick_backend)} && \
+	  $(TRAIN_PRESET) BACKEND=$$backend $(PY) -m commands.ablate_tying $(ARGS)
 
 # The direct-path analysis of a checkpoint (trainer/tying.py): embedding -> final norm -> head, every
 # block skipped, scored on the val bigrams against the train unigram and bigram models; the symmetry

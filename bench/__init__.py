@@ -1,1 +1,1 @@
-"""The top floor: benchmarks and tools that use both backends (`make bench`, `make doctor`, the memory grid, the backend choice of `make train`, the shard-check timing)."""
+"""The benchmarks: measurements that use both backends (`make bench`, the launch counts, the memory grid, the MLX ranks, the shard-check timing, the artifact settings grid). The commands a user runs live in commands/."""

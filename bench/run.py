@@ -50,7 +50,7 @@ DEFAULT_OUT = ROOT / "bench" / "results.json"
 CONFIGS = {
     "small": dict(num_layers=4, model_dim=256, num_heads=4, num_kv_heads=2, train_seq_len=256),
     "base": dict(num_layers=9, model_dim=512, num_heads=8, num_kv_heads=4, train_seq_len=1024),
-    # The model of `make train` (bench/pick_backend.py times it; not in `make bench` by default).
+    # The model of `make train` (commands/pick_backend.py times it; not in `make bench` by default).
     "preset": dict(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256),
 }
 # (warmup steps, timed steps): a stable median while `make bench` stays within a few minutes.

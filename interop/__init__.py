@@ -10,7 +10,7 @@
     bfloat16.py         bfloat16 as raw bits, for numpy
     pg_import.py, pg_export.py   `make pg-import` and `make pg-export`
 
-A layer between data and trainer: core < data < interop < trainer < backends < bench.
+A layer between data and trainer: core < data < interop < trainer < backends < bench < commands.
 """
 
 from interop.reference_files import KINDS, ImportedModel, detect_kind, read_reference_file

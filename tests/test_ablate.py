@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 from core.config import load_config
-from bench.ablate import SCALED, TECHNIQUES, variants
+from commands.ablate import SCALED, TECHNIQUES, variants
 from trainer_helpers import REPO, tiny_env
 
 
 def ablate(env):
-    return subprocess.run([sys.executable, "-m", "bench.ablate"], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "commands.ablate"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
 
 

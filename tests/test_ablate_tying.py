@@ -7,12 +7,12 @@ import sys
 
 from core.config import load_config
 from core.params import count_params
-from bench.ablate_tying import matched_width
+from commands.ablate_tying import matched_width
 from trainer_helpers import REPO, tiny_env
 
 
 def ablate(env):
-    return subprocess.run([sys.executable, "-m", "bench.ablate_tying"], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "commands.ablate_tying"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
 
 

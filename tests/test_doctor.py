@@ -1,4 +1,4 @@
-"""`make doctor` (bench/doctor.py): the whole run passes here and says so, and a failing check fails it."""
+"""`make doctor` (commands/doctor.py): the whole run passes here and says so, and a failing check fails it."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from bench import doctor
+from commands import doctor
 from trainer_helpers import REPO
 
 SECTIONS = ("versions", "devices", "blas", "memory", "check_model", "checks", "timing")
@@ -16,7 +16,7 @@ SECTIONS = ("versions", "devices", "blas", "memory", "check_model", "checks", "t
 def test_the_doctor_passes_on_this_machine_and_writes_its_report(tmp_path):
     """The real command (re-executed with OpenBLAS as `make doctor` is), one timed step per backend."""
     env = {k: v for k, v in os.environ.items() if k not in ("TWINGPT_NO_BLAS_PRELOAD", "TWINGPT_BLAS_REEXEC")}
-    proc = subprocess.run([sys.executable, "-m", "bench.doctor", "--out", str(tmp_path), "--warmup", "0", "--steps", "1"],
+    proc = subprocess.run([sys.executable, "-m", "commands.doctor", "--out", str(tmp_path), "--warmup", "0", "--steps", "1"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

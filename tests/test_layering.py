@@ -1,6 +1,10 @@
 """The house's floors (docs/spec.md §1): every module imports only the layers below it.
 
-    core  <  data  <  interop  <  trainer  <  backend_torch, backend_mlx  <  bench
+    core  <  data  <  interop  <  trainer  <  backend_torch, backend_mlx  <  bench  <  commands
+
+bench holds the measurements (make bench, the memory grid, ...); commands the commands a user runs
+that use both backends (make doctor, the backend choice of make train, make ablate, make mutants),
+which may time bench/run.py's rows; a benchmark never imports a command.
 
 A backend never imports the other backend, and nothing below the backends imports torch or mlx,
 with one exception: interop/torch_files.py imports torch, as the file format of the reference torch
@@ -15,8 +19,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = {"core": 0, "data": 1, "interop": 2, "trainer": 3, "backend_torch": 4, "backend_mlx": 4, "bench": 5}
+LAYERS = {"core": 0, "data": 1, "interop": 2, "trainer": 3, "backend_torch": 4, "backend_mlx": 4, "bench": 5,
+          "commands": 6}
 FRAMEWORKS = {"torch": "backend_torch", "mlx": "backend_mlx"}   # a framework and the one package that may use it
+BOTH_BACKENDS = {"bench", "commands"}   # the floors above the backends may use either framework
 # Files outside a framework's package allowed to import it, and why: torch as a file format only.
 FRAMEWORK_FILES = {"torch": {"interop/torch_files.py"}}
 
@@ -34,7 +40,7 @@ def imported_packages(path: Path) -> set[tuple[str, int]]:
 
 def violations(root: Path) -> list[str]:
     """Every import under `root` that climbs a floor, crosses between backends, or uses a framework
-    outside its backend (and bench, which may use both)."""
+    outside its backend (bench and commands may use both)."""
     problems = []
     for package, level in LAYERS.items():
         for path in sorted((root / package).rglob("*.py")):
@@ -45,7 +51,7 @@ def violations(root: Path) -> list[str]:
                         problems.append(f"{where}:{line} imports {name}, a higher layer")
                     elif LAYERS[name] == level:
                         problems.append(f"{where}:{line} imports {name}: a backend never imports the other")
-                if (name in FRAMEWORKS and package != FRAMEWORKS[name] and package != "bench"
+                if (name in FRAMEWORKS and package != FRAMEWORKS[name] and package not in BOTH_BACKENDS
                         and where.as_posix() not in FRAMEWORK_FILES.get(name, ())):
                     problems.append(f"{where}:{line} imports {name} outside {FRAMEWORKS[name]}")
     return problems
@@ -72,6 +78,7 @@ def test_every_package_is_a_known_layer():
     ("interop", "import mlx.core as mx", "interop/bad.py:2 imports mlx outside backend_mlx"),
     ("interop", "from trainer.loop import run_training", "interop/bad.py:2 imports trainer, a higher layer"),
     ("data", "from interop import read_reference_file", "data/bad.py:2 imports interop, a higher layer"),
+    ("bench", "from commands.doctor import main", "bench/bad.py:2 imports commands, a higher layer"),
 ])
 def test_a_forbidden_import_is_reported(tmp_path, package, line, expected):
     for name in LAYERS:

@@ -1,12 +1,12 @@
-"""bench/mutants.py: a mutant changes one line of a copy (never the repo), a stale one is an error,
+"""commands/mutants.py: a mutant changes one line of a copy (never the repo), a stale one is an error,
 a killed one names its first failing test, and the curated list applies to today's code."""
 
 import subprocess
 
 import pytest
 
-from bench.mutants import Mutant, Outcome, StaleMutant, apply, check, copy_tree, is_problem, run_mutant, select
-from bench.mutants_list import MUTANTS
+from commands.mutants import Outcome, StaleMutant, apply, check, copy_tree, is_problem, run_mutant, select
+from commands.mutants_list import MUTANTS, Mutant
 from trainer_helpers import REPO
 
 SOURCE = "def double(x):\n    return 2 * x\n\n\ndef triple(x):\n    return 2 * x + x\n"

@@ -1,4 +1,4 @@
-"""bench/pick_backend.py: which backend `make train` uses, and the cached measurement behind it.
+"""commands/pick_backend.py: which backend `make train` uses, and the cached measurement behind it.
 
 The machine's probes (Apple silicon, CUDA) and the measurement are injected; the cache lives in
 tmp_path. Nothing here times a backend.
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from bench import pick_backend
+from commands import pick_backend
 
 
 def never_measure():

@@ -3,7 +3,7 @@ table, read from the spec itself: loosening one in the code (or the spec alone) 
 
 import re
 
-from bench import doctor
+from commands import doctor
 from parity_lib import ROWS
 from trainer_helpers import REPO
 

@@ -1,4 +1,4 @@
-"""The mutants of `make mutants` (bench/mutants.py): one line each, and the tests that should kill it.
+"""The mutants of `make mutants` (commands/mutants.py): one line each, and the tests that should kill it.
 
 Each is an exact (file, original line, replacement); indentation is kept from the file. `within`
 names the block to search when the same line occurs twice in a file. A mutant no test can kill
@@ -6,7 +6,21 @@ carries `equivalent`: why it computes the same thing. Chosen in code that both b
 parity suite cannot see a bug there), in both models and optimizers, and in the run loop.
 """
 
-from bench.mutants import Mutant
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One line of one file replaced by a plausible bug, and the tests that should fail because of it."""
+    id: str
+    path: str                 # relative to the repo
+    original: str             # the whole line, without its indentation
+    replacement: str          # the new line, without its indentation (the original's is kept)
+    tests: tuple[str, ...]    # test files (or test ids) to run
+    equivalent: str = ""      # why no test can kill it, when that is so
+    within: str = ""          # a line (e.g. "def f(") that opens the block to search, when the
+                              # original line also occurs elsewhere in the file
+
 
 SCHEDULE = ("tests/core/test_schedule.py",)
 METRICS = ("tests/core/test_metrics.py", "tests/independent/test_validation_independent.py")
@@ -442,16 +456,19 @@ MUTANTS = [
     Mutant("plan-4", "trainer/plan.py",
            "resolved = cfg.replace(grad_accum_steps=plan.grad_accum_steps, mlx_eager_eval=plan.mlx_eager_eval,",
            "resolved = cfg.replace(grad_accum_steps=1, mlx_eager_eval=plan.mlx_eager_eval,", PLAN_AUTO),
-    # bench/doctor.py: make doctor's tolerances are docs/spec.md §10's
-    Mutant("doctor-1", "bench/doctor.py",
+    # commands/doctor.py: make doctor's tolerances are docs/spec.md §10's
+    Mutant("doctor-1", "commands/doctor.py",
            "TOLERANCES = {\"logits\": 1e-5, \"grads\": 1e-4, \"optim_step\": 1e-5}",
            "TOLERANCES = {\"logits\": 1e-2, \"grads\": 1e-4, \"optim_step\": 1e-5}", SPEC_TOLERANCES),
-    Mutant("doctor-2", "bench/doctor.py",
+    Mutant("doctor-2", "commands/doctor.py",
            "TOLERANCES = {\"logits\": 1e-5, \"grads\": 1e-4, \"optim_step\": 1e-5}",
            "TOLERANCES = {\"logits\": 1e-5, \"grads\": 1e-1, \"optim_step\": 1e-5}", SPEC_TOLERANCES),
-    Mutant("doctor-3", "bench/doctor.py",
+    Mutant("doctor-3", "commands/doctor.py",
            "TOLERANCES = {\"logits\": 1e-5, \"grads\": 1e-4, \"optim_step\": 1e-5}",
            "TOLERANCES = {\"logits\": 1e-5, \"grads\": 1e-4, \"optim_step\": 1e-2}", SPEC_TOLERANCES),
+    # bench/launches.py: the counter the lean-step tests rely on counts every host read and collective
+    Mutant("bench-1", "bench/launches.py", "self.counts[name] += 1", "self.counts[name] += 0",
+           ("tests/torch/test_torch_lean_step.py",)),
     # The record's attention options (docs/spec.md §4.1-§4.5), one in each layer of their realisation
     Mutant("record-attn-1", "backend_torch/model.py",
            "return e + (ids != BOS_ID)[..., None] * g * previous", "return e + g * previous", RECORD_ATTENTION),

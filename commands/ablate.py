@@ -1,4 +1,4 @@
-"""The record's techniques one at a time: python -m bench.ablate (make ablate).
+"""The record's techniques one at a time: python -m commands.ablate (make ablate).
 
 Trains the same run (the settings the environment gives: `make ablate` passes the `make train`
 preset) as a baseline, then with each technique of the record (PRESET=record-1.0611) on alone, then
@@ -9,7 +9,7 @@ whose settings this build does not know yet is listed as such and not run.
 
 Each run is a normal run of the trainer in its own process, in runs/<ABLATE_ID>/<backend>-<name>/.
 Run again, a finished run (it has summary.json) is reused; an unfinished one is kept and continued
-from its last checkpoint (bench/ablate_tying.py's train_one). A progress line per run on stderr;
+from its last checkpoint (commands/ablate_tying.py's train_one). A progress line per run on stderr;
 the result: one table (val_bpb, int8 roundtrip val_bpb, tokens/s and parameters of both backends side
 by side), ablation.png and ablation.json in runs/<ABLATE_ID>/.
 
@@ -26,7 +26,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from bench.ablate_tying import train_one
+from commands.ablate_tying import train_one
 from core.config import TrainConfig, env_name, load_config
 from core.errors import ConfigError, exit_on_user_error
 from core.files import atomic_writer

@@ -1,4 +1,4 @@
-"""The tying tradeoff, measured: python -m bench.ablate_tying (make ablate-tying).
+"""The tying tradeoff, measured: python -m commands.ablate_tying (make ablate-tying).
 
 Trains the same run twice with one backend, tied (TIE_EMBEDDINGS=1) and untied (TIE_EMBEDDINGS=0,
 with the reference's untied learning rates EMBED_LR and HEAD_LR): same seed, same data order, same

@@ -1,4 +1,4 @@
-"""`make doctor` (python -m bench.doctor): what this machine is, and whether twingpt works on it.
+"""`make doctor` (python -m commands.doctor): what this machine is, and whether twingpt works on it.
 
 One command for a new machine or a bug report, under a minute on a 2-core CPU. It prints, and
 writes to runs/doctor.json (--out elsewhere):
@@ -557,7 +557,7 @@ def timed_steps(doc: Doctor, present: list[Device], warmup: int, steps: int, tim
     if len(rates) > 1:
         best = max(rates, key=rates.get)
         doc.say(f"  faster here: {best} ({', '.join(f'{b} {r:,.0f}' for b, r in rates.items())} tok/s); "
-                "make train chooses by the same measurement (bench/pick_backend.py)")
+                "make train chooses by the same measurement (commands/pick_backend.py)")
     doc.report["timing"] = dict(model=model, tokens_per_step=TOKENS_PER_STEP, warmup=warmup, steps=steps, rows=rows)
 
 
@@ -566,9 +566,9 @@ def timed_steps(doc: Doctor, present: list[Device], warmup: int, steps: int, tim
 # ---------------------------------------------------------------------------------------------
 
 def make_train_settings() -> dict[str, str]:
-    """The `make train` preset: the defaults of the Makefile's PRESET (NAME=${NAME:-value} ...)."""
+    """The `make train` preset: the defaults of the Makefile's TRAIN_PRESET (NAME=${NAME:-value} ...)."""
     text = (ROOT / "Makefile").read_text()
-    m = re.search(r"^PRESET\s*:?=(.*?)(?<!\\)\n(?!\s)", text, re.S | re.M)
+    m = re.search(r"^TRAIN_PRESET\s*:?=(.*?)(?<!\\)\n(?!\s)", text, re.S | re.M)
     return dict(re.findall(r"(\w+)=\$\$\{\w+:-([^}]*)\}", m.group(1))) if m else {}
 
 
@@ -583,7 +583,7 @@ def memory(doc: Doctor, present: list[Device]) -> None:
                 f"({', '.join(f'{k} {v:g}' for k, v in core_memory.BUDGET_FRACTION.items())}), and the make-train "
                 f"preset's estimated peak")
     if not preset:
-        doc.fail("memory", "the make-train preset", "no PRESET in the Makefile")
+        doc.fail("memory", "the make-train preset", "no TRAIN_PRESET in the Makefile")
     rows = []
     for dev in present:
         env = dict(preset, DEVICE=dev.kind) if dev.backend == "torch" else dict(preset)
@@ -637,8 +637,8 @@ def parse_tolerances(items: list[str]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:   # the command line: MLX's CPU backend on OpenBLAS, as its trainer (may re-execute)
         argv = sys.argv[1:]
-        ensure_fast_blas("bench.doctor", argv)
-    p = argparse.ArgumentParser(prog="python -m bench.doctor", description=__doc__.split("\n\n")[0])
+        ensure_fast_blas("commands.doctor", argv)
+    p = argparse.ArgumentParser(prog="python -m commands.doctor", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder of doctor.json (default: runs/)")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps per backend (default 1)")
     p.add_argument("--steps", type=int, default=2, help="timed training steps per backend (default 2)")

@@ -1,6 +1,6 @@
-"""Mutation testing: can the suite fail? python -m bench.mutants [--only core-3,data-1] (make mutants).
+"""Mutation testing: can the suite fail? python -m commands.mutants [--only core-3,data-1] (make mutants).
 
-Each mutant of bench/mutants_list.py is one line of one file replaced by a plausible bug (a sign
+Each mutant of commands/mutants_list.py is one line of one file replaced by a plausible bug (a sign
 flip, an off-by-one, a swapped constant, a dropped term, a wrong dtype). For each, the tracked source
 tree (`git ls-files`, as it is in the work tree) is copied into a fresh temporary folder, the line is
 replaced there, and the mutant's few test files run against that copy (PYTHONPATH = the copy,
@@ -27,20 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from commands.mutants_list import MUTANTS, Mutant
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600   # a mutant that hangs its tests is killed by the timeout
-
-
-@dataclass(frozen=True)
-class Mutant:
-    id: str
-    path: str                 # relative to the repo
-    original: str             # the whole line, without its indentation
-    replacement: str          # the new line, without its indentation (the original's is kept)
-    tests: tuple[str, ...]    # test files (or test ids) to run
-    equivalent: str = ""      # why no test can kill it, when that is so
-    within: str = ""          # a line (e.g. "def f(") that opens the block to search, when the
-                              # original line also occurs elsewhere in the file
 
 
 @dataclass
@@ -238,8 +228,6 @@ def check(mutants: list[Mutant], repo: Path) -> int:
 
 
 def main(argv=None) -> int:
-    from bench.mutants_list import MUTANTS
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=os.environ.get("MUTANTS", ""),
                         help="comma-separated mutant ids (default: $MUTANTS, else all)")

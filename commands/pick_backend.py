@@ -1,4 +1,4 @@
-"""Which backend `make train` uses here: python -m bench.pick_backend prints "torch" or "mlx".
+"""Which backend `make train` uses here: python -m commands.pick_backend prints "torch" or "mlx".
 
 CUDA present: torch. Apple silicon: MLX (Metal). Otherwise both are timed on a few training steps
 of the `make train` model on this CPU (bench/run.py, each in its own process, MLX with OpenBLAS when

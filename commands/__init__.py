@@ -1,0 +1,1 @@
+"""The commands a user runs that use both backends (make doctor, the backend choice of make train, make ablate, make ablate-tying, make mutants); they stand above the benchmarks of bench/ and may use their timed rows."""
