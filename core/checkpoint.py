@@ -121,14 +121,12 @@ def save_checkpoint(path, *, spec: ModelSpec, config, step: int, weights: dict[s
         raise CheckpointError(f"{label}: cannot write it ({e.strerror or e})") from None
 
 
-def load_checkpoint(path) -> Checkpoint:
-    """Read and validate a checkpoint; every defect is a one-line CheckpointError naming the file."""
-    path = Path(path)
-    label = f"checkpoint {path}"
+def _corrupt(label: str, why) -> CheckpointError:
+    return CheckpointError(f"{label}: corrupt or not a twingpt checkpoint ({' '.join(str(why).split())})")
 
-    def corrupt(why) -> CheckpointError:
-        return CheckpointError(f"{label}: corrupt or not a twingpt checkpoint ({' '.join(str(why).split())})")
 
+def _read_checkpoint_file(path: Path, label: str) -> tuple[str, dict[str, np.ndarray]]:
+    """(the twingpt metadata's text, every tensor) of a safetensors file."""
     if not path.exists():
         raise CheckpointError(f"{label}: no such file")
     if path.is_dir():
@@ -137,35 +135,48 @@ def load_checkpoint(path) -> Checkpoint:
         with safe_open(str(path), framework="np") as f:
             text = (f.metadata() or {}).get(META_KEY)
             if text is None:
-                raise corrupt("a safetensors file without twingpt metadata")
+                raise _corrupt(label, "a safetensors file without twingpt metadata")
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:
-        raise corrupt(e) from None
+        raise _corrupt(label, e) from None
     except OSError as e:
         raise CheckpointError(f"{label}: cannot read it ({e.strerror or e})") from None
+    return text, tensors
 
+
+def _checked_metadata(text: str, label: str) -> dict:
+    """The metadata, checked to be this format's JSON object with every key of the right type."""
     try:
         meta = json.loads(text)
     except ValueError:
-        raise corrupt("metadata is not JSON") from None
+        raise _corrupt(label, "metadata is not JSON") from None
     if not isinstance(meta, dict):
-        raise corrupt("metadata is not a JSON object")
+        raise _corrupt(label, "metadata is not a JSON object")
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{label}: format {meta.get('format')!r}, this twingpt reads format {FORMAT_VERSION}")
     keys = ("spec", "config", "step", "data_state", "optimizer_scalars", "rng_state", "backend", "extra")
     missing = [k for k in keys if k not in meta]
     if missing:
-        raise corrupt(f"metadata lacks {', '.join(missing)}")
+        raise _corrupt(label, f"metadata lacks {', '.join(missing)}")
     types_ok = (isinstance(meta["step"], int) and isinstance(meta["config"], dict)
                 and isinstance(meta["optimizer_scalars"], dict)
                 and (meta["rng_state"] is None or isinstance(meta["rng_state"], dict)))
     types_ok = types_ok and isinstance(meta.get("looping", False), bool)
     if not types_ok:
-        raise corrupt("metadata values have the wrong types")
+        raise _corrupt(label, "metadata values have the wrong types")
+    return meta
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read and validate a checkpoint; every defect is a one-line CheckpointError naming the file."""
+    path = Path(path)
+    label = f"checkpoint {path}"
+    text, tensors = _read_checkpoint_file(path, label)
+    meta = _checked_metadata(text, label)
     try:
         spec = ModelSpec.from_dict(meta["spec"])
     except (ConfigError, TypeError) as e:
-        raise corrupt(f"bad spec: {e}") from None
+        raise _corrupt(label, f"bad spec: {e}") from None
 
     def strip(prefix: str) -> dict[str, np.ndarray]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
