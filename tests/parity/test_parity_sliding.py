@@ -96,8 +96,13 @@ def test_a_stride_of_one_window_is_the_standard_evaluation(backend, trained_runs
         session = make_session(name, cfg)
         session.load_weights(weights)
         try:
-            run = evaluate_sliding if stride else evaluate
-            figures[name] = run(session, val_tokens, tables, cfg.replace(eval_stride=stride))
+            c = cfg.replace(eval_stride=stride)
+            geometry = eval_geometry(c, 1)
+            if stride:
+                figures[name] = evaluate_sliding(session, val_tokens, tables, c.eval_window, stride,
+                                                 geometry.sliding_batch_seqs)
+            else:
+                figures[name] = evaluate(session, val_tokens, tables, c.train_seq_len, geometry.val_batch_seqs)
         finally:
             session.close()
     for name, a, b in zip(("val_loss", "val_bpb"), figures[backend], figures[other]):
