@@ -5,6 +5,17 @@ default): each Linear casts its input and weight at the product, so there is no 
 and the CPU tests execute exactly what a GPU run executes. RMSNorm statistics, RoPE, the softcap
 and the cross-entropy run in fp32, and the residual stream stays fp32.
 
+Notable features (each a setting of docs/spec.md, the record's options off by default):
+- token embedding tied to the output head (TIE_EMBEDDINGS), initial weights from core/init.py
+- grouped-query attention, q/k RMSNorm with a learned per-head query gain, half-split RoPE
+  (partial with ROPE_DIMS, YaRN-scaled with ROPE_YARN), attention within each document
+  (DOC_ATTENTION_ENABLED), exclusive self-attention (XSA_LAST_N), a sparse head-output gate
+- relu^2 MLP, or leaky ReLU^2 (MLP_NEGATIVE_SLOPE), MLP_MULT as a float
+- residual mixing with the input embedding, a smear gate on the embedding that never crosses BOS
+- U-Net skips (gated with SKIP_GATES_ENABLED), LN_SCALE, two parallel lanes in the last layers
+  (PARALLEL_START_LAYER), depth recurrence over LOOP_START..LOOP_END (NUM_LOOPS)
+- a tanh logit softcap
+
 Shapes: B batch, T sequence, d model_dim, H heads, K kv heads, hd head_dim, V vocab.
 """
 
