@@ -27,8 +27,8 @@ GPTQ6 = {"QUANT": "gptq", "MATRIX_BITS": "6", "EMBED_BITS": "6", "GPTQ_CALIBRATI
 @pytest.fixture(scope="module")
 def checkpoint(tiny_dataset, tmp_path_factory):
     """A tiny model trained 200 steps on the tiny dataset (about 10 s), and its run's settings. At 60
-    steps its val_bpb is too far from what the weights can reach for 6-bit codes to tell GPTQ from
-    round-to-nearest: GPTQ's embedding rows, chosen for the head, cost the input lookup more (README)."""
+    steps GPTQ's 6-bit round trip is the worse: its tied embedding's codes, chosen for the head, cost
+    the input lookup more than they gain the head (README, "GPTQ against round-to-nearest at 6 bits")."""
     env = tiny_env(tiny_dataset, tmp_path_factory.mktemp("quantize"), ITERATIONS=200, WARMDOWN_ITERS=60,
                    TRAIN_LOG_EVERY=1000)
     return train("torch", env).checkpoint, env
