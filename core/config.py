@@ -411,6 +411,9 @@ class TrainConfig(ModelSettings):
     mlp_clip_sigmas: float = setting(11.5, "QUANT=gptq: the same for matrices named .mlp.")
     attn_clip_sigmas: float = setting(13.0, "QUANT=gptq: the same for matrices named .attn.")
     embed_clip_sigmas: float = setting(14.0, "QUANT=gptq: the same for the embedding and an untied head")
+    embed_lookup_weight: float = setting(0.0, "QUANT=gptq: GPTQ of a tied embedding uses the head's X^T X plus this "
+                                         "times its mean diagonal times I, for the rows' other use as the input "
+                                         "lookup (0: the head's alone, the record's)")
     lqer_enabled: bool = setting(True, "QUANT=gptq: add a low-rank correction of the error to the LQER_TOP_K matrices "
                                  "with the largest error")
     lqer_rank: int = setting(4, "QUANT=gptq: rank of the LQER correction")
@@ -438,7 +441,8 @@ class TrainConfig(ModelSettings):
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
         non_negative = ("warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                         "eval_stride", "eval_seq_len", "eval_batch_seqs",
-                        "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps", "lqer_top_k")
+                        "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps", "lqer_top_k",
+                        "embed_lookup_weight")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must not be negative")
@@ -460,6 +464,8 @@ class TrainConfig(ModelSettings):
         self.check_ttt()
         if not 0.0 <= self.enable_looping_at <= 1.0:
             raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at}: must be a fraction of training in [0, 1]")
+        if not math.isfinite(self.embed_lookup_weight):
+            raise ConfigError(f"EMBED_LOOKUP_WEIGHT={self.embed_lookup_weight}: must be a finite number")
         if not math.isfinite(self.collective_timeout_seconds):
             raise ConfigError(f"COLLECTIVE_TIMEOUT_SECONDS={self.collective_timeout_seconds}: must be a finite number")
         if self.mlx_max_microbatch_tokens <= 0:

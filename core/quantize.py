@@ -71,6 +71,17 @@ def prepare_hessian(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h, dead
 
 
+def with_lookup_term(h: np.ndarray, weight: float) -> np.ndarray:
+    """A tied embedding's statistics: the head's H plus weight * mean(diag H) * I (EMBED_LOOKUP_WEIGHT).
+
+    Its rows are also looked up as the model's input, where a row's error counts whole, in every
+    direction; the head's H sees only the directions its inputs use, and GPTQ moves the error into
+    the others. The isotropic term makes GPTQ weigh the lookup too (weight 0: the head's H alone)."""
+    h = np.array(h, dtype=np.float64)
+    h[np.diag_indices_from(h)] += weight * np.mean(np.diag(h))
+    return h
+
+
 def column_order(h: np.ndarray) -> np.ndarray:
     """Columns by descending diag(H) (the inputs with the most energy first); ties by index."""
     return np.argsort(-np.diag(h), kind="stable")
@@ -245,7 +256,10 @@ def quantize_model(weights: dict[str, np.ndarray], table: list[ParamInfo], hessi
         if progress is not None:
             progress(i, len(targets), name)
         bits, sigmas = bits_and_sigmas(infos[name], cfg)
-        out[name] = quantize_matrix(name, weights[name], hessians.get(name), bits, sigmas, cfg.gptq)
+        hessian = hessians.get(name)
+        if hessian is not None and infos[name].group == EMBED and cfg.embed_lookup_weight > 0:
+            hessian = with_lookup_term(hessian, cfg.embed_lookup_weight)   # only a tied embedding has statistics
+        out[name] = quantize_matrix(name, weights[name], hessian, bits, sigmas, cfg.gptq)
     if cfg.lqer_enabled and cfg.lqer_top_k > 0:
         # The LQER_TOP_K matrices of largest ||w - q * scale||_F (ties: by name) get the correction.
         norms = {name: float(np.linalg.norm(reconstruction_error(out[name], weights[name]))) for name in targets}

@@ -153,6 +153,27 @@ def test_the_lqer_matrices_are_those_of_largest_error():
     assert {n for n, t in with_lqer.items() if "lqer" in t.info} == set(sorted(errors, key=errors.get)[-3:])
 
 
+def test_embed_lookup_weight_moves_only_the_tied_embeddings_codes_towards_round_to_nearest():
+    """EMBED_LOOKUP_WEIGHT adds weight * mean(diag H) * I to the tied embedding's H: its rows' own error
+    shrinks as the weight grows, and with H nearly isotropic GPTQ rounds to nearest; other matrices keep
+    their codes."""
+    weights, hessians = model_case()
+    cfg = TrainConfig(**SPEC.to_dict(), quant="gptq", lqer_enabled=False)
+    assert cfg.tie_embeddings
+    table = param_table(SPEC)
+    by_weight = {w: quantize_model(weights, table, hessians, cfg.replace(embed_lookup_weight=w)) for w in (0.0, 1.0, 1e7)}
+    rtn = quantize_model(weights, table, hessians, cfg.replace(gptq=False))
+    for name, t in by_weight[0.0].items():
+        if t.scheme == "int_per_row" and name != "tok_emb.weight":
+            assert all(np.array_equal(t.parts["q"], other[name].parts["q"]) for other in by_weight.values())
+    codes = {w: tensors["tok_emb.weight"].parts["q"] for w, tensors in by_weight.items()}
+    assert np.array_equal(codes[1e7], rtn["tok_emb.weight"].parts["q"])
+    assert not np.array_equal(codes[0.0], codes[1.0]) and not np.array_equal(codes[1.0], codes[1e7])
+    row_error = {w: np.linalg.norm(artifact.dequantize_tensor(t["tok_emb.weight"]) - weights["tok_emb.weight"])
+                 for w, t in by_weight.items()}
+    assert row_error[0.0] > row_error[1.0] > row_error[1e7]
+
+
 def test_the_same_inputs_give_the_same_bytes_and_int8_keeps_format_1():
     weights, hessians = model_case()
     cfg = TrainConfig(**SPEC.to_dict(), quant="gptq")

@@ -26,9 +26,11 @@ GPTQ6 = {"QUANT": "gptq", "MATRIX_BITS": "6", "EMBED_BITS": "6", "GPTQ_CALIBRATI
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_dataset, tmp_path_factory):
-    """A tiny model trained 60 steps on the tiny dataset (a few seconds), and its run's settings."""
-    env = tiny_env(tiny_dataset, tmp_path_factory.mktemp("quantize"), ITERATIONS=60, WARMDOWN_ITERS=20,
-                   TRAIN_LOG_EVERY=100)
+    """A tiny model trained 200 steps on the tiny dataset (about 10 s), and its run's settings. At 60
+    steps GPTQ's 6-bit round trip is the worse: its tied embedding's codes, chosen for the head, cost
+    the input lookup more than they gain the head (README, "GPTQ against round-to-nearest at 6 bits")."""
+    env = tiny_env(tiny_dataset, tmp_path_factory.mktemp("quantize"), ITERATIONS=200, WARMDOWN_ITERS=60,
+                   TRAIN_LOG_EVERY=1000)
     return train("torch", env).checkpoint, env
 
 
@@ -60,15 +62,13 @@ def test_gptq_has_a_lower_layer_error_than_round_to_nearest_on_every_6_bit_matri
         assert e_gptq < e_rtn, name
 
 
-def test_gptq_has_a_lower_round_trip_val_bpb_than_round_to_nearest_at_4_bits(checkpoint, capsys):
-    """At 4 bits; at 5 and 6 bits this 60-step model's val_bpb moves by less than the noise (README)."""
+def test_gptq_has_a_lower_round_trip_val_bpb_than_round_to_nearest_at_6_bits(checkpoint, capsys):
     path, _ = checkpoint
     got = {}
     for method in ("1", "0"):
-        got[method], _ = quantize("torch", path, capsys, **{**GPTQ6, "MATRIX_BITS": 4, "EMBED_BITS": 8},
-                                  LQER_ENABLED=0, GPTQ=method)
+        got[method], _ = quantize("torch", path, capsys, **GPTQ6, LQER_ENABLED=0, GPTQ=method)
     with capsys.disabled():
-        print(f"\nround-trip val_bpb at 4 bits: rtn {got['0']['roundtrip_val_bpb']:.5f} "
+        print(f"\nround-trip val_bpb at 6 bits: rtn {got['0']['roundtrip_val_bpb']:.5f} "
               f"gptq {got['1']['roundtrip_val_bpb']:.5f}")
     assert got["1"]["roundtrip_val_bpb"] < got["0"]["roundtrip_val_bpb"]
 
@@ -113,6 +113,7 @@ def run_failing(main, env, capsys):
     ({"QUANT": "gptq", "EMBED_BITS": "1"}, "EMBED_BITS=1: unsupported; must be 2 to 8"),
     ({"COMPRESSOR": "zstd"}, "COMPRESSOR='zstd': must be one of zlib, lzma, brotli"),
     ({"QUANT": "int4"}, "QUANT='int4': must be one of int8, gptq"),
+    ({"QUANT": "gptq", "EMBED_LOOKUP_WEIGHT": "-1"}, "EMBED_LOOKUP_WEIGHT=-1.0: must not be negative"),
 ])
 def test_a_bad_setting_is_one_line_exit_2_and_nothing_written(checkpoint, capsys, tmp_path, bad, message):
     path, _ = checkpoint
