@@ -20,10 +20,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from trainer.backend import Batch, checked_optimizer_state, observing_inputs
-from core.config import AUTO, ModelSpec, TrainConfig
+from trainer.plan import runtime_choices, wired_limit_bytes
+from core.config import ModelSpec, TrainConfig
 from core.errors import TrainingError
 from core.flops import measure_gflops
-from core.memory import eager_eval, machine_ram_bytes
+from core.memory import machine_ram_bytes
 from core.optimizer import bias_corrections, group_weight_decay
 from core.params import MATRIX, param_table
 
@@ -41,10 +42,6 @@ def chunks(x: np.ndarray, y: np.ndarray, max_tokens: int):
     rows = max(1, max_tokens // x.shape[1])
     for i in range(0, x.shape[0], rows):
         yield x[i:i + rows], y[i:i + rows]
-
-
-def eager_eval_label(setting) -> str:
-    return {True: "on", False: "off"}.get(setting, "auto (on when a micro-batch has more than one chunk)")
 
 
 def _ids(a: np.ndarray) -> mx.array:
@@ -85,12 +82,10 @@ class MLXSession:
         if self.ring is not None:
             self.ring.set_timeout(cfg.collective_timeout_seconds)
             self.ring.check_same_settings(cfg.to_dict())
-        if self.device_kind == "metal" and cfg.memory_budget_gb != AUTO:
-            # As mlx-lm does: keep the run's memory wired (resident) so macOS does not page it out
-            # under pressure; never more than the plan's budget or this rank's share of Metal's
-            # recommended working set (local ranks each wiring the whole can panic the kernel).
-            limit = min(int(cfg.memory_budget_gb * 2**30), self.device_memory_bytes() // self.local_ranks)
-            if hasattr(mx, "set_wired_limit"):
+        if self.device_kind == "metal":
+            # The run's memory wired (resident), as mlx-lm does: the plan's budget, within this rank's share.
+            limit = wired_limit_bytes(cfg, self.device_memory_bytes(), self.local_ranks)
+            if limit is not None and hasattr(mx, "set_wired_limit"):
                 mx.set_wired_limit(limit)
         if not on_gpu:
             # On the CPU, MLX 0.32 keeps at most 32 MB of freed buffers for reuse, so every larger
@@ -98,6 +93,8 @@ class MLXSession:
             # cache. Its memory limit, as on Metal, took the BASE step from 4.02 to 3.76 s.
             mx.set_cache_limit(mx.get_memory_limit())
         self.compute_dtype, self.use_compile = self.runtime_choices(cfg)
+        # As the plan resolved it (trainer/plan.py); a session set up without a plan evaluates lazily.
+        self.eager_eval = cfg.mlx_eager_eval is True
         dtype = DTYPES[self.compute_dtype]
         self.model = GPT(spec, compute_dtype=dtype)
         mx.eval(self.model.parameters())
@@ -120,7 +117,7 @@ class MLXSession:
         self.notes = [
             f"mlx {mx.__version__} on {self.device}, compute dtype {self.compute_dtype}, "
             f"mx.compile {'on' if self.use_compile else 'off'} (COMPILE={cfg.compile}), "
-            f"chunks of at most {cfg.mlx_max_microbatch_tokens} tokens, eager eval {eager_eval_label(cfg.mlx_eager_eval)}"
+            f"chunks of at most {cfg.mlx_max_microbatch_tokens} tokens, eager eval {'on' if self.eager_eval else 'off'}"
         ]
         if not on_gpu and (note := blas_note()):
             self.notes.append(note)
@@ -129,14 +126,9 @@ class MLXSession:
                               "Newton-Schulz shared, collectives on the CPU stream")
 
     def runtime_choices(self, cfg: TrainConfig) -> tuple[str, bool]:
-        """(compute dtype, compiled) this session will use for `cfg`, before setup (the memory plan reads them)."""
-        on_gpu = self.device_kind != "cpu"
-        compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        # COMPILE=auto: on for Metal; off on the CPU backend. Measured there (mlx 0.32.4, bundled BLAS,
-        # d=128, 4 layers, 1024 tokens a step): 0.89-0.91 s a step with or without compile (the
-        # matrix products dominate), while the first compiled step took 4.4 s instead of 1.0 s
-        # building C++ kernels with the system compiler, which a CPU-only machine may not have.
-        return compute_dtype, cfg.compile == "1" or (cfg.compile == "auto" and on_gpu)
+        """(compute dtype, compiled) this session will use for `cfg`, before setup (the memory plan
+        reads them): trainer/plan.py's rules, given that every MLX GPU (Metal, CUDA) computes in bf16."""
+        return runtime_choices(cfg, self.device_kind, bf16_supported=self.device_kind != "cpu")
 
     def _loss_sum(self, x: mx.array, y: mx.array) -> mx.array:
         return self.model.loss(x, y, reduction="sum")
@@ -222,13 +214,12 @@ class MLXSession:
         total_grads, total_loss = None, mx.array(0.0)
         for x, y in micro_batches:
             scale = 1.0 / (x.size * len(micro_batches))
-            eager = eager_eval(self.cfg.mlx_eager_eval, x.size, x.shape[1], self.cfg.mlx_max_microbatch_tokens)
             for xc, yc in chunks(x, y, self.cfg.mlx_max_microbatch_tokens):
                 loss_sum, grads = self._loss_and_grad(_ids(xc), _ids(yc))
                 grads = tree_map(lambda g: g * scale, grads)
                 total_grads = grads if total_grads is None else tree_map(mx.add, total_grads, grads)
                 total_loss = total_loss + loss_sum * scale
-                if eager:
+                if self.eager_eval:
                     mx.eval(total_grads, total_loss)
         return total_loss, dict(tree_flatten(total_grads))
 

@@ -1,7 +1,8 @@
 """The torch side of the training loop (trainer/backend.py): device, precision, compile, DDP, optimizers.
 
-Every device, dtype and compile choice of the torch backend is made in `resolve_runtime`, so the
-CPU tests run the very code a GPU run executes, with only these choices different.
+Every device, dtype and compile choice of the torch backend is made in `resolve_runtime`, from
+what the machine has, by trainer/plan.py's shared rules; so the CPU tests run the very code a GPU
+run executes, with only these choices different.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from backend_torch.model import GPT, Linear
 from backend_torch.optim import adam_update, clip_grad_norm, muon_update, newton_schulz
 from backend_torch.precision import tf32_off
 from trainer.backend import checked_optimizer_state, observing_inputs
+from trainer.plan import device_choice, runtime_choices
 from core.config import ModelSpec, TrainConfig
 from core.errors import ConfigError, TrainingError
 from core.flops import measure_gflops
@@ -48,39 +50,21 @@ class Runtime:
 
 
 def resolve_runtime(cfg: TrainConfig, environ=os.environ) -> Runtime:
-    """Device, compute dtype, compile and distributed rank from the config and torchrun's variables."""
+    """Device, compute dtype, compile and distributed rank: what this machine has, and torchrun's
+    variables, handed to trainer/plan.py's choices (where every "auto" is resolved)."""
     world_size = int(environ.get("WORLD_SIZE", "1"))
     rank = int(environ.get("RANK", "0"))
     local_rank = int(environ.get("LOCAL_RANK", "0"))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("DEVICE=cuda: CUDA is not available on this machine (use DEVICE=cpu or make train-cpu)")
-    if cfg.device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("DEVICE=mps: torch's Apple GPU backend is not available on this machine (use DEVICE=cpu)")
-    if cfg.device == "mps" and world_size > 1:
-        raise ConfigError(f"DEVICE=mps: one process only (WORLD_SIZE={world_size}); torch has no collective backend for mps")
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-    elif cfg.device == "mps":
-        # mps is opt-in (auto never picks it): on a Mac, MLX is the trainer; torch on mps is there to
-        # cross-check the torch model on the user's own GPU (make parity, make doctor).
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
-    # bf16 by default on CUDA from sm80 (Ampere) on, as the reference; older GPUs have no bf16 tensor
-    # cores (and no flash kernel): fp32 there. mps's bf16 support depends on the macOS version: fp32.
-    capability = torch.cuda.get_device_capability(device) if use_cuda else None
+    kind = device_choice(cfg.device, torch.cuda.is_available(), torch.backends.mps.is_available(), world_size)
+    device = torch.device("cuda", local_rank) if kind == "cuda" else torch.device(kind)
+    # bf16 on CUDA from sm80 (Ampere) on, as the reference; older GPUs have no bf16 tensor cores (and
+    # no flash kernel). mps's bf16 support depends on the macOS version: none counted.
+    capability = torch.cuda.get_device_capability(device) if kind == "cuda" else None
     bf16_ok = capability is not None and capability >= FLASH_MIN_CAPABILITY
-    if cfg.compute_dtype == "bfloat16" and use_cuda and not bf16_ok:
+    if cfg.compute_dtype == "bfloat16" and kind == "cuda" and not bf16_ok:
         raise ConfigError(f"COMPUTE_DTYPE=bfloat16: this GPU (sm_{capability[0]}{capability[1]}) has no bf16 tensor "
                           "cores; use COMPUTE_DTYPE=float32 or auto")
-    compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if bf16_ok else "float32")
-    # torch.compile pays on CUDA. On the CPU it stays off unless asked for (COMPILE=1): measured on
-    # 2 cores at 2,048 tokens a step, BASE in bf16 ran 0.79 s a step compiled against 1.08 s eager
-    # and fp32 2.72 s against 2.90 s, but the first step took 70-80 s to compile (4 s from
-    # inductor's cache), so it pays only after ~250 (bf16) or ~400 (fp32) steps, more than the
-    # small CPU presets and the tests run. `make bench` measures it again.
-    compile_model = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
+    compute_dtype, compile_model = runtime_choices(cfg, kind, bf16_ok)
     local_ranks = int(environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     return Runtime(device, compute_dtype, compile_model, rank, local_rank, world_size, local_ranks,
                    attention_kernel(device.type, capability, compute_dtype, masked=cfg.doc_attention_enabled))

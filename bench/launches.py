@@ -226,21 +226,9 @@ def timed(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def measure(repeats: int) -> dict:
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    session, cfg = make_session(compile_ns=False)
-    ref_eager = ReferenceOptimizers(session, compiled=False)
-    ref_compiled = ReferenceOptimizers(session, compiled=True)
-    out: dict = {"model": "ModelSpec() default: 9 layers x 512, vocab 1024, seq 1024",
-                 "tokens_per_step": TOKENS, "compute_dtype": "bfloat16"}
-
-    # -- op counts --
-    ours, ref = optimizer_ops(session, cfg), optimizer_ops(session, cfg, ref_eager)
-    out["optimizer_ops"] = {"ours": ours.total, "ours_kernels": ours.kernels,
-                            "reference": ref.total, "reference_kernels": ref.kernels}
-    out["ns_calls_per_step"] = {"ours": len({tuple(p.shape) for p in ref_eager.matrices}),
-                                "reference": len(ref_eager.matrices)}
+def op_counts(session, cfg, rng, ref: ReferenceOptimizers) -> dict:
+    """aten ops of an optimizer step and of a full train_step, ours against the reference's."""
+    ours, ref_ops = optimizer_ops(session, cfg), optimizer_ops(session, cfg, ref)
     lrs, mu = learning_rates(cfg, 10, 0.0), momentum(cfg, 10)
     with OpCounter() as full:
         session.train_step(batch_for(cfg, rng), lrs, mu, 10)
@@ -248,20 +236,29 @@ def measure(repeats: int) -> dict:
     with OpCounter() as fwd_bwd:   # the model part, to add the reference's optimizer to it
         loss = session.train_model(*[torch.from_numpy(a) for a in batch_for(cfg, rng)[0]])
         loss.backward()
-    out["full_step_ops"] = {"ours": full.total, "reference": fwd_bwd.total + ref.total}
+    return {"optimizer_ops": {"ours": ours.total, "ours_kernels": ours.kernels,
+                              "reference": ref_ops.total, "reference_kernels": ref_ops.kernels},
+            "ns_calls_per_step": {"ours": len({tuple(p.shape) for p in ref.matrices}), "reference": len(ref.matrices)},
+            "full_step_ops": {"ours": full.total, "reference": fwd_bwd.total + ref_ops.total}}
 
-    # -- host syncs and collectives per train_step (one rank; two ranks with faked collectives) --
+
+def sync_counts(session, cfg, rng, lrs, mu) -> dict:
+    """Host syncs and collectives per train_step: one rank, and two ranks with faked collectives."""
     with SyncCounter() as one:
         session.train_step(batch_for(cfg, rng), lrs, mu, 11)
     session.world_size = 2
     with SyncCounter(fake_collectives=True) as two:
         session.train_step(batch_for(cfg, rng), lrs, mu, 12)
     session.world_size = 1
-    out["syncs_per_step"] = {"host_reads_1_rank": one.reads(), "collectives_1_rank": one.collectives(),
-                             "host_reads_2_ranks": two.reads(), "collectives_2_ranks": two.collectives(),
-                             "reference_host_reads": 0, "reference_note": "the reference reads the loss on log steps only"}
+    return {"host_reads_1_rank": one.reads(), "collectives_1_rank": one.collectives(),
+            "host_reads_2_ranks": two.reads(), "collectives_2_ranks": two.collectives(),
+            "reference_host_reads": 0, "reference_note": "the reference reads the loss on log steps only"}
 
-    # -- step times: optimizer alone, eager and with compiled Newton-Schulz; full step eager --
+
+def optimizer_times(session, lrs, mu, ref_eager: ReferenceOptimizers, ref_compiled: ReferenceOptimizers,
+                    repeats: int) -> dict:
+    """Milliseconds of an optimizer step alone (filling the gradients subtracted), eager and with
+    Newton-Schulz compiled, ours and the reference's; the compile time and any recompile."""
     def ours_step():
         fill_grads(session)
         session._optimizer_step(lrs, mu, t=11)
@@ -272,10 +269,7 @@ def measure(repeats: int) -> dict:
             r.step(lrs, mu)
         return run
 
-    def fill_only():
-        fill_grads(session)
-
-    base = timed(fill_only, repeats)
+    base = timed(lambda: fill_grads(session), repeats)
     times = {"ours_eager": timed(ours_step, repeats) - base, "reference_eager": timed(ref_step(ref_eager), repeats) - base}
     t0 = time.perf_counter()
     from backend_torch.optim import newton_schulz
@@ -287,18 +281,36 @@ def measure(repeats: int) -> dict:
     times["reference_compiled"] = timed(ref_step(ref_compiled), repeats) - base
     times["compile_s"] = time.perf_counter() - t0
     session.orthogonalize = newton_schulz
-    out["optimizer_step_ms"] = times
+    return times
 
+
+def full_step_times(session, cfg, rng, lrs, mu, ref: ReferenceOptimizers, repeats: int) -> dict:
+    """Milliseconds of a whole eager step: our train_step, and the model's forward and backward
+    followed by the reference's optimizer."""
     def full_ours():
         session.train_step(batch_for(cfg, rng), lrs, mu, 11)
 
     def full_ref():
         loss = session.train_model(*[torch.from_numpy(a) for a in batch_for(cfg, rng)[0]])
         loss.backward()
-        ref_eager.step(lrs, mu)
+        ref.step(lrs, mu)
 
-    out["full_step_ms_eager"] = {"ours": timed(full_ours, max(1, repeats // 2)),
-                                 "reference": timed(full_ref, max(1, repeats // 2))}
+    return {"ours": timed(full_ours, repeats), "reference": timed(full_ref, repeats)}
+
+
+def measure(repeats: int) -> dict:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    session, cfg = make_session(compile_ns=False)
+    ref_eager = ReferenceOptimizers(session, compiled=False)
+    ref_compiled = ReferenceOptimizers(session, compiled=True)
+    lrs, mu = learning_rates(cfg, 10, 0.0), momentum(cfg, 10)
+    out: dict = {"model": "ModelSpec() default: 9 layers x 512, vocab 1024, seq 1024",
+                 "tokens_per_step": TOKENS, "compute_dtype": "bfloat16"}
+    out |= op_counts(session, cfg, rng, ref_eager)
+    out["syncs_per_step"] = sync_counts(session, cfg, rng, lrs, mu)
+    out["optimizer_step_ms"] = optimizer_times(session, lrs, mu, ref_eager, ref_compiled, repeats)
+    out["full_step_ms_eager"] = full_step_times(session, cfg, rng, lrs, mu, ref_eager, max(1, repeats // 2))
     session.close()
     out["recompiles"] = count_recompiles()
     return out

@@ -222,7 +222,8 @@ def coretype_note() -> str | None:
     return None
 
 
-def main(argv=None) -> int:
+def parse_args(argv) -> tuple[argparse.Namespace, list[str]]:
+    """The command line, and its configs checked."""
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="small,base", help="comma-separated: " + ", ".join(CONFIGS))
     p.add_argument("--settings", default=None,
@@ -238,22 +239,17 @@ def main(argv=None) -> int:
     for c in configs:
         if c not in CONFIGS:
             p.error(f"unknown config {c!r}: choose from {', '.join(CONFIGS)}")
+    if args.settings is not None:
+        for n in args.settings.split(","):
+            if n not in SETTINGS:
+                p.error(f"unknown setting {n!r}: choose from {', '.join(SETTINGS)}")
+    return args, configs
 
-    if args.worker:
-        warmup, timed = SETTINGS[args.worker].get("steps", STEPS[configs[0]])
-        row = run_row(args.worker, configs[0], warmup if args.warmup is None else args.warmup,
-                      timed if args.steps is None else args.steps)
-        print(RESULT_MARK + json.dumps(row), flush=True)
-        return 0
 
+def run_rows(args: argparse.Namespace, configs: list[str]) -> list[dict]:
+    """Every requested row, each in its own process, with a line of progress each."""
     requested = args.settings is not None
     names = args.settings.split(",") if requested else [n for n, s in SETTINGS.items() if s.get("default", True)]
-    for n in names:
-        if n not in SETTINGS:
-            p.error(f"unknown setting {n!r}: choose from {', '.join(SETTINGS)}")
-    started = time.time()
-    if note := coretype_note():
-        print(note)
     rows = []
     for config in configs:
         for name in names:
@@ -271,7 +267,22 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{row['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in row else row["error"],
                   f"({time.time() - t0:.0f} s)", flush=True)
+    return rows
 
+
+def main(argv=None) -> int:
+    args, configs = parse_args(argv)
+    if args.worker:
+        warmup, timed = SETTINGS[args.worker].get("steps", STEPS[configs[0]])
+        row = run_row(args.worker, configs[0], warmup if args.warmup is None else args.warmup,
+                      timed if args.steps is None else args.steps)
+        print(RESULT_MARK + json.dumps(row), flush=True)
+        return 0
+
+    started = time.time()
+    if note := coretype_note():
+        print(note)
+    rows = run_rows(args, configs)
     print()
     print(format_table(rows))
     result = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),

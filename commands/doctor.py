@@ -409,10 +409,12 @@ def device_grads(dev: Device, spec, weights, ids, targets) -> dict[str, np.ndarr
 
 
 def step_config(spec, dev: Device):
+    # MLX: chunks of 2 sequences evaluated one by one, as a planned run with several chunks does.
     from core.config import TrainConfig
     return TrainConfig(**spec.to_dict(), device=dev.kind if dev.backend == "torch" else "cpu",
                        compute_dtype="float32", compile="0", iterations=400, warmdown_iters=100,
-                       grad_clip_norm=0.3, train_seq_len=STEP_SEQ_LEN, mlx_max_microbatch_tokens=2 * STEP_SEQ_LEN)
+                       grad_clip_norm=0.3, train_seq_len=STEP_SEQ_LEN, mlx_max_microbatch_tokens=2 * STEP_SEQ_LEN,
+                       mlx_eager_eval=True)
 
 
 def make_bare_session(dev: Device, cfg):

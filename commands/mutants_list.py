@@ -245,8 +245,8 @@ MUTANTS = [
     Mutant("loop-6", "trainer/loop.py",
            'return ckpt.step, float(ckpt.extra.get("train_time_ms", 0.0))',
            "return ckpt.step, 0.0", RESUME + CLOCK),
-    # trainer/run_folder.py and trainer/tracking.py: REPORT_TO
-    Mutant("trainer-1", "trainer/run_folder.py",
+    # trainer/reporters.py and trainer/tracking.py: REPORT_TO
+    Mutant("trainer-1", "trainer/reporters.py",
            "tracker.record(record)",
            "pass", TRACKING),
     Mutant("trainer-2", "trainer/tracking.py",
@@ -446,7 +446,7 @@ MUTANTS = [
     Mutant("memory-2", "core/memory_estimate.py",
            "acts, logits = acts + a, logits + lg", "acts, logits = max(acts, a), max(logits, lg)", MEMORY_BAND),
     Mutant("memory-3", "core/memory_estimate.py", "if mlx and not mlx_eager_eval:", "if mlx:", EAGER_BOUND),
-    Mutant("memory-4", "backend_mlx/session.py", "if eager:", "if False:", EAGER_BOUND),
+    Mutant("memory-4", "backend_mlx/session.py", "if self.eager_eval:", "if False:", EAGER_BOUND),
     # trainer/plan.py: the budget and the resolved run
     Mutant("plan-1", "trainer/plan.py", "if not m.fits:", "if False:", PLAN_FIT),
     Mutant("plan-2", "trainer/plan.py",

@@ -386,7 +386,7 @@ class TrainConfig(ModelSettings):
                            choices=("auto", "0", "1"))
     mlx_max_microbatch_tokens: int = setting(8192, "MLX: split each micro-batch into chunks of at most this many tokens")
     mlx_eager_eval: bool | str = setting(AUTO, "MLX: evaluate after each chunk to bound memory: 1, 0, or auto "
-                                         "(on whenever a micro-batch has more than one chunk)", auto="bool")
+                                         "(on whenever a step has more than one chunk)", auto="bool")
     # Memory
     memory_budget_gb: float | str = setting(AUTO, "memory (GB) a run may plan for on each device: a number, or auto "
                                             "(0.8 of free CUDA memory, 0.75 of Metal's working set, 0.6 of RAM)",

@@ -32,7 +32,7 @@ import os
 from core.memory_estimate import (BACKENDS, DEVICES, DTYPE_BYTES, MLX_DEFAULT_CHUNK_TOKENS,  # noqa: F401
                                   MemoryEstimate, estimate_peak)
 from core.memory_kept import blocked_attention_elements, newton_schulz_bytes, parameter_bytes  # noqa: F401
-from core.memory_plan import Plan, eager_eval, mlx_chunks, plan_micro_steps  # noqa: F401
+from core.memory_plan import Plan, auto_eager_eval, mlx_chunks, plan_micro_steps  # noqa: F401
 from core.sizes import GIB, MIB  # noqa: F401
 
 # Shares of a device a plan may fill (see the module docstring).

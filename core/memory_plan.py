@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import AUTO, ModelSpec
+from core.config import ModelSpec
 from core.memory_estimate import MLX_DEFAULT_CHUNK_TOKENS, MemoryEstimate, estimate_peak
 from core.sizes import GIB
 
@@ -18,12 +18,11 @@ def mlx_chunks(micro_batch_tokens: int, seq_len: int, chunk_tokens: int) -> int:
     return -(-(micro_batch_tokens // seq_len) // per_chunk)
 
 
-def eager_eval(setting, micro_batch_tokens: int, seq_len: int, chunk_tokens: int) -> bool:
-    """MLX_EAGER_EVAL resolved for one micro-batch: 1/0 as set; "auto" = on when the micro-batch is
-    more than one chunk (with one chunk, evaluating after it is what the step does anyway)."""
-    if setting != AUTO:
-        return bool(setting)
-    return mlx_chunks(micro_batch_tokens, seq_len, chunk_tokens) > 1
+def auto_eager_eval(chunks_per_micro_batch: int, micro_steps: int) -> bool:
+    """MLX_EAGER_EVAL=auto: on whenever a step is more than one chunk, whether a micro-batch holds
+    several or the step accumulates several micro-batches of one (a lazy step keeps every chunk's
+    activations until its end). With one chunk, evaluating after it is what the step does anyway."""
+    return chunks_per_micro_batch * micro_steps > 1
 
 
 @dataclass(frozen=True)
@@ -113,8 +112,8 @@ def plan_micro_steps(spec: ModelSpec, *, train_batch_tokens: int, world_size: in
 
     Candidates are the A for which TRAIN_BATCH_TOKENS splits into world_size x A micro-batches of whole
     seq_len sequences. grad_accum_steps / mlx_eager_eval given: used as they are (the plan then only
-    says whether they fit). mlx_eager_eval=None: on (MLX) whenever a micro-batch has more than one
-    chunk, since with one chunk it changes nothing; measured on MLX's CPU backend it is both smaller
+    says whether they fit). mlx_eager_eval=None: on (MLX) whenever a step has more than one chunk
+    (auto_eager_eval), since with one chunk it changes nothing; measured on MLX's CPU backend it is both smaller
     and faster (65,536 tokens a step, 4 x 256, seq 1024: 8,235 MiB off vs 1,329 MiB on, 2:30 vs 2:00).
     `val_batch_tokens` is this rank's share of VAL_BATCH_SIZE (VAL_BATCH_SIZE / world_size); with A
     micro-steps validation runs in batches of 1/A of it, as the reference trainers do
@@ -134,7 +133,7 @@ def plan_micro_steps(spec: ModelSpec, *, train_batch_tokens: int, world_size: in
         micro = per_rank // a
         chunks = mlx_chunks(micro, seq_len, mlx_chunk_tokens) if mlx else 1
         if eager is None:
-            eager = mlx and eager_eval(AUTO, micro, seq_len, mlx_chunk_tokens)
+            eager = mlx and auto_eager_eval(chunks, a)
         est = estimate(micro, a, bool(eager and mlx))
         return Plan(a, bool(eager and mlx), chunks, micro, est, int(budget_bytes), est.total <= budget_bytes)
 

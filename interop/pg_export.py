@@ -66,6 +66,13 @@ def eps_warning(ckpt, settings: ExportSettings) -> str | None:
                    f"on the first {d.tokens} validation tokens of {dataset.name}")
 
 
+def resolved_layout(layout: str, spec) -> str:
+    """LAYOUT as "baseline" or "record": as set, or auto, record when the checkpoint uses a record option."""
+    if layout == "auto":
+        return "record" if uses_record_options(spec) else "baseline"
+    return layout
+
+
 def export_checkpoint(settings: ExportSettings) -> list[str]:
     """Write the state dict; returns the lines to print (warning first, when there is one)."""
     if not settings.checkpoint:
@@ -73,7 +80,7 @@ def export_checkpoint(settings: ExportSettings) -> list[str]:
     if not settings.out:
         raise ConfigError("OUT is not set: OUT=final_model.pt")
     ckpt = load_checkpoint(settings.checkpoint)
-    record = settings.layout == "record" or (settings.layout == "auto" and uses_record_options(ckpt.spec))
+    record = resolved_layout(settings.layout, ckpt.spec) == "record"
     if record:
         check_exportable(ckpt.spec)
     arrays, notes = reference_state_dict(ckpt.spec, ckpt.weights)

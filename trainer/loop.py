@@ -15,7 +15,8 @@ identically. A run goes through six phases, one function (or class) each, in thi
                      wall-clock cap or Ctrl-C
     finish           artifact, roundtrip evaluation, summary
 
-What a run writes is described in trainer/run_folder.py.
+What a run writes is described in trainer/run_folder.py. What it reports as it goes (the progress
+bar, the loss plot, the trackers, a user's own) goes through the hooks of trainer/reporters.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import resource
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,10 @@ from data.stream import DistributedTokenLoader, load_validation_tokens
 from trainer.backend import TrainerBackend
 from trainer.interrupt import InterruptFlag
 from trainer.plan import RunGeometry, RunPlan, check_fits, make_plan
-from trainer.plot import plot_losses
-from trainer.progress import EvalProgress, Progress, format_seconds
+from trainer.progress import EvalProgress, format_seconds
 from trainer.quantize_file import artifact_label, artifact_name, build_artifact
+from trainer.reporters import Reporter, Reporters, check_reporters, default_reporters
 from trainer.run_folder import RunLog, create_run_dir, make_run_dir, source_snapshot
-from trainer.tracking import check_trackers
 from trainer.summary import format_summary
 from trainer.ttt import BudgetExceeded, check_ttt_runnable, legality_line, run_ttt, ttt_summary
 from trainer.validation import evaluate, evaluate_sliding, train_token_counts
@@ -86,6 +86,16 @@ class Run:
     plan: RunPlan
     rss_at_start: int             # resident memory before anything of the run was built (libraries loaded)
     log: RunLog | None = None
+    reporters: Reporters = field(default_factory=lambda: Reporters(()))   # rank 0's; none on the other ranks
+
+    def metric(self, **record) -> None:
+        """One record: metrics.jsonl, then every reporter."""
+        self.log.metric(**record)
+        self.reporters.on_metric(record)
+
+    def close(self) -> None:
+        self.log.close()
+        self.reporters.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +107,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def prepare(cfg: TrainConfig, backend: TrainerBackend) -> Run:
+def prepare(cfg: TrainConfig, backend: TrainerBackend, reporters: list[Reporter] = ()) -> Run:
     rss_at_start = peak_rss_bytes()   # the interpreter and the framework, which the plan does not estimate
     spec = cfg.model_spec()
     plan = make_plan(cfg, backend)
@@ -113,12 +123,16 @@ def prepare(cfg: TrainConfig, backend: TrainerBackend) -> Run:
     if cfg.resume_from:
         ckpt = load_checkpoint(cfg.resume_from)
         check_compatible(ckpt, spec)
-    check_trackers(cfg.report_to)
+    check_reporters(cfg.report_to)
     run_id, run_dir = make_run_dir(cfg, backend.name, master)
+    config = cfg.to_dict() | {"run_id": run_id}
     if master:
-        create_run_dir(run_dir, cfg.to_dict() | {"run_id": run_id})
+        create_run_dir(run_dir, config)
     run = Run(cfg, spec, backend, dataset, tables, val_tokens, ckpt, run_id, run_dir, master, plan, rss_at_start)
-    run.log = RunLog(run_dir, enabled=master, config=cfg.to_dict() | {"run_id": run_id})
+    run.log = RunLog(run_dir, enabled=master)
+    if master:
+        title = f"{run_id} ({backend.name}, {dataset.name})"
+        run.reporters = Reporters(default_reporters(run.log, run_dir, config, title) + list(reporters))
     return run
 
 
@@ -225,7 +239,7 @@ class Training:
     validating and writing checkpoints."""
 
     def __init__(self, run: Run, loader: DistributedTokenLoader, step: int, elapsed_ms: float):
-        self.run, self.cfg, self.backend, self.log = run, run.cfg, run.backend, run.log
+        self.run, self.cfg, self.backend, self.log, self.reporters = run, run.cfg, run.backend, run.log, run.reporters
         self.loader = loader
         self.step = self.start_step = step
         self.elapsed_ms = self.resumed_ms = elapsed_ms   # training time before this run's clock started
@@ -263,8 +277,7 @@ class Training:
     def run_steps(self) -> None:
         cfg = self.cfg
         self.interrupt = InterruptFlag()
-        self.progress = Progress(cfg.iterations, self.step, enabled=self.run.master)
-        self.log.progress = self.progress
+        self.reporters.on_train_begin(self.step)
         self.backend.synchronize()
         self.resume_clock()
         try:
@@ -283,7 +296,7 @@ class Training:
                 self.check_stop()
         finally:
             self.interrupt.restore()
-        self.close_progress()
+        self.reporters.on_train_end(self.step)
         self.last_checkpoint = self.write_checkpoint() or self.last_checkpoint
 
     def train_one_step(self) -> None:
@@ -303,11 +316,11 @@ class Training:
         loss = self.train_losses[-1] if self.train_losses else float("nan")   # the last loss read
         train_ms = self.now_ms()
         tok_s = self.tokens_per_step * (step - self.start_step) / max((train_ms - self.resumed_ms) / 1000.0, 1e-9)
-        self.progress.update(step, loss, tok_s)
+        self.reporters.on_train_step(step, loss, tok_s)
         if log_step:
             self.log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
                      f"step_avg:{train_ms / step:.2f}ms tok/s:{tok_s:.0f} eta:{format_seconds(self.eta_s(train_ms))}")
-            self.log.metric(kind="train", step=step, tokens=step * self.tokens_per_step, train_loss=loss,
+            self.run.metric(kind="train", step=step, tokens=step * self.tokens_per_step, train_loss=loss,
                             train_time_ms=train_ms, tokens_per_s=tok_s)
 
     def read_losses(self) -> None:
@@ -348,11 +361,9 @@ class Training:
         self.log(f"step:{step}/{cfg.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
                  f"train_time:{self.elapsed_ms:.0f}ms step_avg:{self.elapsed_ms / max(step, 1):.2f}ms"
                  + (" (moving average)" if ema is not None else ""))
-        self.log.metric(kind="val", step=step, tokens=step * self.tokens_per_step, val_loss=self.val_loss,
-                        val_bpb=self.val_bpb, train_time_ms=self.elapsed_ms, **which)
-        if run.master:
-            plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png",
-                        title=f"{run.run_id} ({self.backend.name}, {run.dataset.name})")
+        run.metric(kind="val", step=step, tokens=step * self.tokens_per_step, val_loss=self.val_loss,
+                   val_bpb=self.val_bpb, train_time_ms=self.elapsed_ms, **which)
+        self.reporters.on_validation(step, self.val_loss, self.val_bpb)
         self.backend.synchronize()
         self.resume_clock()
 
@@ -365,11 +376,11 @@ class Training:
             reached_any, interrupted_any, self.shared_clock_ms = self.backend.all_reduce_max(
                 [float(reached), float(self.interrupt.requested), now])
             if interrupted_any > 0:
-                self.close_progress()
+                self.reporters.on_train_end(self.step)
                 self.pause_clock(synchronize=False)
                 path = self.write_checkpoint()
                 self.log(f"interrupted at step:{self.step}/{self.cfg.iterations}; continue with RESUME_FROM={path}")
-                self.log.close()
+                self.run.close()
                 raise TrainingError(f"interrupted at step {self.step}" + (f"; continue with RESUME_FROM={path}" if path
                                                                           else " (rank 0 wrote the checkpoint)"))
             if reached_any > 0:
@@ -395,10 +406,6 @@ class Training:
                         extra={"train_time_ms": self.elapsed_ms, "run_id": run.run_id}, ema=self.backend.export_ema())
         self.log(f"checkpoint:{path}")
         return path
-
-    def close_progress(self) -> None:
-        self.progress.close()
-        self.log.progress = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +463,7 @@ def sliding_eval(run: Run, training: Training, shipped: Shipped) -> dict:
     log(f"final_{label}_roundtrip_sliding val_loss:{sl_loss:.8f} val_bpb:{sl_bpb:.8f} "
         f"stride:{cfg.eval_stride} seq_len:{cfg.eval_window} (standard val_bpb:{shipped.val_bpb:.8f}) "
         f"eval_time:{1000.0 * sliding['sliding_eval_time_s']:.0f}ms")
-    log.metric(kind="sliding_val", step=training.step, tokens=training.step * training.tokens_per_step,
+    run.metric(kind="sliding_val", step=training.step, tokens=training.step * training.tokens_per_step,
                val_loss=sl_loss, val_bpb=sl_bpb, eval_stride=cfg.eval_stride, eval_seq_len=cfg.eval_window,
                weights=f"{label}_roundtrip")
     return sliding
@@ -477,7 +484,7 @@ def ttt_eval(run: Run, training: Training, shipped: Shipped) -> dict:
         f"documents:{result.documents} phases:{result.phases_run} (standard val_bpb:{shipped.val_bpb:.8f}) "
         f"eval_time:{1000.0 * result.seconds:.0f}ms")
     log(legality_line(result.record))
-    log.metric(kind="ttt_val", step=training.step, tokens=training.step * training.tokens_per_step,
+    run.metric(kind="ttt_val", step=training.step, tokens=training.step * training.tokens_per_step,
                val_loss=result.val_loss, val_bpb=result.val_bpb, weights=f"{label}_roundtrip")
     return ttt_summary(result)
 
@@ -533,9 +540,10 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
     summary = run_summary(run, training, counts, unigram, wall_start, shipped) | evaluations
     if run.master:
         run.log.summary(summary)
+        run.reporters.on_end(summary)
         for line in format_summary(summary):
             run.log(line)
-    run.log.close()
+    run.close()
     return TrainResult(run.run_dir if run.master else None, training.step, training.train_losses, training.val_loss,
                        training.val_bpb, shipped.val_loss, shipped.val_bpb, len(shipped.blob),
                        training.last_checkpoint, summary)
@@ -545,8 +553,9 @@ def finish(run: Run, training: Training, counts: ParamCount, unigram: tuple[floa
 # The phases in order, and the command line of both trainers
 # ---------------------------------------------------------------------------------------------
 
-def run_training(cfg: TrainConfig, backend: TrainerBackend) -> TrainResult:
-    run = prepare(cfg, backend)
+def run_training(cfg: TrainConfig, backend: TrainerBackend, reporters: list[Reporter] = ()) -> TrainResult:
+    """One run; `reporters` (trainer/reporters.py) are called on rank 0 after the default ones."""
+    run = prepare(cfg, backend, reporters)
     wall_start = time.perf_counter()
     counts, uni_loss, uni_bpb = start(run)
     loader = DistributedTokenLoader(run.dataset.train_files, backend.rank, backend.world_size, run.spec.vocab_size)

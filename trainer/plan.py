@@ -1,11 +1,18 @@
-"""The run's plan, made before anything is written: micro-steps, MLX's chunks and eager eval, and
-the memory estimate against the budget (core/memory.py does the arithmetic).
+"""The run's plan, made before anything is written: the device, dtype and compile choices, micro-steps,
+MLX's chunks and eager eval, and the memory estimate against the budget (core/memory.py does the
+arithmetic). Every "auto" is resolved here, from the settings and the facts a backend reports; past
+the plan there are plain values only.
+
+    DEVICE             torch: cuda, cpu or mps, honoured; or auto: cuda when available, else the CPU
+    COMPUTE_DTYPE      float32 or bfloat16, honoured; or auto: bf16 where the device has bf16 tensor cores
+    COMPILE            1 or 0, honoured; or auto: on CUDA and Metal, off elsewhere (measured: below)
 
     MEMORY_BUDGET_GB   a number (GiB, 2**30 bytes, as RAM is sold), or auto: a fraction of what the
                        device offers (core.memory.default_budget_bytes: 0.8 of CUDA's free memory,
                        0.75 of Metal's recommended working set, 0.6 of the machine's RAM)
     GRAD_ACCUM_STEPS   a number, honoured; or auto: the fewest micro-steps whose estimate fits
-    MLX_EAGER_EVAL     1 or 0, honoured; or auto: on whenever a micro-batch has more than one chunk
+    MLX_EAGER_EVAL     1 or 0, honoured; or auto: on whenever a step has more than one chunk (several
+                       chunks a micro-batch, or several micro-batches of one)
 
 A plan that does not fit stops the run with one line naming the estimate, the budget and settings
 that would fit. `--plan` (PLAN=1) prints the plan and exits without writing anything.
@@ -26,6 +33,45 @@ ESTIMATE_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mps": "mps"}
 BUDGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mps": "metal"}
 DEVICE_MEMORY = {"cpu": "RAM", "cuda": "free CUDA memory", "metal": "Metal's recommended working set",
                  "mps": "Metal's recommended working set"}
+# COMPILE=auto compiles where it pays. torch on the CPU (2 cores, 2,048 tokens a step): 0.79 s a step
+# compiled against 1.08 s eager in bf16, 2.72 s against 2.90 s in fp32, but the first step took
+# 70-80 s to compile, so it pays only after ~250-400 steps, more than the CPU presets and tests run.
+# MLX's CPU backend (mlx 0.32.4, d=128, 4 layers, 1024 tokens a step): 0.89-0.91 s a step either way
+# (the products dominate), while the first compiled step took 4.4 s instead of 1.0 s building C++
+# kernels with the system compiler, which a CPU-only machine may not have. torch on mps is an opt-in
+# cross-check, left eager. `make bench` measures it again.
+COMPILE_PAYS = ("cuda", "metal")
+
+
+def device_choice(device: str, cuda: bool, mps: bool, world_size: int) -> str:
+    """torch's DEVICE from the setting and what this machine has: "cuda", "mps" or "cpu". mps is
+    opt-in (auto never picks it): on a Mac MLX is the trainer, torch on mps cross-checks the model."""
+    if device == "cuda" and not cuda:
+        raise ConfigError("DEVICE=cuda: CUDA is not available on this machine (use DEVICE=cpu or make train-cpu)")
+    if device == "mps" and not mps:
+        raise ConfigError("DEVICE=mps: torch's Apple GPU backend is not available on this machine (use DEVICE=cpu)")
+    if device == "mps" and world_size > 1:
+        raise ConfigError(f"DEVICE=mps: one process only (WORLD_SIZE={world_size}); torch has no collective backend for mps")
+    if device == AUTO:
+        return "cuda" if cuda else "cpu"
+    return device
+
+
+def runtime_choices(cfg: TrainConfig, device_kind: str, bf16_supported: bool) -> tuple[str, bool]:
+    """(compute dtype, compiled) of a session on `device_kind` ("cpu", "cuda", "mps", "metal") whose
+    device has bf16 tensor cores or not: COMPUTE_DTYPE and COMPILE as set, or auto (COMPILE_PAYS)."""
+    compute_dtype = cfg.compute_dtype if cfg.compute_dtype != AUTO else ("bfloat16" if bf16_supported else "float32")
+    return compute_dtype, cfg.compile == "1" or (cfg.compile == AUTO and device_kind in COMPILE_PAYS)
+
+
+def wired_limit_bytes(cfg: TrainConfig, offered_bytes: int, local_ranks: int) -> int | None:
+    """Metal: the bytes a rank keeps wired (resident, so macOS does not page them out, as mlx-lm
+    does): the plan's budget, never more than this rank's share of the recommended working set
+    (local ranks each wiring the whole can panic the kernel). None while MEMORY_BUDGET_GB is still
+    auto: a session set up without a plan (a benchmark, a test) wires nothing."""
+    if cfg.memory_budget_gb == AUTO:
+        return None
+    return min(int(cfg.memory_budget_gb * GIB), offered_bytes // max(local_ranks, 1))
 
 
 @dataclass(frozen=True)

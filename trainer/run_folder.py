@@ -8,6 +8,7 @@
     model.int8.zlib    the artifact (docs/spec.md §9; model.<QUANT>.<COMPRESSOR> with other settings)
     summary.json       the final figures
     tensorboard/, wandb/   with REPORT_TO: the trackers' own files (trainer/tracking.py)
+loss.png and the trackers' files come from the run's reporters (trainer/reporters.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 from core.config import TrainConfig
 from core.errors import ConfigError
 from trainer.progress import Progress
-from trainer.tracking import open_trackers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_FOLDERS = ("core", "data", "trainer", "backend_torch", "backend_mlx")
@@ -61,20 +61,14 @@ def source_snapshot() -> str:
 
 
 class RunLog:
-    """Console and log.txt (rank 0 only), metrics as JSON lines, and the same metrics, the config
-    and the summary sent to each tracker REPORT_TO names (`config` given: the run's settings)."""
+    """Console and log.txt, metrics as JSON lines, summary.json: rank 0 only."""
 
-    def __init__(self, run_dir: Path | None, enabled: bool, config: dict | None = None):
+    def __init__(self, run_dir: Path | None, enabled: bool):
         self.enabled = enabled
         self.run_dir = run_dir
         self.text = open(run_dir / "log.txt", "a") if enabled else None
         self.metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.progress: Progress | None = None  # while training, console lines scroll above its bar
-        self.trackers = []
-        if enabled and config is not None:
-            self.trackers = open_trackers(config.get("report_to", ""), run_dir, config.get("run_id", run_dir.name))
-            for tracker in self.trackers:
-                tracker.config(config)
 
     def __call__(self, line: str = "", console: bool = True) -> None:
         if not self.enabled:
@@ -91,20 +85,13 @@ class RunLog:
         if self.enabled:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
-            for tracker in self.trackers:
-                tracker.record(record)
 
     def summary(self, summary: dict) -> None:
-        """The final figures: summary.json, and each tracker's summary."""
+        """The final figures: summary.json."""
         if self.enabled:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            for tracker in self.trackers:
-                tracker.summary(summary)
 
     def close(self) -> None:
         for f in (self.text, self.metrics):
             if f is not None and not f.closed:
                 f.close()
-        for tracker in self.trackers:
-            tracker.close()
-        self.trackers = []

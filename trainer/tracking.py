@@ -6,7 +6,7 @@ One interface, one small class per tracker:
                     but the step becomes the scalar "<kind>/<name>" at that step
     summary(dict)   the final figures of summary.json, once at the end
     close()
-Only rank 0 tracks (trainer.run_folder.RunLog, which only rank 0 enables, owns the trackers).
+Only rank 0 tracks (trainer.reporters.Trackers, one of the default reporters, owns the trackers).
 
 TensorBoard: the event files (<run>/tensorboard/events.out.tfevents.*) are written with tensorboard's
 own event writer and protos, which need neither torch nor TensorFlow (tensorboardX would import torch).

@@ -163,10 +163,15 @@ def test_planner_only_uses_whole_sequences_per_rank():
         plan(10 ** 15, tokens=4 * 1024, grad_accum_steps=3)
 
 
-def test_auto_eager_eval_is_on_exactly_when_a_micro_batch_has_several_chunks():
+def test_auto_eager_eval_is_on_exactly_when_a_step_has_several_chunks():
     assert plan(10 ** 15, "mlx", tokens=8192, mlx_chunk_tokens=8192).mlx_eager_eval is False
     many = plan(10 ** 15, "mlx", tokens=65536, mlx_chunk_tokens=8192)
     assert many.chunks_per_micro_batch == 8 and many.mlx_eager_eval is True
+    # One chunk a micro-batch, but 8 of them a step: lazily, the step would keep all 8 chunks' activations.
+    accumulated = plan(10 ** 15, "mlx", tokens=65536, mlx_chunk_tokens=8192, grad_accum_steps=8)
+    assert accumulated.chunks_per_micro_batch == 1 and accumulated.mlx_eager_eval is True
+    lazy = plan(10 ** 15, "mlx", tokens=65536, mlx_chunk_tokens=8192, grad_accum_steps=8, mlx_eager_eval=False)
+    assert accumulated.estimate.total < lazy.estimate.total
     assert plan(10 ** 15, "mlx", tokens=65536, mlx_eager_eval=False).mlx_eager_eval is False
     assert plan(10 ** 15, "torch", tokens=65536).mlx_eager_eval is False
 
@@ -241,8 +246,7 @@ def test_mlx_chunks_round_up_to_whole_chunks():
     # 3 sequences, at most 2 a chunk: 2 chunks (the last one shorter), so eager eval is on under auto.
     assert memory.mlx_chunks(3 * 1024, 1024, 2048) == 2
     assert memory.mlx_chunks(4 * 1024, 1024, 2048) == 2 and memory.mlx_chunks(1024, 1024, 8192) == 1
-    assert memory.eager_eval("auto", 3 * 1024, 1024, 2048) is True
-    assert memory.eager_eval("auto", 2 * 1024, 1024, 2048) is False
+    assert memory.auto_eager_eval(2, 1) is True and memory.auto_eager_eval(1, 1) is False
 
 
 def test_the_optimizer_phase_counts_newton_schulz_on_the_stacked_matrices_of_a_shape():

@@ -138,3 +138,27 @@ def test_the_geometry_is_checked_once_with_one_error_and_gives_plain_numbers():
     assert run_geometry(cfg.replace(eval_batch_seqs=3), 2, 4, eager_eval=True).sliding_batch_seqs == 3
     # make eval: no training batch to check; GRAD_ACCUM_STEPS=auto counts as one micro-step
     assert eval_geometry(cfg.replace(train_batch_tokens=100), 1).val_batch_seqs == 256
+
+
+def test_every_runtime_auto_is_resolved_by_one_rule_from_the_facts_a_backend_reports():
+    """Both backends hand trainer/plan.py what the machine has; the settings' auto becomes plain values there."""
+    from core.config import TrainConfig
+    from core.errors import ConfigError
+    from trainer.plan import device_choice, runtime_choices, wired_limit_bytes
+
+    auto = TrainConfig()
+    assert (device_choice("auto", True, False, 1), device_choice("auto", False, True, 1)) == ("cuda", "cpu")
+    assert (device_choice("cpu", True, False, 1), device_choice("mps", False, True, 1)) == ("cpu", "mps")
+    for device, cuda, mps, world in (("cuda", False, True, 1), ("mps", True, False, 1), ("mps", False, True, 2)):
+        with pytest.raises(ConfigError, match=f"^DEVICE={device}: "):
+            device_choice(device, cuda, mps, world)
+    # CUDA (bf16 from sm80) and Metal: bf16, compiled; the CPU and mps: fp32, eager; set values honoured.
+    assert runtime_choices(auto, "cuda", True) == runtime_choices(auto, "metal", True) == ("bfloat16", True)
+    assert runtime_choices(auto, "cuda", False) == ("float32", True)
+    assert runtime_choices(auto, "cpu", False) == runtime_choices(auto, "mps", False) == ("float32", False)
+    assert runtime_choices(auto.replace(compute_dtype="bfloat16", compile="1"), "cpu", False) == ("bfloat16", True)
+    assert runtime_choices(auto.replace(compute_dtype="float32", compile="0"), "cuda", True) == ("float32", False)
+    # Metal's wired memory: the planned budget within this rank's share; nothing before a plan.
+    assert wired_limit_bytes(auto, 16 * GIB, 1) is None
+    assert wired_limit_bytes(auto.replace(memory_budget_gb=12.0), 16 * GIB, 1) == 12 * GIB
+    assert wired_limit_bytes(auto.replace(memory_budget_gb=12.0), 16 * GIB, 2) == 8 * GIB

@@ -12,8 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from core.config import load_config
 from core.errors import ConfigError
 from trainer import tracking
-from trainer.run_folder import RunLog
-from trainer_helpers import tiny_env, train
+from trainer_helpers import make_session, tiny_env, train
 
 
 def wandb_records(path: Path) -> list:
@@ -99,10 +98,15 @@ def test_a_missing_package_names_the_extra_to_install(tiny_dataset, tmp_path, mo
     assert not (tmp_path / "runs").exists()
 
 
-def test_only_rank_0_tracks(tmp_path):
-    # RunLog is enabled on rank 0 only; a disabled one opens no tracker and writes nothing.
-    log = RunLog(tmp_path, enabled=False, config={"report_to": "tensorboard,wandb", "run_id": "r"})
-    log.metric(kind="train", step=1, train_loss=1.0)
-    log.summary({"val_bpb": 1.0})
-    log.close()
-    assert log.trackers == [] and list(tmp_path.iterdir()) == []
+def test_only_rank_0_tracks(tiny_dataset, tmp_path):
+    """Rank 1 stood in: it has no reporter (so opens no tracker), and its log writes nothing."""
+    from trainer.loop import prepare
+
+    cfg = load_config([], environ=tiny_env(tiny_dataset, tmp_path, REPORT_TO="tensorboard,wandb"))
+    session = make_session("mlx", cfg)
+    session.rank = 1
+    run = prepare(cfg, session)
+    run.metric(kind="train", step=1, train_loss=1.0)
+    run.log.summary({"val_bpb": 1.0})
+    run.close()
+    assert run.reporters.reporters == [] and not (tmp_path / "runs").exists()
