@@ -36,6 +36,6 @@ def test_the_scaled_preset_trains_the_same_twenty_steps_in_both_backends(tiny_da
     for step, (a, b) in enumerate(zip(t.train_losses, m.train_losses), start=1):
         parity.check("train_losses", rel(a, b), f"record-1.0611 scaled: loss step {step}", devices=CPU_PAIR.label)
     # 11 layers, looping and the EMA: the weights of 20 steps differ by more rounding than the 3-layer
-    # run's of the trained_val row (1e-6; a wider 256-token-step version of this run measured 1.4e-6).
+    # run's of the trained_val row (1e-6; with 256 tokens a step this run measured 1.4e-6).
     assert rel(t.val_bpb, m.val_bpb) < 1e-5
     assert t.artifact_bytes > 0 and m.artifact_bytes > 0 and np.isfinite([t.roundtrip_val_bpb, m.roundtrip_val_bpb]).all()
