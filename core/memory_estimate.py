@@ -5,11 +5,11 @@ core/memory_kept.py; what is counted and why: docs/memory.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from core.config import ModelSpec
 from core.memory_kept import (_kept_per_layer, _layout_kept_per_layer, _mlx_attention_transient,
-                              _record_attention_kept, blocked_attention_elements, newton_schulz_bytes,
+                              _record_attention_kept, blocked_attention_elements, ema_bytes, newton_schulz_bytes,
                               parameter_bytes)
 from core.params import MATRIX, param_table
 from core.sizes import ATTENTION_BLOCK, GIB
@@ -33,16 +33,18 @@ class MemoryEstimate:
     transient: int
     total: int = field(default=0)
     phase: str = "backward"      # which phase peaks: "backward", "optimizer" or "validation"
+    ema: int = 0                 # the moving average of the weights (EMA_DECAY > 0)
 
     def __post_init__(self):
         if not self.total:
-            object.__setattr__(self, "total", self.weights + self.grads + self.optimizer + self.activations
-                               + self.logits + self.transient)
+            object.__setattr__(self, "total", self.weights + self.grads + self.optimizer + self.ema
+                               + self.activations + self.logits + self.transient)
 
     def describe(self) -> str:
         """One line, e.g. "est 1.23 GiB (weights 0.01, grads 0.01, optimizer 0.02, ... GiB; peak in backward)"."""
-        parts = ", ".join(f"{name} {getattr(self, name) / GIB:.2f}"
-                          for name in ("weights", "grads", "optimizer", "activations", "logits", "transient"))
+        names = ("weights", "grads", "optimizer") + (("ema",) if self.ema else ()) + ("activations", "logits",
+                                                                                      "transient")
+        parts = ", ".join(f"{name} {getattr(self, name) / GIB:.2f}" for name in names)
         return f"est {self.total / GIB:.2f} GiB ({parts} GiB; peak in {self.phase})"
 
 
@@ -157,7 +159,8 @@ def _validation_phase(spec: ModelSpec, vrows: int, weights: int, optimizer: int,
 
 def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: str, micro_batch_tokens: int,
                   seq_len: int, val_batch_tokens: int = 0, mlx_chunk_tokens: int = MLX_DEFAULT_CHUNK_TOKENS,
-                  mlx_eager_eval: bool = False, compiled: bool = False, grad_accum_steps: int = 1) -> MemoryEstimate:
+                  mlx_eager_eval: bool = False, compiled: bool = False, grad_accum_steps: int = 1,
+                  ema: bool = False) -> MemoryEstimate:
     """Peak memory in bytes of one rank's training step (and validation, when val_batch_tokens > 0).
 
     backend "torch" or "mlx"; device "cpu", "cuda" (torch) or "metal" (mlx); compute_dtype "float32"
@@ -165,7 +168,7 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
     seq_len sequences); val_batch_tokens: this rank's validation batch (VAL_BATCH_SIZE / world size;
     0 = no validation); mlx_chunk_tokens / mlx_eager_eval: MLX_MAX_MICROBATCH_TOKENS and
     MLX_EAGER_EVAL; grad_accum_steps: micro-batches per step (matters to MLX without eager eval,
-    where the whole step is one graph).
+    where the whole step is one graph); ema: EMA_DECAY > 0, a moving average of the weights beside them.
     """
     _check_geometry(backend, device, compute_dtype, micro_batch_tokens, seq_len)
     c = DTYPE_BYTES[compute_dtype]
@@ -184,4 +187,6 @@ def estimate_peak(spec: ModelSpec, *, backend: str, device: str, compute_dtype: 
         vrows = max(_chunk_rows(max(val_batch_tokens // seq_len, 1) * seq_len, seq_len, mlx, mlx_chunk_tokens))
         phases.append(_validation_phase(spec, vrows, weights, optimizer, backend=backend, device=device, c=c,
                                         seq_len=seq_len))
+    if ema:   # kept through every phase (total=0: summed again)
+        phases = [replace(p, ema=ema_bytes(spec, backend, in_step=p.phase == "optimizer"), total=0) for p in phases]
     return max(phases, key=lambda e: e.total)

@@ -20,6 +20,15 @@ def parameter_bytes(spec: ModelSpec) -> tuple[int, int]:
     return weights, state
 
 
+def ema_bytes(spec: ModelSpec, backend: str, in_step: bool) -> int:
+    """The moving average of the weights (EMA_DECAY > 0): one fp32 copy of every parameter, kept the
+    whole run. In the optimizer step (in_step) MLX builds the new average beside the old one, as it
+    does the weights (backend_mlx/session.py _update_ema); torch updates it in place. The final
+    validation's host copies (the average and the live weights, swapped in and back) are not counted."""
+    weights = parameter_bytes(spec)[0]
+    return 2 * weights if in_step and backend == "mlx" else weights
+
+
 def blocked_attention_elements(seqs: int, heads: int, seq_len: int, block: int = ATTENTION_BLOCK) -> int:
     """Probabilities the CPU's blocked causal attention keeps per layer: each block of `block`
     queries reads the keys up to its last query (9/16 of T*T at T = 1024, block 128)."""

@@ -1,10 +1,12 @@
 """Named presets: PRESET=record-1.0611 reads presets/record-1.0611.json (docs/spec.md §6, "Presets").
 
 A preset file is JSON with a "description", sections of settings ("model", "optimizer", "schedule",
-"memory": what a run of it needs to fit, not the source's own settings)
+"artifact", "ttt", "memory": what a run of it needs to fit, not the source's own settings)
 and "other_work": the settings its source uses that belong to work not in twingpt yet, grouped under
-the name of that work. A preset sits under every other source of a setting (flags, environment, the
-CONFIG file): an explicit setting always wins.
+the name of that work. An "other_work" setting may also be in a section, as what this build uses
+instead (the record's COMPRESSOR=pergroup, brotli here): its line names the substitute. A preset
+sits under every other source of a setting (flags, environment, the CONFIG file): an explicit
+setting always wins.
 
 Nothing of a preset is dropped in silence. A setting this build does not know (a model option that
 has not landed yet) and every "other_work" setting are the preset's `unsupported` list, which the
@@ -22,7 +24,8 @@ from typing import Any, Iterable
 from core.errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-SECTIONS = ("model", "optimizer", "schedule", "memory")
+SECTIONS = ("model", "optimizer", "schedule", "artifact", "ttt", "memory")
+TOP_LEVEL = ("description", *SECTIONS, "other_work")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,11 @@ def load_preset(name: str, known: Iterable[str]) -> Preset:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"PRESET={name}: {path} cannot be read as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"PRESET={name}: {path} is not a JSON object")
+    strange = sorted(set(data) - set(TOP_LEVEL))
+    if strange:   # a misspelt section would otherwise be ignored in silence
+        raise ConfigError(f"PRESET={name}: {path} has unknown sections {strange}; known: {', '.join(TOP_LEVEL)}")
     known = set(known)
     settings: dict[str, Any] = {}
     unsupported: dict[str, tuple[Any, str]] = {}
@@ -65,5 +73,6 @@ def load_preset(name: str, known: Iterable[str]) -> Preset:
                 unsupported[key] = (value, f"{section} setting unknown to this build")
     for work, items in data.get("other_work", {}).items():
         for key, value in items.items():
-            unsupported[key] = (value, work)
+            instead = f"; the preset sets {key}={settings[key.lower()]} instead" if key.lower() in settings else ""
+            unsupported[key] = (value, work + instead)
     return Preset(name, data.get("description", ""), settings, unsupported)

@@ -114,6 +114,23 @@ def test_cli_reports_bad_input_in_one_line_with_exit_status_2(backend, tiny_data
     assert proc.stderr.strip() == "error: NUM_HEADS=3: must divide model_dim=32"
 
 
+@pytest.mark.parametrize("backend,setting,message", [
+    ("torch", dict(WARMDOWN_FRAC="1.5"), "error: WARMDOWN_FRAC=1.5: must be in [0, 1]"),
+    ("mlx", dict(WARMDOWN_FRAC="-0.1"), "error: WARMDOWN_FRAC=-0.1: must be in [0, 1]"),
+    ("torch", dict(EMA_DECAY="1"), "error: EMA_DECAY=1.0: must be in [0, 1)"),
+    ("mlx", dict(EMA_DECAY="-0.5"), "error: EMA_DECAY=-0.5: must be in [0, 1)"),
+    ("torch", dict(PRESET="record-9"), "error: PRESET=record-9: no such preset; known: record-1.0611"),
+    ("mlx", dict(PRESET="record-9"), "error: PRESET=record-9: no such preset; known: record-1.0611"),
+])
+def test_the_recipes_bad_settings_are_one_line_exit_2_and_write_nothing(backend, setting, message, tiny_dataset,
+                                                                       tmp_path):
+    env = os.environ | tiny_env(tiny_dataset, tmp_path, **setting)
+    proc = subprocess.run([sys.executable, "-m", f"backend_{backend}.train"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == message, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(backend, tiny_dataset, tmp_path):
     # A constant learning rate (no warmdown), so a run's losses do not depend on ITERATIONS.

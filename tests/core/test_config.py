@@ -121,20 +121,47 @@ def test_a_preset_sits_under_every_explicit_setting(tmp_path):
 def test_a_preset_lists_what_it_does_not_apply():
     """Every setting of the preset file is applied or listed: none is dropped in silence."""
     from core.config import preset_of
-    from core.presets import PRESET_DIR
+    from core.presets import PRESET_DIR, SECTIONS
 
     cfg = load_config([], environ={"PRESET": "record-1.0611"})
     preset = preset_of(cfg)
     data = json.loads((PRESET_DIR / "record-1.0611.json").read_text())
-    every = {k for section in ("model", "optimizer", "schedule", "memory") for k in data[section]}
-    every |= {k for group in data["other_work"].values() for k in group}
+    values = {k: v for section in SECTIONS for k, v in data[section].items()}
+    other = {k for group in data["other_work"].values() for k in group}
     applied = {k.upper() for k in preset.settings}
-    assert applied | set(preset.unsupported) == every and not applied & set(preset.unsupported)
-    values = {k: v for section in ("model", "optimizer", "schedule", "memory") for k, v in data[section].items()}
+    assert applied | set(preset.unsupported) == set(values) | other
+    assert applied & set(preset.unsupported) == {"COMPRESSOR"}     # the record's pergroup, brotli instead
     for key in applied:   # as the file says (1/0 read as true/false)
         assert getattr(cfg, key.lower()) == values[key], key
     lines = preset.unsupported_lines()
     assert all(line.startswith("preset record-1.0611: not yet supported, not applied (") for line in lines)
     text = " ".join(lines)
     assert all(f"{key}=" in text for key in preset.unsupported)
-    assert "COMPRESSOR=pergroup" in text and "TTT_ENABLED=1" in text and "CASEOPS_ENABLED=1" in text
+    assert "the preset sets COMPRESSOR=brotli instead): COMPRESSOR=pergroup" in text
+    assert "CASEOPS_ENABLED=1" in text and "FUSED_CE_ENABLED=1" in text and "GATED_ATTN_ENABLED=0" in text
+
+
+def test_the_record_preset_applies_its_quantizer_and_test_time_training():
+    """What this build has of the record's artifact and evaluation, the preset applies, not lists."""
+    from core.config import preset_of
+
+    cfg = load_config([], environ={"PRESET": "record-1.0611"})
+    assert (cfg.quant, cfg.gptq, cfg.compressor, cfg.matrix_bits, cfg.embed_bits) == ("gptq", True, "brotli", 6, 7)
+    assert (cfg.lqer_enabled, cfg.lqer_rank, cfg.lqer_top_k, cfg.lqer_asym_enabled) == (True, 4, 3, True)
+    assert (cfg.ttt_enabled, cfg.ttt_lora_rank, cfg.ttt_chunk_size, cfg.ttt_eval_seq_len) == (True, 80, 48, 2048)
+    assert (cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases, cfg.global_ttt_lr) == (2500, 3, 0.001)
+    text = " ".join(preset_of(cfg).unsupported_lines())
+    for applied in ("QUANT=", "MATRIX_BITS=", "LQER_RANK=", "TTT_ENABLED=", "TTT_LORA_RANK=", "PHASED_TTT_"):
+        assert applied not in text, applied
+
+
+def test_a_preset_with_an_unknown_section_is_one_line(tmp_path, monkeypatch):
+    """A misspelt section would otherwise be ignored in silence."""
+    import core.presets
+
+    (tmp_path / "typo.json").write_text(json.dumps({"description": "", "schedul": {"ITERATIONS": 5}}))
+    monkeypatch.setattr(core.presets, "PRESET_DIR", tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config([], environ={"PRESET": "typo"})
+    assert "PRESET=typo:" in str(e.value) and "unknown sections ['schedul']" in str(e.value)
+    assert "\n" not in str(e.value)

@@ -305,3 +305,17 @@ def test_every_block_and_layout_option_adds_memory_and_looping_counts_each_pass(
     looped = estimate_peak(replace(base, num_loops=2, loop_start=1, loop_end=2), **kw).activations
     embedding = 2048 * 64 * 4
     assert looped - embedding == pytest.approx((6 + 4) / 6 * (plain - embedding))
+
+
+@pytest.mark.parametrize("backend,device", COMBOS)
+def test_the_ema_of_the_weights_adds_one_fp32_copy_and_mlx_two_in_the_optimizer_step(backend, device):
+    """EMA_DECAY > 0 keeps a float32 copy of every parameter the whole run; MLX's optimizer step builds
+    the new average beside the old (backend_mlx/session.py), torch's updates it in place."""
+    weights = parameter_bytes(SPEC)[0]
+    for tokens, seq, phase in ((16384, 1024, "backward"), (64, 64, "optimizer")):
+        off = est(backend, device, tokens=tokens, seq=seq, val_batch_tokens=tokens)
+        on = est(backend, device, tokens=tokens, seq=seq, val_batch_tokens=tokens, ema=True)
+        assert off.phase == on.phase == phase and off.ema == 0 and "ema" not in off.describe()
+        copies = 2 if backend == "mlx" and phase == "optimizer" else 1
+        assert on.ema == on.total - off.total == copies * weights
+        assert f"ema {copies * weights / GIB:.2f}" in on.describe()
