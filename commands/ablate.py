@@ -34,8 +34,9 @@ from core.presets import load_preset
 
 PRESET = "record-1.0611"
 # The record's run stopped at step 4,945 (its wall-clock cap; train_seed42.log): settings that count
-# steps are scaled by ITERATIONS / RECORD_STEPS, those that name layers by NUM_LAYERS / RECORD_LAYERS.
-RECORD_STEPS, RECORD_LAYERS = 4945, 11
+# steps are scaled by ITERATIONS / RECORD_STEPS, those that name layers by NUM_LAYERS / RECORD_LAYERS,
+# the rotated dimensions by the head's width over the record's (512 / 8 heads).
+RECORD_STEPS, RECORD_LAYERS, RECORD_HEAD_DIM = 4945, 11, 64
 TECHNIQUES = {   # name -> the preset's settings that make it
     "polar-express": ("MUON_NS_COEFFS",),
     "row-normalize": ("MUON_ROW_NORMALIZE",),
@@ -70,6 +71,8 @@ SCALED = {   # setting -> its value for this run, from the record's
     # The same averaging horizon as a fraction of training: 1/(1 - decay) steps of RECORD_STEPS.
     "EMA_DECAY": lambda v, cfg: round(max(0.0, 1 - (1 - v) * RECORD_STEPS / cfg.iterations), 6),
     "XSA_LAST_N": lambda v, cfg: min(cfg.num_layers, round(v * cfg.num_layers / RECORD_LAYERS)),
+    # The same share of each head rotated (the record's 16 of 64), an even count of at least 2.
+    "ROPE_DIMS": lambda v, cfg: max(2, 2 * round(v * cfg.model_dim / cfg.num_heads / RECORD_HEAD_DIM / 2)),
     "PARALLEL_START_LAYER": _layers,
     "LOOP_START": _layers,
     "LOOP_END": _layers,

@@ -56,3 +56,9 @@ def test_step_and_layer_counts_are_scaled_to_the_run():
     assert short["momentum-0.92-0.97"]["MUON_MOMENTUM_WARMUP_STEPS"] == "300"
     assert short["ema"]["EMA_DECAY"] == "0.9825"   # the same horizon: 1/(1-decay) = 57 of 989 steps
     assert set(SCALED) <= {k for keys in TECHNIQUES.values() for k in keys}
+
+
+def test_partial_rope_rotates_the_records_share_of_each_head():
+    cfg = load_config([], environ={"MODEL_DIM": "512", "NUM_HEADS": "8"})
+    assert variants(cfg)[0]["partial-rope"]["ROPE_DIMS"] == "16"           # the record's 16 of 64
+    assert variants(cfg.replace(model_dim=64, num_heads=4))[0]["partial-rope"]["ROPE_DIMS"] == "4"   # 4 of 16
