@@ -299,8 +299,8 @@ class TrainConfig(ModelSettings):
                                           "(the fewest that fit MEMORY_BUDGET_GB)", auto="int")
     # Validation and logging
     val_batch_size: int = setting(524288, "validation tokens per evaluation batch, over all ranks and accumulation steps (as the reference)")
-    val_max_tokens: int = setting(0, "validate on only the first N targets of the val split, for quick comparisons "
-                                  "(0 = all of it, the challenge's val_bpb; a run with N > 0 says so in its log and "
+    val_max_tokens: int = setting(0, "validate (training, make eval, make quantize) on only the first N targets of "
+                                  "the val split, for quick comparisons (0 = all of it, the challenge's val_bpb; a run with N > 0 says so in its log and "
                                   "summary)")
     eval_stride: int = setting(0, "sliding-window evaluation at the end of training (and in make eval): windows "
                                "advance by this many tokens, each target scored once with at least window-stride "
