@@ -29,6 +29,7 @@ from core.config import load_config
 from core.errors import ConfigError, TrainingError, exit_on_user_error
 from core.files import atomic_writer
 from core.params import count_params
+from trainer.plot import label_loss_axes, new_figure, read_losses, save_figure
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ("tied", "untied")
@@ -100,31 +101,16 @@ def train_one(backend: str, out: Path, name: str, extra: dict[str, str], log, pr
 
 
 def plot(out: Path, names: list[str], title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig, ax = new_figure(8, 5)
     for i, name in enumerate(names):
-        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-        train = [(r["tokens"], r["train_loss"]) for r in records if r["kind"] == "train"]
-        val = [(r["tokens"], r["val_loss"]) for r in records if r["kind"] == "val"]
+        train, val = read_losses(out / name / "metrics.jsonl")
         color = f"C{i}"
         ax.plot([t for t, _ in train], [v for _, v in train], color=color, alpha=0.5, linewidth=1,
                 label=f"{name} train")
-        ax.plot([t for t, _ in val], [v for _, v in val], "o-", color=color, linewidth=2, markersize=4,
+        ax.plot([t for t, _, _ in val], [v for _, v, _ in val], "o-", color=color, linewidth=2, markersize=4,
                 label=f"{name} val")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy (nats per token)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    label_loss_axes(ax, title)
+    return save_figure(fig, out / "loss.png")
 
 
 ROWS = (  # (label, key, format)

@@ -299,6 +299,9 @@ class TrainConfig(ModelSettings):
                                           "(the fewest that fit MEMORY_BUDGET_GB)", auto="int")
     # Validation and logging
     val_batch_size: int = setting(524288, "validation tokens per evaluation batch, over all ranks and accumulation steps (as the reference)")
+    val_max_tokens: int = setting(0, "validate (training, make eval, make quantize) on only the first N targets of "
+                                  "the val split, for quick comparisons (0 = all of it, the challenge's val_bpb; a run with N > 0 says so in its log and "
+                                  "summary)")
     eval_stride: int = setting(0, "sliding-window evaluation at the end of training (and in make eval): windows "
                                "advance by this many tokens, each target scored once with at least window-stride "
                                "tokens of context (0 = off: only the non-overlapping windows of the reference)")
@@ -440,7 +443,7 @@ class TrainConfig(ModelSettings):
             if getattr(self, name) != AUTO and getattr(self, name) <= 0:
                 raise ConfigError(f"{env_name(name)}={getattr(self, name)}: must be positive")
         non_negative = ("warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
-                        "eval_stride", "eval_seq_len", "eval_batch_seqs",
+                        "eval_stride", "eval_seq_len", "eval_batch_seqs", "val_max_tokens",
                         "checkpoint_every", "muon_momentum_warmup_steps", "grad_clip_norm", "adam_eps", "lqer_top_k",
                         "embed_lookup_weight")
         for name in non_negative:
@@ -458,6 +461,9 @@ class TrainConfig(ModelSettings):
             raise ConfigError(f"EMA_DECAY={self.ema_decay}: must be in [0, 1)")
         if self.min_lr > 1.0:
             raise ConfigError(f"MIN_LR={self.min_lr}: must be in [0, 1] (a fraction of the peak rate)")
+        if 0 < self.val_max_tokens < self.train_seq_len:
+            raise ConfigError(f"VAL_MAX_TOKENS={self.val_max_tokens}: must be 0 (all) or at least TRAIN_SEQ_LEN "
+                              f"= {self.train_seq_len} (one whole validation window)")
         if self.eval_stride > self.eval_window:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must not exceed the window length "
                               f"{self.eval_window} (EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); a longer stride skips targets")

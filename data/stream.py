@@ -126,12 +126,15 @@ def leading_shards(files: Sequence[str | os.PathLike], max_tokens: int,
 
 
 def load_validation_tokens(files: Sequence[str | os.PathLike], seq_len: int,
-                           vocab_size: int | None = None) -> np.ndarray:
+                           vocab_size: int | None = None, max_tokens: int = 0) -> np.ndarray:
     """All val shards concatenated, cut to a multiple of seq_len plus one (uint16); with
-    `vocab_size`, a token id >= vocab_size is a ShardError naming its shard."""
+    `vocab_size`, a token id >= vocab_size is a ShardError naming its shard. `max_tokens` > 0
+    (VAL_MAX_TOKENS) keeps only the first max_tokens targets (max_tokens + 1 tokens) before the cut."""
     if not files:
         raise DatasetError("validation: no val shard files given")
     tokens = np.concatenate([read_shard(f, vocab_size) for f in files])
+    if max_tokens > 0:
+        tokens = tokens[:max_tokens + 1]
     usable = ((tokens.size - 1) // seq_len) * seq_len if tokens.size else 0
     if usable <= 0:
         raise DatasetError(

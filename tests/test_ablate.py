@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from core.config import load_config
-from commands.ablate import SCALED, TECHNIQUES, variants
+from commands.ablate import SCALED, TECHNIQUES, runnable, variants
 from trainer_helpers import REPO, tiny_env
 
 
@@ -17,7 +17,7 @@ def ablate(env):
 
 def test_each_technique_alone_and_all_together_in_both_backends_then_reused(tiny_dataset, tmp_path):
     env = os.environ | tiny_env(tiny_dataset, tmp_path, ITERATIONS=2, ABLATE_ID="abl",
-                                ABLATE_TECHNIQUES="weight-decay")
+                                ABLATE_TECHNIQUES="weight-decay", VAL_MAX_TOKENS=64)
     first = ablate(env)
     assert first.returncode == 0, first.stderr[-2000:]
     out = tmp_path / "runs" / "abl"
@@ -29,6 +29,9 @@ def test_each_technique_alone_and_all_together_in_both_backends_then_reused(tiny
         assert set(by_backend) == {"torch", "mlx"}
         assert by_backend["torch"]["steps"] == by_backend["mlx"]["steps"] == 2
         assert abs(by_backend["torch"]["val_bpb"] - by_backend["mlx"]["val_bpb"]) < 1e-3   # the same run twice
+        assert by_backend["torch"]["val_tokens"] == by_backend["mlx"]["val_tokens"] == 64   # VAL_MAX_TOKENS, both
+    assert "VAL_MAX_TOKENS=64: only the first targets" in (out / "mlx-baseline" / "log.txt").read_text()
+    assert "first 64 val targets only (VAL_MAX_TOKENS)" in first.stdout
     assert record["runs"]["all"]["torch"]["val_bpb"] != record["runs"]["baseline"]["torch"]["val_bpb"]
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert "val_bpb torch" in first.stdout and "val_bpb mlx" in first.stdout and "| all " in first.stdout
@@ -56,3 +59,20 @@ def test_step_and_layer_counts_are_scaled_to_the_run():
     assert short["momentum-0.92-0.97"]["MUON_MOMENTUM_WARMUP_STEPS"] == "300"
     assert short["ema"]["EMA_DECAY"] == "0.9825"   # the same horizon: 1/(1-decay) = 57 of 989 steps
     assert set(SCALED) <= {k for keys in TECHNIQUES.values() for k in keys}
+
+
+def test_partial_rope_rotates_the_records_share_of_each_head():
+    cfg = load_config([], environ={"MODEL_DIM": "512", "NUM_HEADS": "8"})
+    assert variants(cfg)[0]["partial-rope"]["ROPE_DIMS"] == "16"           # the record's 16 of 64
+    assert variants(cfg.replace(model_dim=64, num_heads=4))[0]["partial-rope"]["ROPE_DIMS"] == "4"   # 4 of 16
+
+
+def test_a_run_this_size_refuses_is_one_line_saying_why_and_the_others_still_run(monkeypatch):
+    for key, value in {"NUM_LAYERS": "2", "MODEL_DIM": "8", "NUM_HEADS": "2", "NUM_KV_HEADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    runs, _ = variants(load_config([]), ["sparse-attn-gate", "parallel-lanes", "depth-loops"])
+    runs, refused = runnable(runs, [])
+    assert list(runs) == ["baseline", "parallel-lanes", "depth-loops"]   # no "all": the two cannot combine here
+    assert refused[0].startswith("sparse-attn-gate (at this size: GATE_WINDOW=12: must be in 1..model_dim=8)")
+    assert refused[1].startswith("all (at this size: PARALLEL_START_LAYER=1: must be after the looped segment")
+    assert len(refused) == 2 and not any("\n" in line for line in refused)

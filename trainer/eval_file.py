@@ -33,6 +33,7 @@ from data.stream import load_validation_tokens
 from trainer.model_files import NOT_IN_SHAPES, SETTING, load_model_file, run_config
 from trainer.plan import eval_geometry
 from trainer.progress import EvalProgress
+from trainer.summary import val_subset_note
 from trainer.ttt import check_ttt_runnable, legality_line, run_ttt, ttt_summary
 from trainer.validation import evaluate, evaluate_sliding
 
@@ -74,7 +75,7 @@ def run_eval(settings: EvalFileSettings, path: Path, kind: str, cfg, session, ou
     try:
         dataset = resolve_dataset(cfg.data_path, cfg.tokenizer_path, vocab, check_tokens=False)
         tables = build_byte_tables(dataset.tokenizer_path, vocab)
-        val_tokens = load_validation_tokens(dataset.val_files, cfg.train_seq_len, vocab)
+        val_tokens = load_validation_tokens(dataset.val_files, cfg.train_seq_len, vocab, cfg.val_max_tokens)
     except DatasetError as e:   # the vocabulary is the model's, not a VOCAB_SIZE setting
         raise DatasetError(str(e).replace("VOCAB_SIZE=", f"the model of {name} has vocab_size=")) from None
     check_ttt_runnable(cfg, session.world_size)
@@ -99,7 +100,7 @@ def run_eval(settings: EvalFileSettings, path: Path, kind: str, cfg, session, ou
     if master:
         print(f"eval backend:{session.name} {kind}:{path} dataset:{dataset.name} stride:{cfg.eval_stride} "
               f"seq_len:{seq_len} targets:{figures['targets']} val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
-              f"eval_time:{seconds:.1f}s", file=out, flush=True)
+              f"eval_time:{seconds:.1f}s" + val_subset_note(cfg), file=out, flush=True)
     if cfg.ttt_enabled:   # after the plain figures, which it leaves as they are
         ttt = run_ttt(session, val_tokens, tables, cfg, EvalProgress("ttt", master, stream=err, unit="target"))
         figures |= ttt_summary(ttt)

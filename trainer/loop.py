@@ -51,7 +51,7 @@ from trainer.progress import EvalProgress, format_seconds
 from trainer.quantize_file import artifact_label, artifact_name, build_artifact
 from trainer.reporters import Reporter, Reporters, check_reporters, default_reporters
 from trainer.run_folder import RunLog, create_run_dir, make_run_dir, source_snapshot
-from trainer.summary import format_summary
+from trainer.summary import format_summary, val_subset_note
 from trainer.ttt import BudgetExceeded, check_ttt_runnable, legality_line, run_ttt, ttt_summary
 from trainer.validation import evaluate, evaluate_sliding, train_token_counts
 
@@ -118,7 +118,7 @@ def prepare(cfg: TrainConfig, backend: TrainerBackend, reporters: list[Reporter]
     # resolve_dataset reads the header and token range of every shard (data/datasets.py).
     dataset = resolve_dataset(cfg.data_path, cfg.tokenizer_path, spec.vocab_size)
     tables = build_byte_tables(dataset.tokenizer_path, spec.vocab_size)
-    val_tokens = load_validation_tokens(dataset.val_files, cfg.train_seq_len, spec.vocab_size)
+    val_tokens = load_validation_tokens(dataset.val_files, cfg.train_seq_len, spec.vocab_size, cfg.val_max_tokens)
     ckpt = None
     if cfg.resume_from:
         ckpt = load_checkpoint(cfg.resume_from)
@@ -153,7 +153,7 @@ def start(run: Run) -> tuple[ParamCount, float, float]:
     for note in backend.notes:
         log(note)
     log(f"dataset:{dataset.name} ({dataset.source}) train_shards:{len(dataset.train_files)} "
-        f"val_tokens:{run.val_tokens.size - 1} tokenizer:{dataset.tokenizer_path}")
+        f"val_tokens:{run.val_tokens.size - 1} tokenizer:{dataset.tokenizer_path}" + val_subset_note(cfg))
     uni_loss, uni_bpb = unigram_baseline(train_token_counts(dataset.train_files, spec.vocab_size),
                                          run.val_tokens, run.tables)
     log(f"unigram_baseline val_loss:{uni_loss:.4f} val_bpb:{uni_bpb:.4f} (each token by its training frequency; "
@@ -513,6 +513,7 @@ def run_summary(run: Run, training: Training, counts: ParamCount, unigram: tuple
         "run_id": run.run_id, "backend": backend.name, "device": backend.device,
         "compute_dtype": backend.compute_dtype, "dataset": run.dataset.name, "run_dir": str(run.run_dir),
         "steps": step, "tokens_seen": step * tokens_per_step,
+        "val_tokens": run.val_tokens.size - 1, "val_max_tokens": cfg.val_max_tokens,
         "val_loss": training.val_loss, "val_bpb": training.val_bpb,
         "roundtrip_val_loss": shipped.val_loss, "roundtrip_val_bpb": shipped.val_bpb,
         "artifact_bytes": len(shipped.blob), "artifact_label": shipped.label,

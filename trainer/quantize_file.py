@@ -36,6 +36,7 @@ from data.stream import DistributedTokenLoader, load_validation_tokens
 from trainer.model_files import UNSHAPED, load_model_file, run_config
 from trainer.plan import eval_geometry
 from trainer.progress import EvalProgress
+from trainer.summary import val_subset_note
 from trainer.validation import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +151,8 @@ def run_quantize(settings: QuantizeFileSettings, cfg: TrainConfig, session, out=
     try:
         dataset = resolve_dataset(cfg.data_path, cfg.tokenizer_path, model.spec.vocab_size, check_tokens=False)
         tables = build_byte_tables(dataset.tokenizer_path, model.spec.vocab_size)
-        val_tokens = load_validation_tokens(dataset.val_files, cfg.train_seq_len, model.spec.vocab_size)
+        val_tokens = load_validation_tokens(dataset.val_files, cfg.train_seq_len, model.spec.vocab_size,
+                                            cfg.val_max_tokens)
     except DatasetError as e:
         raise DatasetError(str(e).replace("VOCAB_SIZE=", f"the model of CHECKPOINT={settings.checkpoint} "
                                           "has vocab_size=")) from None
@@ -179,7 +181,8 @@ def run_quantize(settings: QuantizeFileSettings, cfg: TrainConfig, session, out=
               + (f" -> {settings.out}" if settings.out else " (OUT= not given: nothing written)"), file=out)
         print(artifact.size_report(len(blob)), file=out)
         print(budget_line(len(blob), session.name), file=out)
-        print(f"final_{label}_roundtrip val_loss:{loss:.8f} val_bpb:{bpb:.8f}", file=out, flush=True)
+        print(f"final_{label}_roundtrip val_loss:{loss:.8f} val_bpb:{bpb:.8f}" + val_subset_note(cfg), file=out,
+              flush=True)
     return figures
 
 

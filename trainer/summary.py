@@ -7,12 +7,22 @@ from pathlib import Path
 from trainer.progress import format_seconds
 
 
+def val_subset_note(cfg) -> str:
+    """VAL_MAX_TOKENS > 0: a few words for the log saying that validation sees only part of the val split."""
+    if not cfg.val_max_tokens:
+        return ""
+    return (f" (VAL_MAX_TOKENS={cfg.val_max_tokens}: only the first targets of the val split; "
+            "val_bpb is not the challenge's, which scores all of it)")
+
+
 def format_summary(s: dict) -> list[str]:
     beat = s["unigram_val_bpb"] - s["val_bpb"]
     lines = [
         f"==== summary of run {s['run_id']} ====",
         f"val_loss {s['val_loss']:.4f}  val_bpb {s['val_bpb']:.4f}  after {s['steps']} steps, "
-        f"{s['tokens_seen']:,} tokens of {s['dataset']}",
+        f"{s['tokens_seen']:,} tokens of {s['dataset']}"
+        + (f"; validated on the first {s['val_tokens']:,} val targets only (VAL_MAX_TOKENS={s['val_max_tokens']}): "
+           "not the challenge's val_bpb" if s.get("val_max_tokens") else ""),
         f"unigram baseline val_bpb {s['unigram_val_bpb']:.4f}: the model is "
         + (f"{beat:.4f} bits per byte better" if beat > 0 else f"{-beat:.4f} bits per byte WORSE (train longer)"),
         f"{s.get('artifact_label', 'int8_zlib').replace('_', '+')} roundtrip val_bpb {s['roundtrip_val_bpb']:.4f}; artifact {s['artifact_bytes']:,} bytes "

@@ -56,6 +56,8 @@ def test_flags_over_env_over_file_over_defaults(tmp_path):
     ([], {"EMA_DECAY": "1"}, "EMA_DECAY=1.0: must be in [0, 1)"),
     ([], {"EMA_DECAY": "-0.5"}, "EMA_DECAY=-0.5: must be in [0, 1)"),
     ([], {"MUON_WD": "-1"}, "MUON_WD=-1.0: must not be negative"),
+    ([], {"VAL_MAX_TOKENS": "-1"}, "VAL_MAX_TOKENS=-1: must not be negative"),
+    ([], {"VAL_MAX_TOKENS": "100"}, "VAL_MAX_TOKENS=100: must be 0 (all) or at least TRAIN_SEQ_LEN = 1024"),
     ([], {"MUON_NS_COEFFS": "magic"}, "MUON_NS_COEFFS='magic': must be one of fixed, polar-express"),
     ([], {"PRESET": "record-9"}, "PRESET=record-9: no such preset; known: record-1.0611"),
     ([], {"PRESET": "../pyproject"}, "PRESET=../pyproject: no such preset"),

@@ -96,6 +96,14 @@ def test_validation_tokens_are_cut_to_whole_windows_plus_one(tmp_path, make_shar
         load_validation_tokens(files, seq_len=35)
 
 
+def test_val_max_tokens_keeps_the_first_targets_then_whole_windows(tmp_path, make_shards):
+    make_shards(tmp_path, "v", [1], [20, 15])  # val values 1..35
+    files = list_shards(tmp_path, "val")
+    assert load_validation_tokens(files, seq_len=8, max_tokens=16).tolist() == list(range(1, 18))   # 2 windows
+    assert load_validation_tokens(files, seq_len=8, max_tokens=23).tolist() == list(range(1, 18))   # still 2
+    assert load_validation_tokens(files, seq_len=8, max_tokens=1000).tolist() == list(range(1, 34))  # all there is
+
+
 @pytest.mark.parametrize("world_size, batch_seqs", [(1, 3), (3, 2), (4, 1), (2, 100)])
 def test_validation_batches_cover_every_window_once(world_size, batch_seqs):
     seq_len = 4

@@ -80,6 +80,16 @@ def test_a_setting_given_beats_the_files_run(files, capsys):
     assert shorter["val_loss"] != own["val_loss"]
 
 
+def test_val_max_tokens_scores_the_first_targets_and_says_so(files, capsys):
+    got = {b: run(b, capsys, CHECKPOINT=files["checkpoint"], VAL_MAX_TOKENS=70) for b in MAINS}
+    for figures, line in got.values():
+        assert figures["targets"] == 64 and line.endswith("(VAL_MAX_TOKENS=70: only the first targets of the val "
+                                                          "split; val_bpb is not the challenge's, which scores all of it)")
+    assert abs(got["torch"][0]["val_bpb"] - got["mlx"][0]["val_bpb"]) <= 1e-6 * got["torch"][0]["val_bpb"]
+    whole, line = run("mlx", capsys, CHECKPOINT=files["checkpoint"])
+    assert whole["targets"] > 64 and "VAL_MAX_TOKENS" not in line   # not inherited from the run: all by default
+
+
 @pytest.mark.parametrize("env, message", [
     ({}, "give exactly one of CHECKPOINT=<checkpoint.safetensors> or ARTIFACT=<model.int8.zlib>"),
     ({"CHECKPOINT": "{checkpoint}", "ARTIFACT": "{artifact}"}, "(both were given)"),

@@ -49,6 +49,9 @@ def test_summary_says_whether_the_model_beats_the_baseline():
         format_summary(dict(s, mfu=0.4, matmul_gflops=250.0)))
     assert "MFU 40.0% of the bfloat16 matmul ceiling" in "\n".join(
         format_summary(dict(s, mfu=0.4, matmul_gflops=250.0, compute_dtype="bfloat16")))
+    assert "VAL_MAX_TOKENS" not in text   # the whole val split: nothing to say
+    part = "\n".join(format_summary(dict(s, val_tokens=16384, val_max_tokens=16384)))
+    assert "validated on the first 16,384 val targets only (VAL_MAX_TOKENS=16384): not the challenge's val_bpb" in part
 
 
 def test_loss_plot_is_a_png(tmp_path):

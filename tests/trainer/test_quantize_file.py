@@ -99,6 +99,9 @@ def test_the_default_is_todays_int8_zlib_artifact(checkpoint, capsys, tmp_path):
     figures, text = quantize("torch", path, capsys, OUT=tmp_path / "model.int8.zlib")
     assert (tmp_path / "model.int8.zlib").read_bytes() == artifact.pack(load_checkpoint(path).weights)
     assert "final_int8_zlib_roundtrip val_loss:" in text and figures["label"] == "int8_zlib"
+    assert "VAL_MAX_TOKENS" not in text
+    _, part = quantize("torch", path, capsys, VAL_MAX_TOKENS=4096)   # the roundtrip on the first targets only
+    assert "(VAL_MAX_TOKENS=4096: only the first targets of the val split" in part
 
 
 def run_failing(main, env, capsys):
