@@ -107,7 +107,7 @@ def plan_micro_steps(spec: ModelSpec, *, train_batch_tokens: int, world_size: in
                      budget_bytes: int, backend: str, device: str, compute_dtype: str,
                      val_batch_tokens: int = 0, mlx_chunk_tokens: int = MLX_DEFAULT_CHUNK_TOKENS,
                      compiled: bool = False, grad_accum_steps: int | None = None,
-                     mlx_eager_eval: bool | None = None) -> Plan:
+                     mlx_eager_eval: bool | None = None, ema: bool = False) -> Plan:
     """The fewest micro-steps (GRAD_ACCUM_STEPS) whose estimate fits the budget.
 
     Candidates are the A for which TRAIN_BATCH_TOKENS splits into world_size x A micro-batches of whole
@@ -117,7 +117,8 @@ def plan_micro_steps(spec: ModelSpec, *, train_batch_tokens: int, world_size: in
     and faster (65,536 tokens a step, 4 x 256, seq 1024: 8,235 MiB off vs 1,329 MiB on, 2:30 vs 2:00).
     `val_batch_tokens` is this rank's share of VAL_BATCH_SIZE (VAL_BATCH_SIZE / world_size); with A
     micro-steps validation runs in batches of 1/A of it, as the reference trainers do
-    (trainer/validation.py), so more micro-steps also shrink validation.
+    (trainer/validation.py), so more micro-steps also shrink validation. `ema`: EMA_DECAY > 0 (its copy
+    of the weights is kept through every phase).
     """
     per_rank, seqs, valid = _micro_step_counts(train_batch_tokens, world_size, seq_len, grad_accum_steps)
     mlx = backend == "mlx"
@@ -127,7 +128,7 @@ def plan_micro_steps(spec: ModelSpec, *, train_batch_tokens: int, world_size: in
         return estimate_peak(spec, backend=backend, device=device, compute_dtype=compute_dtype,
                              micro_batch_tokens=micro, seq_len=seq_len, val_batch_tokens=val_tokens,
                              mlx_chunk_tokens=mlx_chunk_tokens, mlx_eager_eval=eager,
-                             compiled=compiled, grad_accum_steps=a)
+                             compiled=compiled, grad_accum_steps=a, ema=ema)
 
     def make(a: int, eager: bool | None) -> Plan:
         micro = per_rank // a

@@ -194,7 +194,8 @@ def make_plan(cfg: TrainConfig, backend: TrainerBackend) -> RunPlan:
             compute_dtype=compute_dtype, val_batch_tokens=max(cfg.val_batch_size // world, cfg.train_seq_len),
             mlx_chunk_tokens=cfg.mlx_max_microbatch_tokens, compiled=compiled,
             grad_accum_steps=None if cfg.grad_accum_steps == AUTO else cfg.grad_accum_steps,
-            mlx_eager_eval=None if cfg.mlx_eager_eval == AUTO else cfg.mlx_eager_eval)
+            mlx_eager_eval=None if cfg.mlx_eager_eval == AUTO else cfg.mlx_eager_eval,
+            ema=cfg.ema_decay > 0)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     resolved = cfg.replace(grad_accum_steps=plan.grad_accum_steps, mlx_eager_eval=plan.mlx_eager_eval,

@@ -162,3 +162,23 @@ def test_every_runtime_auto_is_resolved_by_one_rule_from_the_facts_a_backend_rep
     assert wired_limit_bytes(auto, 16 * GIB, 1) is None
     assert wired_limit_bytes(auto.replace(memory_budget_gb=12.0), 16 * GIB, 1) == 12 * GIB
     assert wired_limit_bytes(auto.replace(memory_budget_gb=12.0), 16 * GIB, 2) == 8 * GIB
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_plan_counts_the_ema_copy_of_the_weights_when_ema_decay_is_set(backend, tiny_dataset, tmp_path):
+    """A run with EMA_DECAY > 0 keeps a float32 copy of every weight: the plan's estimate says so."""
+    from core.params import count_params
+    from trainer.plan import make_plan
+
+    plans = {}
+    for decay in ("0", "0.99"):
+        cfg = load_config([], environ=tiny_env(tiny_dataset, tmp_path, EMA_DECAY=decay, GRAD_ACCUM_STEPS="1",
+                                               MEMORY_BUDGET_GB="1000"))
+        session = make_session(backend, cfg)
+        try:
+            plans[decay] = make_plan(cfg, session).memory.estimate
+        finally:
+            session.close()
+    assert plans["0"].ema == 0
+    assert plans["0.99"].ema >= 4 * count_params(cfg.model_spec()).unique
+    assert plans["0.99"].total - plans["0"].total == plans["0.99"].ema
