@@ -93,3 +93,17 @@ def test_only_interop_torch_files_may_use_torch_as_a_file_format(tmp_path):
         (tmp_path / name).mkdir()
     (tmp_path / "interop" / "torch_files.py").write_text('"""Format."""\nimport torch\nimport mlx.core\n')
     assert violations(tmp_path) == ["interop/torch_files.py:3 imports mlx outside backend_mlx"]
+
+
+def test_the_readmes_layout_table_names_every_module_of_every_floor():
+    """A reader finds each file of each floor in the README's layout table, under its own floor's row
+    (the MLX row may say "the same for MLX" of the files that mirror torch's)."""
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("\n## Layout"):readme.index("\n## Training")]
+    rows = {line.split("`")[1].rstrip("/"): line for line in table.splitlines() if line.startswith("| ") and "`" in line}
+    missing = []
+    for package in LAYERS:
+        row = rows[package] + (rows["backend_torch"] if package == "backend_mlx" else "")
+        missing += [f"{package}/{p.name}" for p in sorted((REPO / package).glob("*.py"))
+                    if p.name != "__init__.py" and f"`{p.name}`" not in row]
+    assert not missing, f"not in the README's layout table: {missing}"
