@@ -34,6 +34,11 @@ def test_ablation_trains_both_reuses_them_and_continues_an_unfinished_run(tiny_d
 
     # An interrupted run: its folder without summary.json is kept and continued from its checkpoint.
     (out / "untied" / "summary.json").unlink()
+    refused = ablate(env | {"ITERATIONS": "6"})   # not these settings: nothing reused, moved or trained
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"error: ablate-tying: the run {out / 'tied'} was made with other settings (ITERATIONS=4 there, 6 now); "
+        "choose another ABLATE_ID for these (nothing was written)")
+    assert not (out / "untied.unfinished-1").exists()
     second = ablate(env)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "ablate-tying: tied: finished before, reused" in second.stderr
