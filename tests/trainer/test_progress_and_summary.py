@@ -15,10 +15,27 @@ from trainer.summary import format_summary
 def test_no_bar_when_output_is_not_a_terminal():
     out = io.StringIO()
     p = Progress(100, 0, enabled=True, stream=out)
-    p.update(1, 5.0, 1000.0)
+    p.update(1, 5.0, 1000.0, 60.0)
     p.print("step:1/100 train_loss:5.0000")
     p.close()
     assert out.getvalue() == "step:1/100 train_loss:5.0000\n"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_the_bars_eta_is_the_loops_which_counts_the_wall_clock_cap():
+    """tqdm's own estimate (steps left at its rate) is not shown: under a binding cap it was twice the
+    log's eta on the same screen. The bar closes with its line ended."""
+    out = Terminal()
+    p = Progress(200, 0, enabled=True, stream=out)
+    p.update(4, 6.221, 1726.0, eta_s=581.0)
+    p.close()
+    text = out.getvalue()
+    assert "4/200" in text and "loss 6.2210 | 1,726 tok/s | eta 9:41" in text
+    assert "<" not in text and text.endswith("\n")
 
 
 def test_format_seconds():
