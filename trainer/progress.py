@@ -73,8 +73,9 @@ class EvalProgress:
             if self.bar is None:
                 self.bar = tqdm(total=total, unit=self.unit, desc=self.label, dynamic_ncols=True, file=self.stream,
                                 leave=False, delay=self.delay_s)
-            self.bar.n = done
-            self.bar.refresh()
+            # update(), not n= and refresh(): tqdm's delay and the clearing at close count only what
+            # update() displayed (a refreshed bar stayed on screen, the next line written after it).
+            self.bar.update(done - self.bar.n)
             if done >= total:
                 self.close()
             return
