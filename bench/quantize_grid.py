@@ -32,6 +32,7 @@ from data.stream import load_validation_tokens
 from trainer.model_files import load_model_file
 from trainer.plan import eval_geometry
 from trainer.quantize_file import calibration_batches, parse_quantize_settings
+from trainer.summary import val_subset_note
 from trainer.validation import evaluate
 
 METHODS = {"rtn": {"gptq": False, "lqer_enabled": False}, "gptq": {"gptq": True, "lqer_enabled": False},
@@ -93,6 +94,8 @@ def main() -> None:
             score(f"{method} matrices {bits}-bit, embedding {c.embed_bits}-bit", tensors, time.perf_counter() - t0)
     result = {"checkpoint": checkpoint, "calibration_s": calibration_s, "settings": cfg.to_dict(), "rows": rows}
     Path("bench/quantize_grid.json").write_text(json.dumps(result, indent=2) + "\n")
+    if cfg.val_max_tokens:
+        print("round-trip val_bpb" + val_subset_note(cfg))
     print("| setting | zlib bytes | lzma bytes | brotli bytes | round-trip val_bpb | quantize s |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
