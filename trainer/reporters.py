@@ -63,13 +63,22 @@ class ProgressBar(Reporter):
 
 
 class LossPlot(Reporter):
-    """loss.png, redrawn from metrics.jsonl at each validation (trainer/plot.py)."""
+    """loss.png, redrawn from metrics.jsonl at each validation (trainer/plot.py) and when training stops
+    after its last one: a run stopped by Ctrl-C before any validation has its train loss drawn too."""
 
     def __init__(self, run_dir: Path, title: str):
-        self.run_dir, self.title = run_dir, title
+        self.run_dir, self.title, self.drawn_at = run_dir, title, None
 
     def on_validation(self, step: int, val_loss: float, val_bpb: float) -> None:
+        self.draw(step)
+
+    def on_train_end(self, step: int) -> None:
+        if step != self.drawn_at:
+            self.draw(step)
+
+    def draw(self, step: int) -> None:
         plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", title=self.title)
+        self.drawn_at = step
 
 
 class Trackers(Reporter):

@@ -4,7 +4,7 @@
     config.json        every setting
     metrics.jsonl      one JSON object per logged step and per validation
     checkpoints/       step_NNNNNN.safetensors (CHECKPOINT_EVERY and the last step)
-    loss.png           train and val loss against tokens, redrawn at each validation
+    loss.png           train and val loss against tokens, redrawn at each validation and at a stop
     model.int8.zlib    the artifact (docs/spec.md §9; model.<QUANT>.<COMPRESSOR> with other settings)
     summary.json       the final figures
     tensorboard/, wandb/   with REPORT_TO: the trackers' own files (trainer/tracking.py)
