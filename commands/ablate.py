@@ -10,7 +10,9 @@ layer index the model does not have), is listed in one line saying why and not r
 
 Each run is a normal run of the trainer in its own process, in runs/<ABLATE_ID>/<backend>-<name>/.
 Run again, a finished run (it has summary.json) is reused; an unfinished one is kept and continued
-from its last checkpoint (commands/ablate_tying.py's train_one). A progress line per run on stderr;
+from its last checkpoint (commands/ablate_tying.py's train_one); either only when made with the
+settings this invocation would give it, else one line names the first that differs, exit 2, before
+anything is trained (check_reusable). A progress line per run on stderr;
 the result: one table (val_bpb, int8 roundtrip val_bpb, tokens/s of both backends side by side, how
 far apart their val_bpb are, the change from the baseline, parameters), ablation.png and ablation.json
 in runs/<ABLATE_ID>/. With VAL_MAX_TOKENS every run validates on the same first targets, and the
@@ -29,7 +31,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from commands.ablate_tying import train_one
+from commands.ablate_tying import check_reusable, train_one
 from core.config import TrainConfig, env_name, load_config
 from core.errors import ConfigError, exit_on_user_error
 from core.files import atomic_writer
@@ -190,6 +192,7 @@ def main(argv=None) -> dict:
     missing += refused
     ablate_id = os.environ.get("ABLATE_ID", "ablate")
     out = Path(cfg.out_dir) / ablate_id
+    check_reusable(out, {f"{b}-{name}": extra for name, extra in runs.items() for b in backends}, argv, "ablate")
     out.mkdir(parents=True, exist_ok=True)
     log = lambda line: print(line, file=sys.stderr, flush=True)   # noqa: E731
     for line in missing:
@@ -200,7 +203,7 @@ def main(argv=None) -> dict:
         for j, backend in enumerate(backends):
             n = i * len(backends) + j + 1
             t0 = time.perf_counter()
-            summary = train_one(backend, out, f"{backend}-{name}", extra, log, prefix="ablate")
+            summary = train_one(backend, out, f"{backend}-{name}", extra, log, prefix="ablate", argv=argv)
             results[name][backend] = summary
             log(f"ablate: [{n}/{total}] {backend} {name}: val_bpb {summary['val_bpb']:.4f}, "
                 f"{summary['tokens_per_s']:,.0f} tok/s, {time.perf_counter() - t0:.0f} s")

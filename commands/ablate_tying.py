@@ -11,7 +11,10 @@ an untied model must find them.
 
 Each run is a normal run of the trainer in its own process, in runs/<ABLATE_ID>/<name>/ (tied,
 untied, untied-matched). Run again, a finished run (it has summary.json) is reused, not retrained;
-an unfinished one is kept as <name>.unfinished-N and continued from its last checkpoint. For each
+an unfinished one is kept as <name>.unfinished-N and continued from its last checkpoint. Either only
+when its config.json holds the settings this invocation would give it (those that do not change the
+figures aside: trainer/run_folder.py's NOT_COMPARED); else one line names the first that differs,
+exit 2, before anything is trained. For each
 run the direct-path analysis of trainer/tying.py reads its final checkpoint. The result: one
 side-by-side table, loss.png (both loss curves against tokens) and ablation.json in runs/<ABLATE_ID>/.
 """
@@ -30,6 +33,7 @@ from core.errors import ConfigError, TrainingError, exit_on_user_error
 from core.files import atomic_writer
 from core.params import count_params
 from trainer.plot import label_loss_axes, new_figure, read_losses, save_figure
+from trainer.run_folder import setting_difference
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ("tied", "untied")
@@ -71,16 +75,38 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def train_one(backend: str, out: Path, name: str, extra: dict[str, str], log, prefix: str = "ablate-tying") -> dict:
-    """A finished run's summary: reused when there, else trained (continuing an unfinished one).
-    `prefix` starts every line it logs and names the make target that continues a stopped run."""
+def run_env(out: Path, name: str, extra: dict[str, str]) -> dict[str, str]:
+    """The environment the run `name` is trained with: this one, its folder and its settings."""
+    env = dict(os.environ, OUT_DIR=str(out), RUN_ID=name, **extra)
+    env.pop("RESUME_FROM", None)
+    return env
+
+
+def check_reusable(out: Path, runs: dict[str, dict[str, str]], argv, prefix: str) -> None:
+    """Before anything is trained: every run of `runs` already in `out` (finished or not) was made with
+    the settings this invocation would give it (trainer/run_folder.py's setting_difference), else one
+    line naming the first that differs, and nothing is trained, moved or written."""
+    for name, extra in runs.items():
+        run_dir = out / name
+        if not (run_dir.is_dir() and any(run_dir.iterdir())):
+            continue
+        difference = setting_difference(run_dir, load_config(argv, environ=run_env(out, name, extra)))
+        if difference:
+            raise ConfigError(f"{prefix}: the run {run_dir} was made with other settings ({difference}); "
+                              f"choose another ABLATE_ID for these (nothing was written)")
+
+
+def train_one(backend: str, out: Path, name: str, extra: dict[str, str], log, prefix: str = "ablate-tying",
+              argv=()) -> dict:
+    """A finished run's summary: reused when there, else trained (continuing an unfinished one), with
+    the flags `argv`. `prefix` starts every line it logs and names the make target that continues a
+    stopped run. Callers check_reusable first."""
     run_dir = out / name
     summary = run_dir / "summary.json"
     if summary.is_file():
         log(f"{prefix}: {name}: finished before, reused ({run_dir})")
         return json.loads(summary.read_text())
-    env = dict(os.environ, OUT_DIR=str(out), RUN_ID=name, **extra)
-    env.pop("RESUME_FROM", None)
+    env = run_env(out, name, extra)
     if run_dir.exists() and any(run_dir.iterdir()):
         n = 1
         while (out / f"{name}.unfinished-{n}").exists():
@@ -93,7 +119,7 @@ def train_one(backend: str, out: Path, name: str, extra: dict[str, str], log, pr
         if ckpt:
             env["RESUME_FROM"] = str(ckpt)
     log(f"{prefix}: {name}: training ({' '.join(f'{k}={v}' for k, v in extra.items())})")
-    proc = subprocess.run([sys.executable, "-m", f"backend_{backend}.train"], cwd=ROOT, env=env)
+    proc = subprocess.run([sys.executable, "-m", f"backend_{backend}.train", *argv], cwd=ROOT, env=env)
     if proc.returncode != 0 or not summary.is_file():
         raise TrainingError(f"{prefix}: the {name} run stopped (exit {proc.returncode}); run make {prefix} "
                             f"again to continue it from its last checkpoint in {run_dir}")
@@ -153,11 +179,12 @@ def main(argv=None) -> dict:
     ablate_id = os.environ.get("ABLATE_ID", "ablate-tying")
     match = os.environ.get("ABLATE_MATCH_PARAMS", "0") == "1"
     out = Path(cfg.out_dir) / ablate_id
+    runs = run_settings(cfg, match)
+    check_reusable(out, runs, argv, "ablate-tying")
     out.mkdir(parents=True, exist_ok=True)
     log = lambda line: print(line, file=sys.stderr, flush=True)   # noqa: E731
     start = time.perf_counter()
-    runs = run_settings(cfg, match)
-    summaries = {name: train_one(backend, out, name, extra, log) for name, extra in runs.items()}
+    summaries = {name: train_one(backend, out, name, extra, log, argv=argv) for name, extra in runs.items()}
     from trainer.tying import analyze_tying   # after training: the analysis reads the final checkpoints
 
     results = {}

@@ -36,9 +36,15 @@ def test_each_technique_alone_and_all_together_in_both_backends_then_reused(tiny
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert "val_bpb torch" in first.stdout and "val_bpb mlx" in first.stdout and "| all " in first.stdout
     assert first.stderr.count("ablate: [") == 6 and "ablate: [6/6] mlx all: val_bpb" in first.stderr
-    second = ablate(env)
+    second = ablate(env | {"TRAIN_LOG_EVERY": "5"})   # how often a run logs does not change its figures
     assert second.returncode == 0 and second.stderr.count("finished before, reused") == 6
     assert json.loads((out / "ablation.json").read_text())["runs"] == record["runs"]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    other = ablate(env | {"ITERATIONS": "3"})   # other settings: not the old runs' figures
+    assert other.returncode == 2 and other.stderr.strip() == (
+        f"error: ablate: the run {out / 'torch-baseline'} was made with other settings (ITERATIONS=2 there, 3 now); "
+        "choose another ABLATE_ID for these (nothing was written)")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tiny_dataset, tmp_path):

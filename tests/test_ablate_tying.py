@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from core.config import load_config
+from core.errors import ConfigError
 from core.params import count_params
-from commands.ablate_tying import matched_width
+from commands.ablate_tying import check_reusable, matched_width, run_env
 from trainer_helpers import REPO, tiny_env
 
 
@@ -34,6 +37,11 @@ def test_ablation_trains_both_reuses_them_and_continues_an_unfinished_run(tiny_d
 
     # An interrupted run: its folder without summary.json is kept and continued from its checkpoint.
     (out / "untied" / "summary.json").unlink()
+    refused = ablate(env | {"ITERATIONS": "6"})   # not these settings: nothing reused, moved or trained
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"error: ablate-tying: the run {out / 'tied'} was made with other settings (ITERATIONS=4 there, 6 now); "
+        "choose another ABLATE_ID for these (nothing was written)")
+    assert not (out / "untied.unfinished-1").exists()
     second = ablate(env)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "ablate-tying: tied: finished before, reused" in second.stderr
@@ -52,3 +60,23 @@ def test_the_matched_untied_width_is_the_widest_that_fits_the_tied_parameter_cou
     untied = lambda width: count_params(spec.__class__(**dict(spec.to_dict(), model_dim=width,   # noqa: E731
                                                               tie_embeddings=False))).unique
     assert d % 8 == 0 and untied(d) <= tied < untied(d + 8)
+
+
+def test_a_run_is_reused_only_with_the_settings_it_was_made_with(tmp_path):
+    """What its config.json holds against what this invocation would give it (flags too): an auto the run
+    resolved, how often it logged and a setting an older build did not record (its default) still match."""
+    extra = {"TIE_EMBEDDINGS": "0"}
+    (tmp_path / "r").mkdir()
+    made = load_config([], environ=run_env(tmp_path, "r", extra)).to_dict()
+    made |= {"grad_accum_steps": 4, "memory_budget_gb": 3.2, "train_log_every": 9}
+    del made["ema_decay"]
+    (tmp_path / "r" / "config.json").write_text(json.dumps(made))
+    check_reusable(tmp_path, {"r": extra}, [], "ablate")
+    with pytest.raises(ConfigError, match=r"the run .*r was made with other settings \(ITERATIONS=\d+ there, 7 now\)"):
+        check_reusable(tmp_path, {"r": extra}, ["--iterations", "7"], "ablate")
+    with pytest.raises(ConfigError, match=r"\(TIE_EMBEDDINGS=0 there, 1 now\)"):
+        check_reusable(tmp_path, {"r": {"TIE_EMBEDDINGS": "1"}}, [], "ablate")
+    (tmp_path / "r" / "config.json").unlink()
+    (tmp_path / "r" / "log.txt").write_text("")
+    with pytest.raises(ConfigError, match="no config.json records its settings"):
+        check_reusable(tmp_path, {"r": extra}, [], "ablate")

@@ -316,10 +316,11 @@ class Training:
         loss = self.train_losses[-1] if self.train_losses else float("nan")   # the last loss read
         train_ms = self.now_ms()
         tok_s = self.tokens_per_step * (step - self.start_step) / max((train_ms - self.resumed_ms) / 1000.0, 1e-9)
-        self.reporters.on_train_step(step, loss, tok_s)
+        eta_s = self.eta_s(train_ms)
+        self.reporters.on_train_step(step, loss, tok_s, eta_s)
         if log_step:
             self.log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
-                     f"step_avg:{train_ms / step:.2f}ms tok/s:{tok_s:.0f} eta:{format_seconds(self.eta_s(train_ms))}")
+                     f"step_avg:{train_ms / step:.2f}ms tok/s:{tok_s:.0f} eta:{format_seconds(eta_s)}")
             self.run.metric(kind="train", step=step, tokens=step * self.tokens_per_step, train_loss=loss,
                             train_time_ms=train_ms, tokens_per_s=tok_s)
 

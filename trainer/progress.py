@@ -1,7 +1,8 @@
 """What a user sees while a run trains: a progress bar on a terminal, plain lines elsewhere.
 
 On a terminal (rank 0 only) a tqdm bar shows the step, the loss, tokens/s and the ETA, and the
-log lines scroll above it. When the output is a file or a pipe there is no bar: the log lines
+log lines scroll above it. The ETA is the loop's, the one its log lines print: it knows the
+wall-clock cap, which ends a run before ITERATIONS when it binds, and tqdm's own estimate does not. When the output is a file or a pipe there is no bar: the log lines
 themselves carry tokens/s and the ETA.
 """
 
@@ -20,13 +21,17 @@ def format_seconds(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+# tqdm's bar without its own remaining time: the loop's ETA comes in the postfix.
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+
 class Progress:
     def __init__(self, total_steps: int, first_step: int, enabled: bool, stream=None):
         self.stream = stream or sys.stdout
         self.bar = None
         if enabled and self.stream.isatty():
             self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
-                            file=self.stream, leave=True, smoothing=0.1)
+                            file=self.stream, leave=True, smoothing=0.1, bar_format=BAR_FORMAT)
 
     def print(self, line: str) -> None:
         if self.bar is not None:
@@ -34,10 +39,11 @@ class Progress:
         else:
             print(line, file=self.stream, flush=True)
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, eta_s: float) -> None:
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix_str(f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s", refresh=False)
+            self.bar.set_postfix_str(f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | eta {format_seconds(eta_s)}",
+                                     refresh=False)
             self.bar.refresh()
 
     def close(self) -> None:
@@ -67,8 +73,9 @@ class EvalProgress:
             if self.bar is None:
                 self.bar = tqdm(total=total, unit=self.unit, desc=self.label, dynamic_ncols=True, file=self.stream,
                                 leave=False, delay=self.delay_s)
-            self.bar.n = done
-            self.bar.refresh()
+            # update(), not n= and refresh(): tqdm's delay and the clearing at close count only what
+            # update() displayed (a refreshed bar stayed on screen, the next line written after it).
+            self.bar.update(done - self.bar.n)
             if done >= total:
                 self.close()
             return

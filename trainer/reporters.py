@@ -3,7 +3,9 @@ the loop calls these hooks and imports no reporter. `default_reporters` builds t
 place; `run_training(cfg, backend, reporters=[...])` adds a user's own to it. Rank 0 only reports.
 
     on_train_begin(step)                      training starts at `step` (0, or a checkpoint's)
-    on_train_step(step, loss, tokens_per_s)   after every step; `loss` is the last one read (log steps)
+    on_train_step(step, loss, tokens_per_s, eta_s)
+                                              after every step; `loss` is the last one read (log steps),
+                                              `eta_s` the seconds left, the wall-clock cap counted
     on_validation(step, val_loss, val_bpb)    after every validation, once its record is in metrics.jsonl
     on_metric(record)                         every record of metrics.jsonl as written: train, val, the
                                               final evaluations (kind "sliding_val", "ttt_val")
@@ -29,7 +31,7 @@ from trainer.tracking import check_trackers, open_trackers
 class Reporter:
     def on_train_begin(self, step: int) -> None: ...
 
-    def on_train_step(self, step: int, loss: float, tokens_per_s: float) -> None: ...
+    def on_train_step(self, step: int, loss: float, tokens_per_s: float, eta_s: float) -> None: ...
 
     def on_validation(self, step: int, val_loss: float, val_bpb: float) -> None: ...
 
@@ -51,8 +53,8 @@ class ProgressBar(Reporter):
     def on_train_begin(self, step: int) -> None:
         self.progress = self.log.progress = Progress(self.iterations, step, enabled=True)
 
-    def on_train_step(self, step: int, loss: float, tokens_per_s: float) -> None:
-        self.progress.update(step, loss, tokens_per_s)
+    def on_train_step(self, step: int, loss: float, tokens_per_s: float, eta_s: float) -> None:
+        self.progress.update(step, loss, tokens_per_s, eta_s)
 
     def on_train_end(self, step: int) -> None:
         if self.progress is not None:
@@ -61,13 +63,22 @@ class ProgressBar(Reporter):
 
 
 class LossPlot(Reporter):
-    """loss.png, redrawn from metrics.jsonl at each validation (trainer/plot.py)."""
+    """loss.png, redrawn from metrics.jsonl at each validation (trainer/plot.py) and when training stops
+    after its last one: a run stopped by Ctrl-C before any validation has its train loss drawn too."""
 
     def __init__(self, run_dir: Path, title: str):
-        self.run_dir, self.title = run_dir, title
+        self.run_dir, self.title, self.drawn_at = run_dir, title, None
 
     def on_validation(self, step: int, val_loss: float, val_bpb: float) -> None:
+        self.draw(step)
+
+    def on_train_end(self, step: int) -> None:
+        if step != self.drawn_at:
+            self.draw(step)
+
+    def draw(self, step: int) -> None:
         plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", title=self.title)
+        self.drawn_at = step
 
 
 class Trackers(Reporter):
@@ -116,8 +127,8 @@ class Reporters(Reporter):
     def on_train_begin(self, step: int) -> None:
         self._each("on_train_begin", step)
 
-    def on_train_step(self, step: int, loss: float, tokens_per_s: float) -> None:
-        self._each("on_train_step", step, loss, tokens_per_s)
+    def on_train_step(self, step: int, loss: float, tokens_per_s: float, eta_s: float) -> None:
+        self._each("on_train_step", step, loss, tokens_per_s, eta_s)
 
     def on_validation(self, step: int, val_loss: float, val_bpb: float) -> None:
         self._each("on_validation", step, val_loss, val_bpb)

@@ -4,7 +4,7 @@
     config.json        every setting
     metrics.jsonl      one JSON object per logged step and per validation
     checkpoints/       step_NNNNNN.safetensors (CHECKPOINT_EVERY and the last step)
-    loss.png           train and val loss against tokens, redrawn at each validation
+    loss.png           train and val loss against tokens, redrawn at each validation and at a stop
     model.int8.zlib    the artifact (docs/spec.md §9; model.<QUANT>.<COMPRESSOR> with other settings)
     summary.json       the final figures
     tensorboard/, wandb/   with REPORT_TO: the trackers' own files (trainer/tracking.py)
@@ -17,9 +17,10 @@ import hashlib
 import json
 import subprocess
 import time
+from dataclasses import fields
 from pathlib import Path
 
-from core.config import TrainConfig
+from core.config import AUTO, TrainConfig, env_name
 from core.errors import ConfigError
 from trainer.progress import Progress
 
@@ -41,6 +42,33 @@ def create_run_dir(run_dir: Path, config: dict) -> None:
     """The folder, its checkpoints/ and config.json: the first things a run writes."""
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# Settings that do not change a run's figures, left out when a finished run is matched to settings:
+# how often it logs, validates along the way and writes checkpoints, its trackers, how long a
+# collective may wait, the memory it may plan for (GRAD_ACCUM_STEPS, what that decides, is compared);
+# and its folder's name and place and the checkpoint it continued from, which name the same run.
+NOT_COMPARED = ("train_log_every", "val_loss_every", "checkpoint_every", "report_to", "collective_timeout_seconds",
+                "memory_budget_gb", "run_id", "out_dir", "resume_from")
+
+
+def setting_difference(run_dir: Path, cfg: TrainConfig) -> str | None:
+    """None when the run in `run_dir` was made with the settings of `cfg` (its config.json), else the
+    first that differs, "ITERATIONS=2 there, 3 now". A setting `cfg` leaves to auto is not compared
+    (the run resolved it on its machine); one its config.json lacks (an older build) had its default."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return "no config.json records its settings"
+    recorded = json.loads(path.read_text())
+    wanted = json.loads(json.dumps(cfg.to_dict()))   # as config.json holds it: lists, not tuples
+    for f in fields(TrainConfig):
+        if f.name in NOT_COMPARED or wanted[f.name] == AUTO:
+            continue
+        old = recorded.get(f.name, json.loads(json.dumps(f.default)))
+        if old != wanted[f.name]:
+            shown = lambda v: str(int(v)) if isinstance(v, bool) else str(v)   # noqa: E731
+            return f"{env_name(f.name)}={shown(old)} there, {shown(wanted[f.name])} now"
+    return None
 
 
 def source_snapshot() -> str:

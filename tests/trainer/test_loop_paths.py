@@ -208,6 +208,7 @@ def test_sigterm_finishes_the_step_and_writes_a_checkpoint_to_resume_from(backen
     assert "Traceback" not in err
     log = (tmp_path / "runs" / "stopped" / "log.txt").read_text()
     assert f"interrupted at step:{stopped_at}/100000; continue with RESUME_FROM={ckpts[0]}" in log
+    assert (tmp_path / "runs" / "stopped" / "loss.png").read_bytes()[:4] == b"\x89PNG"   # the loss so far
     resumed = train(backend, tiny_env(tiny_dataset, tmp_path, RUN_ID="resumed", ITERATIONS=stopped_at + 1,
                                       WARMDOWN_ITERS=0, RESUME_FROM=ckpts[0]))
     assert resumed.step == stopped_at + 1 and len(resumed.train_losses) == 1

@@ -3,22 +3,56 @@
 import io
 import json
 import math
+import time
 
 import numpy as np
 
 from core.metrics import ByteTables, unigram_baseline
 from trainer.plot import plot_losses
-from trainer.progress import Progress, format_seconds
+from trainer.progress import EvalProgress, Progress, format_seconds
 from trainer.summary import format_summary
 
 
 def test_no_bar_when_output_is_not_a_terminal():
     out = io.StringIO()
     p = Progress(100, 0, enabled=True, stream=out)
-    p.update(1, 5.0, 1000.0)
+    p.update(1, 5.0, 1000.0, 60.0)
     p.print("step:1/100 train_loss:5.0000")
     p.close()
     assert out.getvalue() == "step:1/100 train_loss:5.0000\n"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_the_bars_eta_is_the_loops_which_counts_the_wall_clock_cap():
+    """tqdm's own estimate (steps left at its rate) is not shown: under a binding cap it was twice the
+    log's eta on the same screen. The bar closes with its line ended."""
+    out = Terminal()
+    p = Progress(200, 0, enabled=True, stream=out)
+    p.update(4, 6.221, 1726.0, eta_s=581.0)
+    p.close()
+    text = out.getvalue()
+    assert "4/200" in text and "loss 6.2210 | 1,726 tok/s | eta 9:41" in text
+    assert "<" not in text and text.endswith("\n")
+
+
+def test_an_evaluations_bar_shows_only_after_its_delay_and_is_cleared_when_done():
+    quick = Terminal()
+    progress = EvalProgress("val", enabled=True, stream=quick, delay_s=60.0)
+    for done in (1, 2, 3):
+        progress(done, 3)
+    assert quick.getvalue() == ""   # a quick evaluation: no bar at all
+    slow = Terminal()
+    progress = EvalProgress("val", enabled=True, stream=slow, delay_s=0.0)
+    for done in (1, 2, 3):
+        time.sleep(0.11)   # past tqdm's 0.1 s between redraws
+        progress(done, 3)
+    drawn = [part for part in slow.getvalue().split("\r") if part]
+    assert "val:  67%" in slow.getvalue() and drawn[-1].strip() == ""   # shown, then its line blanked
+    assert slow.getvalue().endswith("\r")   # the next line starts at the line's start, not after the bar
 
 
 def test_format_seconds():

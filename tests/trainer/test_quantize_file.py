@@ -146,3 +146,16 @@ def test_a_truncated_artifact_is_one_line_exit_2_in_make_eval(checkpoint, capsys
         code, err = run_failing(main, {"ARTIFACT": bad}, capsys)
         assert code == 2 and err.startswith(f"error: artifact {bad}: corrupt or not a twingpt artifact ({compressor}:")
         assert "\n" not in err
+
+
+def test_the_quantize_grid_reads_the_quantizer_settings_as_make_quantize_does(checkpoint):
+    """bench/quantize_grid.py: what it does not vary is the user's (a clip sigma, the lookup weight), the
+    rest the checkpoint's run's; QUANT is gptq and DEVICE cpu unless given."""
+    from bench.quantize_grid import grid_settings
+
+    path, env = checkpoint
+    given, cfg = grid_settings({"CHECKPOINT": str(path), "EMBED_LOOKUP_WEIGHT": "0.5", "MLP_CLIP_SIGMAS": "9",
+                                "EMBED_BITS": "8", "QUANT": "int8"})
+    assert given == str(path) and cfg.quant == "gptq" and cfg.device == "cpu"
+    assert (cfg.embed_lookup_weight, cfg.mlp_clip_sigmas, cfg.embed_bits) == (0.5, 9.0, 8)
+    assert (cfg.data_path, cfg.train_seq_len) == (env["DATA_PATH"], int(env["TRAIN_SEQ_LEN"]))   # the run's

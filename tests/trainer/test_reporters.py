@@ -16,7 +16,7 @@ class Recorder(Reporter):
     def on_train_begin(self, step):
         self.calls.append(("begin", step))
 
-    def on_train_step(self, step, loss, tokens_per_s):
+    def on_train_step(self, step, loss, tokens_per_s, eta_s):
         self.calls.append(("step", step, loss))
 
     def on_validation(self, step, val_loss, val_bpb):
