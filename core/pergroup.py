@@ -109,8 +109,9 @@ def similarity_order(codes: np.ndarray) -> np.ndarray:
 
 def _lrzip(args: list[str], data: bytes) -> bytes:
     """Run lrzip on `data` written to a file, with `args` then -o <out> <in>; the output file's bytes.
-    LRZIP=NOCONFIG: a user's lrzip.conf cannot change the settings (and so the bytes). -N: our own
-    niceness (lrzip's default, 19, starves it on a busy machine)."""
+    LRZIP=NOCONFIG: a user's lrzip.conf cannot change the settings (and so the bytes); TMP: any scratch
+    file of lrzip's goes in the same temporary folder. -N: our own niceness (lrzip's default, 19,
+    starves it on a busy machine)."""
     program = lrzip_path()
     if program is None:
         raise ConfigError(NEEDS_LRZIP)
@@ -118,7 +119,7 @@ def _lrzip(args: list[str], data: bytes) -> bytes:
         src, dst = Path(folder) / "in", Path(folder) / "out"
         src.write_bytes(data)
         done = subprocess.run([program, "-q", "-f", "-N", str(os.nice(0)), *args, "-o", str(dst), str(src)], capture_output=True,
-                              env={**os.environ, "LRZIP": "NOCONFIG"})
+                              env={**os.environ, "LRZIP": "NOCONFIG", "TMP": folder})
         if done.returncode != 0 or not dst.is_file():
             why = " ".join(done.stderr.decode(errors="replace").split()[-12:]) or f"exit status {done.returncode}"
             raise OSError(f"lrzip: {why}")
