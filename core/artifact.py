@@ -51,7 +51,7 @@ READ_FORMATS = (FORMAT_VERSION, GPTQ_FORMAT_VERSION)
 # COMPRESSOR: zlib artifacts are a bare zlib stream (as in format 1); the others start with a tag.
 # pergroup (core/pergroup.py) compresses the integer codes by role with the lrzip program.
 COMPRESSORS = ("zlib", "lzma", "brotli", "pergroup")
-_TAGS = {"lzma": b"twingpt-lzma\n", "brotli": b"twingpt-brotli\n", "pergroup": b"twingpt-pergroup\n"}
+TAGS = {"lzma": b"twingpt-lzma\n", "brotli": b"twingpt-brotli\n", "pergroup": b"twingpt-pergroup\n"}
 
 _I8, _F16, _F32 = np.dtype("<i1"), np.dtype("<f2"), np.dtype("<f4")
 
@@ -303,17 +303,17 @@ def compress(payload: bytes, compressor: str = "zlib") -> bytes:
     if compressor == "zlib":
         return zlib.compress(payload, 9)
     if compressor == "lzma":
-        return _TAGS["lzma"] + lzma.compress(payload, preset=9)
+        return TAGS["lzma"] + lzma.compress(payload, preset=9)
     if compressor == "pergroup":
         from core import pergroup
         return pergroup.compress(payload)
     import brotli
-    return _TAGS["brotli"] + brotli.compress(payload, quality=11)
+    return TAGS["brotli"] + brotli.compress(payload, quality=11)
 
 
 def compressor_of(blob: bytes) -> str:
     """The compressor an artifact's bytes say they were written with (zlib when no tag)."""
-    for name, tag in _TAGS.items():
+    for name, tag in TAGS.items():
         if blob[:len(tag)] == tag:
             return name
     return "zlib"
@@ -321,7 +321,7 @@ def compressor_of(blob: bytes) -> str:
 
 def decompress(blob: bytes, source: str = "artifact") -> bytes:
     compressor = compressor_of(blob)
-    body = blob[len(_TAGS.get(compressor, b"")):]
+    body = blob[len(TAGS.get(compressor, b"")):]
     try:
         if compressor == "zlib":
             return zlib.decompress(body)

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from core.artifact import read_header
+from core.artifact import TAGS, read_header
 from core.errors import ArtifactError, ConfigError
 
-TAG = b"twingpt-pergroup\n"
+TAG = TAGS["pergroup"]
 NEEDS_LRZIP = "COMPRESSOR=pergroup needs lrzip: apt-get install lrzip or brew install lrzip"
 # Stream order: whole tensors first, then the block roles in the parameter table's order.
 WHOLE_ROLES = ("tok_emb.weight", "lm_head.weight")
