@@ -152,7 +152,7 @@ eval: $(STAMP)
 # Re-quantize a checkpoint without training (trainer/quantize_file.py): the artifact's bytes, the budget
 # line (artifact + code) and the round-trip val_bpb; nothing written unless OUT=path.
 #   make quantize CHECKPOINT=runs/<run>/checkpoints/step_NNNNNN.safetensors QUANT=gptq COMPRESSOR=brotli [OUT=model.gptq.brotli]
-quantize: $(STAMP) lrzip
+quantize: $(STAMP)
 	@case "$(BACKEND)" in torch|mlx) ;; *) echo "error: BACKEND=$(BACKEND): must be torch or mlx" >&2; exit 2;; esac
 	$(PY) -m backend_$(BACKEND).quantize $(ARGS)
 
@@ -163,7 +163,7 @@ quantize: $(STAMP) lrzip
 check-submission: $(STAMP)
 	$(PY) -m trainer.check_submission $(ARGS)
 
-parity: $(STAMP)
+parity: $(STAMP) lrzip
 	$(PY) -m pytest -q tests/parity
 
 # Training throughput of both backends on this machine: tokens/s, MFU and peak memory of a full
