@@ -41,7 +41,7 @@ TRAIN_PRESET := ITERATIONS=$${ITERATIONS:-500} MODEL_DIM=$${MODEL_DIM:-128} NUM_
   TRAIN_LOG_EVERY=$${TRAIN_LOG_EVERY:-25} WARMDOWN_ITERS=$${WARMDOWN_ITERS:-150} \
   CHECKPOINT_EVERY=$${CHECKPOINT_EVERY:-100} MAX_WALLCLOCK_SECONDS=$${MAX_WALLCLOCK_SECONDS:-360}
 
-.PHONY: help venv blas test data data-fineweb default-data train train-cpu train-cuda train-mlx sample eval quantize check-submission clean-venv parity bench doctor ablate-tying ablate analyze-tying pg-import pg-export mutants
+.PHONY: help venv blas lrzip test data data-fineweb default-data train train-cpu train-cuda train-mlx sample eval quantize check-submission clean-venv parity bench doctor ablate-tying ablate analyze-tying pg-import pg-export mutants
 
 help:
 	@sed -n '/^[^#]/q;p' Makefile
@@ -49,7 +49,7 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[torch,mlx,dev,tracking]"
-	@$(MAKE) --no-print-directory blas
+	@$(MAKE) --no-print-directory blas lrzip
 	@touch $(STAMP)
 
 # MLX's Linux wheel ships a reference BLAS ~30x slower than OpenBLAS; the MLX trainer preloads
@@ -66,9 +66,23 @@ blas:
 	  fi; \
 	fi
 
+# COMPRESSOR=pergroup compresses the artifact's integer codes with the lrzip program (its ZPAQ
+# back end). As root we install Debian's; otherwise we say how. `make test` needs it.
+lrzip:
+	@if ! command -v lrzip >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing lrzip for COMPRESSOR=pergroup: apt-get install lrzip"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    { apt-get install -y -qq lrzip || { apt-get update -qq && apt-get install -y -qq lrzip; }; } >/dev/null 2>&1 \
+	      || echo "warning: could not install lrzip; COMPRESSOR=pergroup will refuse to run"; \
+	  else \
+	    echo "note: COMPRESSOR=pergroup needs lrzip: sudo apt-get install lrzip (brew install lrzip on a Mac)"; \
+	  fi; \
+	fi
+
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) lrzip
 	$(PY) -m pytest -q
 
 data: $(STAMP)
@@ -149,7 +163,7 @@ quantize: $(STAMP)
 check-submission: $(STAMP)
 	$(PY) -m trainer.check_submission $(ARGS)
 
-parity: $(STAMP)
+parity: $(STAMP) lrzip
 	$(PY) -m pytest -q tests/parity
 
 # Training throughput of both backends on this machine: tokens/s, MFU and peak memory of a full

@@ -96,11 +96,11 @@ def main() -> None:
     Path("bench/quantize_grid.json").write_text(json.dumps(result, indent=2) + "\n")
     if cfg.val_max_tokens:
         print("round-trip val_bpb" + val_subset_note(cfg))
-    print("| setting | zlib bytes | lzma bytes | brotli bytes | round-trip val_bpb | quantize s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| setting | " + " | ".join(f"{c} bytes" for c in artifact.COMPRESSORS) + " | round-trip val_bpb | quantize s |")
+    print("|---|" + "---:|" * (len(artifact.COMPRESSORS) + 2))
     for r in rows:
-        print(f"| {r['setting']} | {r['zlib_bytes']:,} | {r['lzma_bytes']:,} | {r['brotli_bytes']:,} | "
-              f"{r['roundtrip_val_bpb']:.4f} | {r['quantize_s']:.1f} |")
+        print(f"| {r['setting']} | " + " | ".join(f"{r[c + '_bytes']:,}" for c in artifact.COMPRESSORS)
+              + f" | {r['roundtrip_val_bpb']:.4f} | {r['quantize_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ FORMAT_VERSION = 1          # what an int8 artifact's header says (its bytes are
 GPTQ_FORMAT_VERSION = 2     # a header with any "int_per_row" tensor (QUANT=gptq, docs/spec.md §9.2)
 READ_FORMATS = (FORMAT_VERSION, GPTQ_FORMAT_VERSION)
 # COMPRESSOR: zlib artifacts are a bare zlib stream (as in format 1); the others start with a tag.
-COMPRESSORS = ("zlib", "lzma", "brotli")
-_TAGS = {"lzma": b"twingpt-lzma\n", "brotli": b"twingpt-brotli\n"}
+# pergroup (core/pergroup.py) compresses the integer codes by role with the lrzip program.
+COMPRESSORS = ("zlib", "lzma", "brotli", "pergroup")
+TAGS = {"lzma": b"twingpt-lzma\n", "brotli": b"twingpt-brotli\n", "pergroup": b"twingpt-pergroup\n"}
 
 _I8, _F16, _F32 = np.dtype("<i1"), np.dtype("<f2"), np.dtype("<f4")
 
@@ -219,7 +220,8 @@ def serialize(tensors: dict[str, Quantized]) -> bytes:
     return MAGIC + len(header).to_bytes(8, "little") + header + b"".join(chunks)
 
 
-def deserialize(payload: bytes, source: str = "artifact") -> dict[str, Quantized]:
+def read_header(payload: bytes, source: str = "artifact") -> tuple[dict, int]:
+    """(the payload's header, where its data starts); an ArtifactError when it is not one of ours."""
     def corrupt(why: str) -> ArtifactError:
         return ArtifactError(f"{source}: corrupt or not a twingpt artifact ({why})")
 
@@ -238,7 +240,15 @@ def deserialize(payload: bytes, source: str = "artifact") -> dict[str, Quantized
     if header.get("format") not in READ_FORMATS:
         raise ArtifactError(f"{source}: artifact format {header.get('format')!r}, "
                             f"this twingpt reads formats {', '.join(map(str, READ_FORMATS))}")
-    data = memoryview(payload)[start + n:]
+    return header, start + n
+
+
+def deserialize(payload: bytes, source: str = "artifact") -> dict[str, Quantized]:
+    def corrupt(why: str) -> ArtifactError:
+        return ArtifactError(f"{source}: corrupt or not a twingpt artifact ({why})")
+
+    header, start = read_header(payload, source)
+    data = memoryview(payload)[start:]
     out, used = {}, 0
     for name, e in header["tensors"].items():
         try:
@@ -280,22 +290,30 @@ def check_compressor(name: str) -> None:
             import brotli  # noqa: F401
         except ImportError:
             raise ConfigError("COMPRESSOR=brotli: the brotli module is not installed (pip install brotli)") from None
+    if name == "pergroup":
+        from core import pergroup   # it builds on this module
+        pergroup.check_lrzip()
+        check_compressor("brotli")  # the rest of the payload goes through brotli
 
 
 def compress(payload: bytes, compressor: str = "zlib") -> bytes:
-    """zlib level 9 (bare, as format 1), lzma preset 9 (.xz) or brotli quality 11, the last two after their tag."""
+    """zlib level 9 (bare, as format 1), lzma preset 9 (.xz), brotli quality 11 or pergroup, the last three
+    starting with their tag."""
     check_compressor(compressor)
     if compressor == "zlib":
         return zlib.compress(payload, 9)
     if compressor == "lzma":
-        return _TAGS["lzma"] + lzma.compress(payload, preset=9)
+        return TAGS["lzma"] + lzma.compress(payload, preset=9)
+    if compressor == "pergroup":
+        from core import pergroup
+        return pergroup.compress(payload)
     import brotli
-    return _TAGS["brotli"] + brotli.compress(payload, quality=11)
+    return TAGS["brotli"] + brotli.compress(payload, quality=11)
 
 
 def compressor_of(blob: bytes) -> str:
     """The compressor an artifact's bytes say they were written with (zlib when no tag)."""
-    for name, tag in _TAGS.items():
+    for name, tag in TAGS.items():
         if blob[:len(tag)] == tag:
             return name
     return "zlib"
@@ -303,12 +321,15 @@ def compressor_of(blob: bytes) -> str:
 
 def decompress(blob: bytes, source: str = "artifact") -> bytes:
     compressor = compressor_of(blob)
-    body = blob[len(_TAGS.get(compressor, b"")):]
+    body = blob[len(TAGS.get(compressor, b"")):]
     try:
         if compressor == "zlib":
             return zlib.decompress(body)
         if compressor == "lzma":
             return lzma.decompress(body, format=lzma.FORMAT_XZ)
+        if compressor == "pergroup":
+            from core import pergroup
+            return pergroup.decompress(blob, source)
         try:
             import brotli
         except ImportError:
@@ -316,7 +337,7 @@ def decompress(blob: bytes, source: str = "artifact") -> bytes:
         return brotli.decompress(body)
     except ArtifactError:
         raise
-    except Exception as err:   # zlib.error, lzma.LZMAError, brotli.error: truncated or corrupt
+    except Exception as err:   # zlib.error, lzma.LZMAError, brotli.error, pergroup's: truncated or corrupt
         raise ArtifactError(f"{source}: corrupt or not a twingpt artifact ({compressor}: {err})") from None
 
 

@@ -425,8 +425,9 @@ class TrainConfig(ModelSettings):
     lqer_asym_enabled: bool = setting(True, "QUANT=gptq: store LQER's A in 2 bits (one scale) and B in 4 bits by groups "
                                       "of LQER_ASYM_GROUP instead")
     lqer_asym_group: int = setting(64, "QUANT=gptq: group size of B's scales when LQER_ASYM_ENABLED")
-    compressor: str = setting("zlib", "compressor of the artifact: zlib (level 9), lzma (preset 9) or brotli "
-                              "(quality 11)", choices=("zlib", "lzma", "brotli"))
+    compressor: str = setting("zlib", "compressor of the artifact: zlib (level 9), lzma (preset 9), brotli "
+                              "(quality 11) or pergroup (codes by role through lrzip's ZPAQ, the rest brotli)",
+                              choices=("zlib", "lzma", "brotli", "pergroup"))
 
     def __post_init__(self):
         for f in fields(self):

@@ -4,7 +4,7 @@ A preset file is JSON with a "description", sections of settings ("model", "opti
 "artifact", "ttt", "memory": what a run of it needs to fit, not the source's own settings)
 and "other_work": the settings its source uses that belong to work not in twingpt yet, grouped under
 the name of that work. An "other_work" setting may also be in a section, as what this build uses
-instead (the record's COMPRESSOR=pergroup, brotli here): its line names the substitute. A preset
+instead of its source's: its line names the substitute. A preset
 sits under every other source of a setting (flags, environment, the CONFIG file): an explicit
 setting always wins.
 

@@ -121,6 +121,11 @@ def test_cli_reports_bad_input_in_one_line_with_exit_status_2(backend, tiny_data
     ("mlx", dict(EMA_DECAY="-0.5"), "error: EMA_DECAY=-0.5: must be in [0, 1)"),
     ("torch", dict(PRESET="record-9"), "error: PRESET=record-9: no such preset; known: record-1.0611"),
     ("mlx", dict(PRESET="record-9"), "error: PRESET=record-9: no such preset; known: record-1.0611"),
+    # The artifact is written after training: a compressor that cannot run is refused before it starts.
+    ("torch", dict(COMPRESSOR="pergroup", PATH="/nonexistent"),
+     "error: COMPRESSOR=pergroup needs lrzip: apt-get install lrzip or brew install lrzip"),
+    ("mlx", dict(COMPRESSOR="pergroup", PATH="/nonexistent"),
+     "error: COMPRESSOR=pergroup needs lrzip: apt-get install lrzip or brew install lrzip"),
 ])
 def test_the_recipes_bad_settings_are_one_line_exit_2_and_write_nothing(backend, setting, message, tiny_dataset,
                                                                        tmp_path):

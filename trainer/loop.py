@@ -113,6 +113,7 @@ def prepare(cfg: TrainConfig, backend: TrainerBackend, reporters: list[Reporter]
     plan = make_plan(cfg, backend)
     check_fits(plan)
     check_ttt_runnable(cfg, backend.world_size)
+    artifact.check_compressor(cfg.compressor)   # the artifact is written after training: refuse now, not then
     cfg = plan.cfg   # GRAD_ACCUM_STEPS, MLX_EAGER_EVAL and the budget resolved
     master = backend.rank == 0
     # resolve_dataset reads the header and token range of every shard (data/datasets.py).

@@ -83,7 +83,7 @@ def build_artifact(cfg: TrainConfig, spec, weights: dict, session, train_files, 
     say = say or (lambda line: None)
     artifact.check_compressor(cfg.compressor)
     if cfg.quant == "int8":
-        return artifact.pack_tensors(artifact.quantize(weights), cfg.compressor)
+        return compress(artifact.quantize(weights), cfg.compressor, say)
     hessians = {}
     if cfg.gptq:
         t0 = time.perf_counter()
@@ -98,7 +98,14 @@ def build_artifact(cfg: TrainConfig, spec, weights: dict, session, train_files, 
     lqer = [name for name, t in tensors.items() if "lqer" in t.info]
     say(f"quantized in {time.perf_counter() - t0:.1f}s ({'GPTQ' if cfg.gptq else 'round-to-nearest'}"
         + (f"; LQER on {', '.join(lqer)})" if lqer else ")"))
-    return artifact.pack_tensors(tensors, cfg.compressor)
+    return compress(tensors, cfg.compressor, say)
+
+
+def compress(tensors: dict, compressor: str, say) -> bytes:
+    t0 = time.perf_counter()
+    blob = artifact.pack_tensors(tensors, compressor)
+    say(f"compressed ({compressor}) to {len(blob):,} bytes in {time.perf_counter() - t0:.1f}s")
+    return blob
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,13 +176,17 @@ def run_quantize(settings: QuantizeFileSettings, cfg: TrainConfig, session, out=
     seconds = time.perf_counter() - t0
     if master and settings.out:
         artifact.write_artifact(settings.out, blob)
-    session.load_weights(artifact.unpack(blob))
+    t0 = time.perf_counter()
+    restored = artifact.unpack(blob)
+    unpack_seconds = time.perf_counter() - t0
+    say(f"read back (decompressed and dequantized) in {unpack_seconds:.1f}s")
+    session.load_weights(restored)
     geometry = eval_geometry(cfg, session.world_size)
     loss, bpb = evaluate(session, val_tokens, tables, cfg.train_seq_len, geometry.val_batch_seqs,
                          EvalProgress("roundtrip val", master, stream=err))
     label = artifact_label(cfg)
     figures = {"checkpoint": settings.checkpoint, "label": label, "artifact_bytes": len(blob),
-               "quantize_time_s": seconds, "roundtrip_val_loss": loss, "roundtrip_val_bpb": bpb}
+               "quantize_time_s": seconds, "unpack_time_s": unpack_seconds, "roundtrip_val_loss": loss, "roundtrip_val_bpb": bpb}
     if master:
         print(f"quantize backend:{session.name} checkpoint:{settings.checkpoint} {label} in {seconds:.1f}s"
               + (f" -> {settings.out}" if settings.out else " (OUT= not given: nothing written)"), file=out)

@@ -1,13 +1,17 @@
 """docs/spec.md §10, artifact row: core.artifact.pack of the weights exported by either backend (fp32 or
 bf16 compute) is byte-identical given the same weights, on every device pair (the weights go to the
-device and back unchanged); and the roundtrip val_bpb agrees (on the CPU)."""
+device and back unchanged), and so is the COMPRESSOR=pergroup artifact of their integer codes; and the
+roundtrip val_bpb agrees (on the CPU)."""
 
 import numpy as np
 import pytest
 
 from core import artifact
 from core.checkpoint import load_checkpoint
+from core.config import TrainConfig
 from core.init import random_weights
+from core.params import param_table
+from core.quantize import quantize_model
 from trainer.plan import eval_geometry
 from trainer.validation import evaluate
 from parity_lib import BACKENDS, CASE_BY_NAME, CASES, make_session, open_session, rel, train_config
@@ -29,6 +33,8 @@ def test_artifact_of_either_backend_is_byte_identical(case_name, dtype, pair, pa
     # Every storage path of docs/spec.md §9 is exercised: int8 rows in the default spec, fp16 in the small ones.
     assert schemes == ({"int8_per_row", "fp32"} if case.name == "default-spec" else {"fp16", "fp32"})
     cfg = train_config(case.spec, compute_dtype=dtype)
+    # lrzip is slow: pergroup in one case (untied: every role of the layout) and one dtype
+    expected_pergroup = pergroup_artifact(case.spec, w) if (case.name, dtype) == PERGROUP_CASE else None
     for b in BACKENDS:
         with open_session(pair.of(b), cfg) as session:
             session.load_weights(w)
@@ -38,6 +44,20 @@ def test_artifact_of_either_backend_is_byte_identical(case_name, dtype, pair, pa
         blob = artifact.pack(exported)
         parity.check("artifact", differing_bytes(blob, expected), f"{case.name} {dtype} {b} export", devices=pair.label)
         assert blob == expected
+        if expected_pergroup is not None:
+            got = pergroup_artifact(case.spec, exported)
+            parity.check("artifact", differing_bytes(got, expected_pergroup), f"{case.name} {dtype} {b} export, pergroup",
+                         devices=pair.label)
+            assert got == expected_pergroup
+
+
+PERGROUP_CASE = ("untied-mha-L4-cap5", "float32")
+
+
+def pergroup_artifact(spec, weights) -> bytes:
+    """COMPRESSOR=pergroup of the round-to-nearest 6-bit codes (QUANT=gptq without statistics)."""
+    cfg = TrainConfig(**spec.to_dict(), quant="gptq", lqer_top_k=1)
+    return artifact.pack_tensors(quantize_model(weights, param_table(spec), {}, cfg), "pergroup")
 
 
 # Roundtrip weights: the torch run's trained weights (every tensor small: fp16/fp32 storage), and

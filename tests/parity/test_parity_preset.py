@@ -1,6 +1,6 @@
 """docs/spec.md §10 on PRESET=record-1.0611 scaled down: both real trainers with every setting of the
 preset (11 layers, 8 heads and 4 KV heads, every model option, the recipe, looping switched on at
-35% of the run, GPTQ and brotli at the end) at width 32 for 20 steps: per-step losses agree
+35% of the run, GPTQ and the pergroup compressor at the end) at width 32 for 20 steps: per-step losses agree
 (<= 1e-4) and so does the final validation of the moving average (< 1e-5). The README's scaled-down run is the
 same at width 64 for 300 steps."""
 
@@ -25,7 +25,7 @@ def test_the_scaled_preset_trains_the_same_twenty_steps_in_both_backends(tiny_da
         env.pop(key)
     cfg = load_config([], environ=env)
     assert (cfg.num_layers, cfg.num_heads, cfg.num_loops, cfg.quant, cfg.compressor, cfg.seed) == \
-        (11, 8, 2, "gptq", "brotli", 42)
+        (11, 8, 2, "gptq", "pergroup", 42)
     runs = {}
     for backend in ("torch", "mlx"):
         with torch_single_thread():

@@ -73,23 +73,24 @@ def test_gptq_has_a_lower_round_trip_val_bpb_than_round_to_nearest_at_6_bits(che
     assert got["1"]["roundtrip_val_bpb"] < got["0"]["roundtrip_val_bpb"]
 
 
-def test_torch_and_mlx_write_the_same_bytes_and_make_eval_reads_them(checkpoint, capsys, tmp_path):
+@pytest.mark.parametrize("compressor", ["brotli", "pergroup"])
+def test_torch_and_mlx_write_the_same_bytes_and_make_eval_reads_them(checkpoint, capsys, tmp_path, compressor):
     path, env = checkpoint
     got = {}
     for backend in MAINS:
-        out = tmp_path / f"{backend}.gptq.brotli"
-        got[backend], text = quantize(backend, path, capsys, **GPTQ6, COMPRESSOR="brotli", LQER_TOP_K=2,
+        out = tmp_path / f"{backend}.gptq.{compressor}"
+        got[backend], text = quantize(backend, path, capsys, **GPTQ6, COMPRESSOR=compressor, LQER_TOP_K=2,
                                       LQER_ASYM_GROUP=16, OUT=out)
         lines = text.strip().splitlines()
-        assert lines[0].startswith(f"quantize backend:{backend} checkpoint:{path} gptq6_brotli in ")
+        assert lines[0].startswith(f"quantize backend:{backend} checkpoint:{path} gptq6_{compressor} in ")
         assert lines[1] == artifact.size_report(out.stat().st_size)
         assert lines[2].startswith(f"budget: artifact {out.stat().st_size:,} + code ")
         assert f".py files of core/, data/, interop/, trainer/, backend_{backend}/)" in lines[2]
-        assert lines[3] == (f"final_gptq6_brotli_roundtrip val_loss:{got[backend]['roundtrip_val_loss']:.8f} "
+        assert lines[3] == (f"final_gptq6_{compressor}_roundtrip val_loss:{got[backend]['roundtrip_val_loss']:.8f} "
                             f"val_bpb:{got[backend]['roundtrip_val_bpb']:.8f}")
-    assert (tmp_path / "torch.gptq.brotli").read_bytes() == (tmp_path / "mlx.gptq.brotli").read_bytes()
+    assert (tmp_path / f"torch.gptq.{compressor}").read_bytes() == (tmp_path / f"mlx.gptq.{compressor}").read_bytes()
     run_settings = {k: env[k] for k in ("DATA_PATH", "TOKENIZER_PATH", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE")}
-    evaluated = torch_eval.main([], {"DEVICE": "cpu", "ARTIFACT": str(tmp_path / "mlx.gptq.brotli"), **run_settings})
+    evaluated = torch_eval.main([], {"DEVICE": "cpu", "ARTIFACT": str(tmp_path / f"mlx.gptq.{compressor}"), **run_settings})
     capsys.readouterr()
     assert abs(evaluated["val_bpb"] - got["torch"]["roundtrip_val_bpb"]) < 1e-9
 
@@ -114,7 +115,7 @@ def run_failing(main, env, capsys):
 @pytest.mark.parametrize("bad, message", [
     ({"QUANT": "gptq", "MATRIX_BITS": "9"}, "MATRIX_BITS=9: unsupported; must be 2 to 8"),
     ({"QUANT": "gptq", "EMBED_BITS": "1"}, "EMBED_BITS=1: unsupported; must be 2 to 8"),
-    ({"COMPRESSOR": "zstd"}, "COMPRESSOR='zstd': must be one of zlib, lzma, brotli"),
+    ({"COMPRESSOR": "zstd"}, "COMPRESSOR='zstd': must be one of zlib, lzma, brotli, pergroup"),
     ({"QUANT": "int4"}, "QUANT='int4': must be one of int8, gptq"),
     ({"QUANT": "gptq", "EMBED_LOOKUP_WEIGHT": "-1"}, "EMBED_LOOKUP_WEIGHT=-1.0: must not be negative"),
 ])
@@ -136,7 +137,21 @@ def test_a_missing_brotli_is_one_line_exit_2_and_nothing_written(checkpoint, cap
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("compressor", ["lzma", "brotli"])
+def test_a_missing_lrzip_is_one_line_exit_2_and_nothing_written(checkpoint, capsys, tmp_path, monkeypatch):
+    path, _ = checkpoint
+    blob = artifact.pack_tensors(artifact.quantize(load_checkpoint(path).weights), "pergroup")
+    (tmp_path / "model.int8.pergroup").write_bytes(blob)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))    # lrzip is nowhere on it
+    message = "COMPRESSOR=pergroup needs lrzip: apt-get install lrzip or brew install lrzip"
+    code, err = run_failing(torch_quantize.main, {"CHECKPOINT": path, "COMPRESSOR": "pergroup",
+                                                  "OUT": tmp_path / "a.bin"}, capsys)
+    assert code == 2 and err == f"error: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.pergroup"]
+    code, err = run_failing(mlx_eval.main, {"ARTIFACT": tmp_path / "model.int8.pergroup"}, capsys)
+    assert code == 2 and err == f"error: artifact {tmp_path / 'model.int8.pergroup'}: {message}"
+
+
+@pytest.mark.parametrize("compressor", ["lzma", "brotli", "pergroup"])
 def test_a_truncated_artifact_is_one_line_exit_2_in_make_eval(checkpoint, capsys, tmp_path, compressor):
     path, _ = checkpoint
     blob = artifact.pack_tensors(artifact.quantize(load_checkpoint(path).weights), compressor)
