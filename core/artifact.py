@@ -220,23 +220,25 @@ def serialize(tensors: dict[str, Quantized]) -> bytes:
     return MAGIC + len(header).to_bytes(8, "little") + header + b"".join(chunks)
 
 
+def corrupt(source: str, why: str) -> ArtifactError:
+    """The one-line error of bytes that are not (or no longer) a twingpt artifact."""
+    return ArtifactError(f"{source}: corrupt or not a twingpt artifact ({why})")
+
+
 def read_header(payload: bytes, source: str = "artifact") -> tuple[dict, int]:
     """(the payload's header, where its data starts); an ArtifactError when it is not one of ours."""
-    def corrupt(why: str) -> ArtifactError:
-        return ArtifactError(f"{source}: corrupt or not a twingpt artifact ({why})")
-
     if payload[:len(MAGIC)] != MAGIC:
-        raise corrupt("bad magic bytes")
+        raise corrupt(source, "bad magic bytes")
     n = int.from_bytes(payload[len(MAGIC):len(MAGIC) + 8], "little")
     start = len(MAGIC) + 8
     if len(payload) < start + n:
-        raise corrupt("truncated header")
+        raise corrupt(source, "truncated header")
     try:
         header = json.loads(payload[start:start + n])
     except ValueError:
-        raise corrupt("header is not JSON") from None
+        raise corrupt(source, "header is not JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
-        raise corrupt("header has no tensor table")
+        raise corrupt(source, "header has no tensor table")
     if header.get("format") not in READ_FORMATS:
         raise ArtifactError(f"{source}: artifact format {header.get('format')!r}, "
                             f"this twingpt reads formats {', '.join(map(str, READ_FORMATS))}")
@@ -244,9 +246,6 @@ def read_header(payload: bytes, source: str = "artifact") -> tuple[dict, int]:
 
 
 def deserialize(payload: bytes, source: str = "artifact") -> dict[str, Quantized]:
-    def corrupt(why: str) -> ArtifactError:
-        return ArtifactError(f"{source}: corrupt or not a twingpt artifact ({why})")
-
     header, start = read_header(payload, source)
     data = memoryview(payload)[start:]
     out, used = {}, 0
@@ -269,11 +268,11 @@ def deserialize(payload: bytes, source: str = "artifact") -> dict[str, Quantized
             if offset - e["offset"] != e["nbytes"]:
                 raise ValueError("size does not match its shape")
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise corrupt(f"tensor {name}: {' '.join(str(err).split())}") from None
+            raise corrupt(source, f"tensor {name}: {' '.join(str(err).split())}") from None
         used += e["nbytes"]
         out[name] = Quantized(e["scheme"], e["dtype"], shape, parts, info)
     if used != len(data):
-        raise corrupt(f"{len(data) - used} bytes of data belong to no tensor")
+        raise corrupt(source, f"{len(data) - used} bytes of data belong to no tensor")
     return out
 
 
@@ -338,7 +337,7 @@ def decompress(blob: bytes, source: str = "artifact") -> bytes:
     except ArtifactError:
         raise
     except Exception as err:   # zlib.error, lzma.LZMAError, brotli.error, pergroup's: truncated or corrupt
-        raise ArtifactError(f"{source}: corrupt or not a twingpt artifact ({compressor}: {err})") from None
+        raise corrupt(source, f"{compressor}: {err}") from None
 
 
 def pack(weights: dict[str, np.ndarray]) -> bytes:
